@@ -1,0 +1,38 @@
+# Two commands do all set-up on a fresh machine: `make demo` and `make test`.
+# Both create .venv when needed, install torch==2.13.0 there if no torch is importable, then the requirements.
+
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.fastvar-installed
+ARGS ?=
+
+.PHONY: demo test test-fast bench bench-quick e2e-models clean-venv
+
+$(STAMP): requirements.txt requirements-dev.txt
+	@test -x $(PY) || python3 -m venv $(VENV)
+	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -r requirements-dev.txt
+	@touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m fastvar_core demo $(ARGS)
+
+test: $(STAMP)
+	$(PY) -m pytest -q $(ARGS)
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow" $(ARGS)
+
+bench: $(STAMP)
+	$(PY) -m fastvar_core bench $(ARGS)
+
+bench-quick: $(STAMP)
+	$(PY) -m fastvar_core bench --quick $(ARGS)
+
+# Lay the tiny official-format checkpoints out like ComfyUI's models/ folder: make e2e-models DIR=/tmp/models
+e2e-models: $(STAMP)
+	@test -n "$(DIR)" || (echo "usage: make e2e-models DIR=<models dir>"; exit 2)
+	$(PY) -m fastvar_core e2e-models "$(DIR)"
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,119 @@
+"""Analytic cost model: tokens, FLOPs and KV-cache bytes of one generation, with and without pruning.
+
+Counts multiply-adds as 2 FLOPs and covers the matrix products that dominate (projections, attention
+scores and mixing, FFN, output head, HART's residual diffusion head); norms, RoPE and sampling are
+ignored. Used by the web UI's schedule chart, the "speed target" preset and the benchmark.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .pruning.config import PruningConfig
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """The shape of a next-scale transformer, as the cost model sees it."""
+
+    depth: int
+    width: int
+    ffn_hidden: int
+    ffn_matrices: int = 2  # 2: fc1/fc2 (GELU); 3: gate/up/down (SwiGLU)
+    text_tokens: int = 0  # cross-attention keys per row (0: no cross-attention)
+    prefix_tokens: int = 0  # tokens processed before/at scale 0 (HART: the text context)
+    head_outputs: int = 64  # logits per token
+    token_channels: int = 32  # input width of the word embedding
+    last_scale_flops_per_token: float = 0.0  # extra per-token work at the last scale (HART diffusion head)
+    dtype_bytes: int = 4
+
+
+@dataclass
+class ScaleCost:
+    """Cost of one scale step (summed over layers; per row of the batch)."""
+
+    scale: int
+    hw: tuple[int, int]
+    tokens: int
+    skipped: bool
+    forwarded: list[int]  # tokens through each layer's sub-layers
+    flops: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def total_flops(self) -> float:
+        return sum(self.flops.values())
+
+
+@dataclass
+class CostReport:
+    scales: list[ScaleCost]
+    kv_cache_bytes: int  # peak self-attention KV cache, per batch row, all layers
+
+    @property
+    def total_flops(self) -> float:
+        return sum(s.total_flops for s in self.scales)
+
+    def flops_by_kind(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for s in self.scales:
+            for k, v in s.flops.items():
+                out[k] = out.get(k, 0.0) + v
+        return out
+
+    def to_dict(self) -> dict:
+        return {
+            "total_flops": self.total_flops,
+            "kv_cache_bytes": self.kv_cache_bytes,
+            "scales": [
+                {
+                    "scale": s.scale,
+                    "hw": list(s.hw),
+                    "tokens": s.tokens,
+                    "skipped": s.skipped,
+                    "forwarded_mean": sum(s.forwarded) / len(s.forwarded) if s.forwarded else 0,
+                    "flops": s.total_flops,
+                }
+                for s in self.scales
+            ],
+        }
+
+
+def estimate(arch: ArchSpec, scales: list[tuple[int, int]], config: PruningConfig | None = None) -> CostReport:
+    """Cost of generating one image row over ``scales`` with ``config`` (None = no pruning)."""
+    config = config or PruningConfig(name="off")
+    c, f, d = arch.width, arch.ffn_hidden, arch.depth
+    kv_len = [arch.prefix_tokens] * d  # self-attention keys each layer holds so far
+    report: list[ScaleCost] = []
+    last = len(scales) - 1
+    for si, (h, w) in enumerate(scales):
+        n = h * w
+        if si == 0 and arch.prefix_tokens:
+            n = arch.prefix_tokens  # HART: scale 0 runs the text context, its 1x1 token is predicted from it
+            kv_len = [0] * d
+        if config.skips(si):
+            report.append(ScaleCost(si, (h, w), h * w, True, [0] * d))
+            continue
+        pruned_keep = config.kept_tokens(si, n) if config.ratio(si) > 0 else n
+        flops = {"attention": 0.0, "cross_attention": 0.0, "ffn": 0.0, "head": 0.0}
+        forwarded = []
+        for layer in range(d):
+            k = pruned_keep if config.prunes_layer(layer) else n
+            forwarded.append(k)
+            kv_len[layer] += k
+            flops["attention"] += 8 * k * c * c + 4 * k * kv_len[layer] * c
+            if arch.text_tokens:
+                flops["cross_attention"] += 4 * k * c * c + 4 * k * arch.text_tokens * c
+                if si == 0:
+                    flops["cross_attention"] += 4 * arch.text_tokens * c * c  # text K/V, once per run
+            flops["ffn"] += 2 * arch.ffn_matrices * k * c * f
+        flops["head"] = 2.0 * h * w * c * arch.head_outputs + 2.0 * h * w * arch.token_channels * c
+        if si == last:
+            flops["head"] += arch.last_scale_flops_per_token * h * w
+        report.append(ScaleCost(si, (h, w), h * w, False, forwarded, flops))
+    kv_bytes = 2 * sum(kv_len) * c * arch.dtype_bytes
+    return CostReport(report, kv_bytes)
+
+
+def predicted_speedup(arch: ArchSpec, scales: list[tuple[int, int]], config: PruningConfig) -> float:
+    """FLOP ratio baseline / pruned: the ideal speedup of the transformer and heads."""
+    return estimate(arch, scales).total_flops / estimate(arch, scales, config).total_flops

@@ -1,0 +1,26 @@
+"""Exceptions raised by fastvar_core.
+
+Every error a user can cause derives from :class:`FastVARError` and carries a message that names the
+file or field, what was expected and what was found. Front ends (CLI, ComfyUI nodes) show the
+message as is, without a traceback.
+"""
+
+
+class FastVARError(Exception):
+    """Base class of every user-facing error of the pack."""
+
+
+class CheckpointError(FastVARError):
+    """A weight file or folder is missing, unreadable, unsafe or not the expected model."""
+
+
+class ConfigError(FastVARError, ValueError):
+    """A setting (pruning config, schedule, sampler option) is out of range or inconsistent."""
+
+
+class IncompatibleModelsError(FastVARError):
+    """Two loaded parts (transformer, VAE, text encoder) do not belong together."""
+
+
+class SamplingInterrupted(FastVARError):
+    """Sampling was stopped by the user; every cache of the run has been released."""

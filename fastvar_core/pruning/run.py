@@ -1,0 +1,129 @@
+"""Per-sampling-run pruning state: the narrow interface between a model family and FastVAR.
+
+A sampler creates one :class:`PruningRun` per generation, calls :meth:`PruningRun.begin_scale` at every
+executed scale, and every transformer sub-layer (attention, cross-attention, FFN) routes its residual
+branch through :meth:`PruningRun.sublayer`. The run owns the restore cache; it is dropped when the run
+is closed (end of sampling, error or interrupt), unlike the official code, which keeps it across
+generations and can silently reuse another image's features.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+from ..errors import ConfigError
+from .config import PruningConfig
+from .tokens import gather_tokens, restore_tokens, select_pivotal
+
+# branch(x, idx) -> output: x is the branch input for the tokens that go through, idx their indices in
+# the scale's row-major token map (None when every token goes through, in order).
+Branch = Callable[[torch.Tensor, "torch.Tensor | None"], torch.Tensor]
+
+
+class PruningRun:
+    """FastVAR cached token pruning for one generation."""
+
+    def __init__(
+        self,
+        config: PruningConfig | None,
+        scales: Sequence[tuple[int, int]],
+        depth: int,
+        *,
+        record: bool = False,
+    ) -> None:
+        self.config = config if config is not None else PruningConfig(name="off")
+        self.scales = [tuple(s) for s in scales]
+        self.depth = depth
+        self.record = record
+        self.config.validate(len(self.scales), depth)
+        self.kept: dict[tuple[int, int, str], torch.Tensor] = {}  # (scale, layer, sublayer) -> (B, K) int32
+        self._cache: dict[tuple[int, str], torch.Tensor] = {}
+        self._scale = -1
+        self._keep = 0
+
+    # ----- scale bookkeeping -----
+    def begin_scale(self, scale: int) -> None:
+        """Announce the scale step that the next sub-layer calls belong to."""
+        if self.config.skips(scale):
+            raise ConfigError(f"scale {scale} is configured to be skipped; the sampler must not run it")
+        self._scale = scale
+        h, w = self.scales[scale]
+        ratio = self.config.ratio(scale)
+        self._keep = self.config.kept_tokens(scale, h * w) if ratio > 0 else h * w
+
+    def is_skipped(self, scale: int) -> bool:
+        return self.config.skips(scale)
+
+    @property
+    def prunes_now(self) -> bool:
+        """Whether the current scale drops any token."""
+        h, w = self.scales[self._scale]
+        return self._keep < h * w
+
+    def prunes(self, layer: int) -> bool:
+        return self.prunes_now and self.config.prunes_layer(layer)
+
+    # ----- the hook every sub-layer goes through -----
+    def sublayer(self, layer: int, name: str, x: torch.Tensor, branch: Branch) -> torch.Tensor:
+        """Run a residual branch on x (B, L, C) with FastVAR and return its output for all L tokens."""
+        if not self.prunes(layer):
+            out = branch(x, None)
+            if self._scale == self.config.cache_scale and self.config.prunes_layer(layer):
+                self._cache[(layer, name)] = out
+            return out
+        cached = self._cache.get((layer, name))
+        if cached is None or cached.shape[0] != x.shape[0]:
+            found = "nothing" if cached is None else f"{cached.shape[0]} rows"
+            raise ConfigError(
+                f"FastVAR restore cache for layer {layer} {name} at scale {self.config.cache_scale} holds {found}, "
+                f"but scale {self._scale} needs {x.shape[0]} rows: the cache scale must run before pruned scales "
+                f"with the same batch"
+            )
+        idx = select_pivotal(x, self._keep)  # (B, K)
+        if self.record:
+            self.kept[(self._scale, layer, name)] = idx.to("cpu", torch.int32)
+        out_kept = branch(gather_tokens(x, idx), idx)  # (B, K, C)
+        return restore_tokens(cached, self.scales[self.config.cache_scale], self.scales[self._scale], out_kept, idx)
+
+    # ----- lifetime -----
+    def close(self) -> None:
+        """Release the restore cache (kept-index records stay for inspection)."""
+        self._cache.clear()
+        self._scale = -1
+
+    def __enter__(self) -> PruningRun:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def kept_mask(self, scale: int, layer: int | None = None, name: str | None = None) -> torch.Tensor:
+        """See :func:`kept_mask`."""
+        return kept_mask(self.kept, self.scales, scale, layer, name)
+
+
+def kept_mask(
+    kept: dict[tuple[int, int, str], torch.Tensor],
+    scales: Sequence[tuple[int, int]],
+    scale: int,
+    layer: int | None = None,
+    name: str | None = None,
+) -> torch.Tensor:
+    """(B, h, w) float in [0, 1]: the share of recorded sub-layers of ``scale`` that kept each token.
+
+    With ``layer`` and ``name`` given, the exact kept/pruned mask of that sub-layer (1 = kept).
+    """
+    h, w = scales[scale]
+    records = [
+        v for (s, lyr, nm), v in kept.items()
+        if s == scale and (layer is None or lyr == layer) and (name is None or nm == name)
+    ]
+    if not records:
+        raise ConfigError(f"no kept-token record for scale {scale}: it did not prune, or recording was off")
+    b = records[0].shape[0]
+    mask = torch.zeros(b, h * w)
+    for idx in records:
+        mask.scatter_add_(1, idx.long(), torch.ones(idx.shape))
+    return (mask / len(records)).view(b, h, w)

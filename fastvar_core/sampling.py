@@ -1,0 +1,85 @@
+"""What every family's sampler shares: per-scale settings, progress/interrupt callback, the result."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from .errors import ConfigError
+from .pruning.config import PruningConfig
+from .pruning.run import kept_mask
+from .schedules import ScaleSchedule
+
+# callback(step, total_steps, preview) is called after every scale step; ``preview()`` returns a cheap
+# (B, h, w, 3) RGB rendering of the current latent in [0, 1]. Raising from it (e.g. SamplingInterrupted)
+# stops sampling within one scale; every cache of the run is released on the way out.
+ProgressCallback = Callable[[int, int, Callable[[], torch.Tensor]], None]
+
+
+def per_scale(value: float | Sequence[float], num_scales: int, name: str) -> list[float]:
+    """Broadcast a scalar (or check a list) to one finite value per scale."""
+    values = [float(value)] * num_scales if isinstance(value, (int, float)) else [float(v) for v in value]
+    if len(values) != num_scales:
+        raise ConfigError(f"{name} has {len(values)} values but the schedule has {num_scales} scales")
+    for i, v in enumerate(values):
+        if not math.isfinite(v):
+            raise ConfigError(f"{name}[{i}] = {v} is not a finite number")
+    return values
+
+
+def check_sampling_args(batch_size: int, top_k: int, top_p: float, tau: Sequence[float]) -> None:
+    if batch_size < 1:
+        raise ConfigError(f"batch size must be at least 1, got {batch_size}")
+    if top_k < 0:
+        raise ConfigError(f"top_k must be >= 0 (0 disables it), got {top_k}")
+    if not 0.0 <= top_p <= 1.0:
+        raise ConfigError(f"top_p must be in [0, 1] (0 disables it), got {top_p}")
+    for i, t in enumerate(tau):
+        if t <= 0:
+            raise ConfigError(f"tau[{i}] = {t} must be > 0 (it divides the logits)")
+
+
+@dataclass
+class SampleResult:
+    """The outcome of one generation: the latent for the VAE plus everything needed to inspect it."""
+
+    family: str
+    latent: torch.Tensor  # family-specific latent handed to the VAE decoder, (B, C, H, W)
+    schedule: ScaleSchedule
+    pruning: PruningConfig
+    executed_scales: list[int]
+    scale_seconds: dict[int, float] = field(default_factory=dict)
+    kept: dict[tuple[int, int, str], torch.Tensor] = field(default_factory=dict)
+    tokens: dict[int, torch.Tensor] = field(default_factory=dict)  # sampled bits / indices per scale
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)  # e.g. teacher-forced logits
+
+    @property
+    def seconds(self) -> float:
+        return sum(self.scale_seconds.values())
+
+    def kept_mask(self, scale: int, layer: int | None = None, name: str | None = None) -> torch.Tensor:
+        """(B, h, w) share of recorded sub-layers that kept each token at ``scale`` (see PruningRun.kept_mask)."""
+        return kept_mask(self.kept, self.schedule.scales, scale, layer, name)
+
+
+class ScaleTimer:
+    """Wall time per scale (synchronising CUDA so the numbers mean something)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.seconds: dict[int, float] = {}
+        self._t0 = 0.0
+
+    def start(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self._t0 = time.perf_counter()
+
+    def stop(self, scale: int) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.seconds[scale] = time.perf_counter() - self._t0

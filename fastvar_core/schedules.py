@@ -1,0 +1,181 @@
+"""Scale schedules: which token-map sizes a next-scale-prediction model generates, in order.
+
+Infinity uses a dynamic-resolution table of aspect-ratio templates and pixel budgets
+(reference/infinity.md §4.1); HART uses one square list of patch numbers from its config.
+A schedule knows its final latent size and, through the VAE stride, its image size.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from .errors import ConfigError
+
+VAE_STRIDE = 16
+
+# Full 13-scale "1M" schedules, (h, w) per scale, for the templates whose h/w >= 1 (infinity.md §4.1).
+# The inverse templates (h/w < 1) are the transposes.
+_TALL_TEMPLATES: dict[float, tuple[tuple[int, int], ...]] = {
+    1.0: tuple((s, s) for s in (1, 2, 4, 6, 8, 12, 16, 20, 24, 32, 40, 48, 64)),
+    1.25: ((1, 1), (2, 2), (3, 3), (5, 4), (10, 8), (15, 12), (20, 16), (25, 20), (30, 24), (35, 28),
+           (45, 36), (55, 44), (70, 56)),
+    1.333: ((1, 1), (2, 2), (4, 3), (8, 6), (12, 9), (16, 12), (20, 15), (24, 18), (28, 21), (36, 27),
+            (48, 36), (60, 45), (72, 54)),
+    1.5: ((1, 1), (2, 2), (3, 2), (6, 4), (9, 6), (15, 10), (21, 14), (27, 18), (33, 22), (39, 26),
+          (48, 32), (63, 42), (78, 52)),
+    1.75: ((1, 1), (2, 2), (3, 3), (7, 4), (11, 6), (14, 8), (21, 12), (28, 16), (35, 20), (42, 24),
+           (56, 32), (70, 40), (84, 48)),
+    2.0: ((1, 1), (2, 2), (4, 2), (6, 3), (10, 5), (16, 8), (22, 11), (30, 15), (38, 19), (46, 23),
+          (60, 30), (74, 37), (90, 45)),
+    2.5: ((1, 1), (2, 2), (5, 2), (10, 4), (15, 6), (20, 8), (25, 10), (30, 12), (40, 16), (50, 20),
+          (65, 26), (80, 32), (100, 40)),
+    3.0: ((1, 1), (2, 2), (6, 2), (9, 3), (15, 5), (21, 7), (27, 9), (36, 12), (45, 15), (54, 18),
+          (72, 24), (90, 30), (111, 37)),
+}
+
+
+def _inverse_key(ratio: float) -> float:
+    # The official table truncates the inverse key (1/1.5 -> 0.666, 1/1.75 -> 0.571).
+    return int(1000 / ratio) / 1000
+
+
+def _build_templates() -> dict[float, tuple[tuple[int, int], ...]]:
+    table: dict[float, tuple[tuple[int, int], ...]] = {}
+    for ratio, scales in _TALL_TEMPLATES.items():
+        table[ratio] = scales
+        if ratio != 1.0:
+            table[_inverse_key(ratio)] = tuple((w, h) for h, w in scales)
+    return table
+
+
+INFINITY_TEMPLATES = _build_templates()
+# Official tie-breaking order of the templates (infinity.md §4.1).
+INFINITY_TEMPLATE_ORDER = (1.0, 1.25, 0.8, 1.333, 0.75, 1.5, 0.666, 1.75, 0.571, 2.0, 0.5, 2.5, 0.4, 3.0, 0.333)
+# Number of leading scales of the 13-scale table that make each official pixel budget.
+INFINITY_BUDGETS = {"0.06M": 7, "0.25M": 10, "0.60M": 12, "1M": 13}
+# The 2K extension appends scales after the 1M table until the long side reaches this many tokens.
+TWO_K_LONG_SIDE = 128
+INFINITY_MAX_SCALES = 15  # rows of Infinity's lvl_embed
+
+
+@dataclass(frozen=True)
+class ScaleSchedule:
+    """An ordered list of token-map sizes, plus what the model needs to place them.
+
+    ``rope_grid`` is the (h, w) grid that 2D positions are normalised to (Infinity: the last scale of
+    the template's largest schedule; HART: its last patch number).
+    """
+
+    family: str
+    scales: tuple[tuple[int, int], ...]
+    rope_grid: tuple[int, int]
+    template: float | None = None
+    budget: str | None = None
+    vae_stride: int = VAE_STRIDE
+
+    @property
+    def num_scales(self) -> int:
+        return len(self.scales)
+
+    @property
+    def final_size(self) -> tuple[int, int]:
+        """(h, w) of the last token map."""
+        return self.scales[-1]
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        """(height, width) in pixels of the decoded image."""
+        h, w = self.final_size
+        return h * self.vae_stride, w * self.vae_stride
+
+    @property
+    def tokens_per_scale(self) -> tuple[int, ...]:
+        return tuple(h * w for h, w in self.scales)
+
+    @property
+    def total_tokens(self) -> int:
+        return sum(self.tokens_per_scale)
+
+    def offsets(self) -> tuple[int, ...]:
+        """Start of each scale in the concatenated token sequence (no padding between scales)."""
+        out, acc = [], 0
+        for n in self.tokens_per_scale:
+            out.append(acc)
+            acc += n
+        return tuple(out)
+
+    def describe(self) -> str:
+        h, w = self.image_size
+        name = f"{self.family} {self.budget or ''} h/w={self.template}" if self.template else self.family
+        return f"{name}: {self.num_scales} scales, {w}x{h} px, last token map {self.final_size[1]}x{self.final_size[0]}"
+
+
+def _two_k_tail(last: tuple[int, int]) -> tuple[tuple[int, int], ...]:
+    """Two scales appended to a 1M schedule: geometric steps up to a 128-token long side (2048 px).
+
+    Two steps keep the per-step growth (about x1.4) close to the training schedules' late steps
+    (x1.25-x1.33); two is also the most that Infinity's 15-row level embedding allows after 13 scales.
+    """
+    h, w = last
+    factor = TWO_K_LONG_SIDE / max(h, w)
+    mid = math.sqrt(factor)
+    return ((round(h * mid), round(w * mid)), (round(h * factor), round(w * factor)))
+
+
+def infinity_schedule(template: float = 1.0, budget: str = "1M") -> ScaleSchedule:
+    """Infinity's schedule for an aspect template (h/w key of the official table) and pixel budget.
+
+    ``budget`` is one of 0.06M, 0.25M, 0.60M, 1M or 2K (zero-shot: the 1M schedule plus two scales).
+    """
+    if template not in INFINITY_TEMPLATES:
+        raise ConfigError(
+            f"aspect template {template!r} is not in Infinity's table; allowed: {list(INFINITY_TEMPLATE_ORDER)}"
+        )
+    full = INFINITY_TEMPLATES[template]
+    if budget == "2K":
+        scales = full + _two_k_tail(full[-1])
+    elif budget in INFINITY_BUDGETS:
+        scales = full[: INFINITY_BUDGETS[budget]]
+    else:
+        raise ConfigError(f"pixel budget {budget!r} is unknown; allowed: {[*INFINITY_BUDGETS, '2K']}")
+    # RoPE positions are normalised to the largest schedule of the template (official mode 2); the
+    # 2K schedule extends that grid to its own last scale.
+    rope_grid = scales[-1] if budget == "2K" else full[-1]
+    return ScaleSchedule("infinity", scales, rope_grid, template, budget)
+
+
+def nearest_template(width: int, height: int) -> float:
+    """The template whose h/w is closest to height/width (first in official order on ties)."""
+    if width <= 0 or height <= 0:
+        raise ConfigError(f"width and height must be positive, got width={width}, height={height}")
+    ratio = height / width
+    return min(INFINITY_TEMPLATE_ORDER, key=lambda t: abs(t - ratio))
+
+
+def infinity_schedule_for_size(width: int, height: int, budget: str | None = None) -> ScaleSchedule:
+    """Snap a requested image size to the nearest official template and pixel budget.
+
+    The template is chosen by aspect ratio; the budget (if not given) by the closest pixel count on a
+    log scale among the official budgets and 2K.
+    """
+    template = nearest_template(width, height)
+    if budget is None:
+        want = math.log(width * height)
+        candidates = [*INFINITY_BUDGETS, "2K"]
+        budget = min(
+            candidates,
+            key=lambda b: abs(math.log(math.prod(infinity_schedule(template, b).image_size)) - want),
+        )
+    return infinity_schedule(template, budget)
+
+
+HART_PATCH_NUMS_1024 = (1, 2, 3, 4, 5, 7, 9, 12, 16, 21, 27, 36, 48, 64)
+
+
+def hart_schedule(patch_nums: tuple[int, ...] = HART_PATCH_NUMS_1024) -> ScaleSchedule:
+    """HART's square schedule from its config's patch numbers."""
+    if not patch_nums or any(p <= 0 for p in patch_nums):
+        raise ConfigError(f"patch_nums must be positive integers, got {patch_nums!r}")
+    scales = tuple((p, p) for p in patch_nums)
+    return ScaleSchedule("hart", scales, scales[-1], 1.0, None)

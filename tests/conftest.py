@@ -1,0 +1,24 @@
+"""Shared test fixtures: where the reference material lives, CPU determinism."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("FASTVAR_SHARED", ROOT.parent / "shared")).resolve()
+PARITY = SHARED / "parity"
+MODELS = SHARED / "models"
+
+# The parity references were made with 2 CPU threads; results move at the 1e-6 level with the count.
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    if not SHARED.is_dir():
+        pytest.fail(f"reference folder {SHARED} is missing: clone the project with ../shared beside it")
+    return SHARED

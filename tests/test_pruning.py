@@ -1,0 +1,290 @@
+"""The model-agnostic FastVAR engine: config validation, presets, selection, restoration, cache lifetime."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fastvar_core.errors import ConfigError
+from fastvar_core.pruning import (
+    PruningConfig,
+    PruningRun,
+    make_preset,
+    pivotal_scores,
+    resize_token_map,
+    restore_tokens,
+    select_pivotal,
+)
+from fastvar_core.schedules import hart_schedule, infinity_schedule
+
+# ---------------------------------------------------------------- config and validation
+
+
+def test_json_round_trip():
+    cfg = PruningConfig(ratios={9: 0.4, 10: 0.5, 11: 1.0}, cache_scale=8, layers=(3, 28), name="mine")
+    back = PruningConfig.from_json(cfg.to_json())
+    assert back == cfg
+    assert json.loads(cfg.to_json())["ratios"] == {"9": 0.4, "10": 0.5, "11": 1.0}
+
+
+@pytest.mark.parametrize(
+    "config, fragment",
+    [
+        (PruningConfig(ratios={9: 1.2}, cache_scale=8, layers=(0, 4)), "pruning.ratios[9] = 1.2 is outside [0, 1]"),
+        (PruningConfig(ratios={9: -0.1}, cache_scale=8, layers=(0, 4)), "pruning.ratios[9] = -0.1 is outside [0, 1]"),
+        (PruningConfig(ratios={9: float("nan")}, cache_scale=8, layers=(0, 4)), "outside [0, 1]"),
+        (PruningConfig(ratios={9: 0.4}, cache_scale=9, layers=(0, 4)), "cache_scale = 9 must come strictly before"),
+        (PruningConfig(ratios={9: 0.4, 11: 1.0}, cache_scale=10, layers=(0, 4)), "strictly before the first pruned or skipped scale (9)"),
+        (PruningConfig(ratios={9: 0.4}, cache_scale=None, layers=(0, 4)), "pruning.cache_scale is missing"),
+        (PruningConfig(ratios={13: 0.4}, cache_scale=8, layers=(0, 4)), "scale index 13 does not exist; this schedule has scales 0..12"),
+        (PruningConfig(ratios={9: 0.4}, cache_scale=8, layers=(3, 40)), "pruning.layers = [3, 40) is outside the model's layers; allowed: 0 <= start <= stop <= 32"),
+        (PruningConfig(ratios={9: 0.4}, cache_scale=8, layers=(5, 3)), "pruning.layers = [5, 3)"),
+        (PruningConfig(ratios={0: 1.0}, layers=(0, 4)), "skip the first scale"),
+    ],
+)
+def test_validation_names_field_value_and_allowed(config, fragment):
+    with pytest.raises(ConfigError) as info:
+        config.validate(num_scales=13, depth=32)
+    assert fragment in str(info.value)
+
+
+def test_skip_only_needs_no_cache():
+    PruningConfig(ratios={11: 1.0, 12: 1.0}, layers=(0, 0)).validate(13, 32)
+
+
+def test_family_that_must_run_its_last_scale():
+    with pytest.raises(ConfigError, match="skip the last scale"):
+        PruningConfig(ratios={13: 1.0}).validate(14, 24, can_skip_last=False)
+
+
+def test_from_dict_rejects_unknown_fields():
+    with pytest.raises(ConfigError, match="unknown field"):
+        PruningConfig.from_dict({"ratio": {"9": 0.4}})
+
+
+def test_kept_count_uses_official_rounding():
+    cfg = PruningConfig(ratios={9: 0.4, 10: 0.5}, cache_scale=8, layers=(3, 28))
+    # Official FastVAR on Infinity: 32x32 keeps 615 of 1024, 40x40 keeps 800 of 1600 (infinity.md §7.1).
+    assert cfg.kept_tokens(9, 1024) == 615
+    assert cfg.kept_tokens(10, 1600) == 800
+    # HART: 48x48 keeps 1152, 64x64 keeps 1024 (hart.md §6.2).
+    hart = PruningConfig(ratios={12: 0.5, 13: 0.75}, cache_scale=11, layers=(0, 24))
+    assert hart.kept_tokens(12, 2304) == 1152
+    assert hart.kept_tokens(13, 4096) == 1024
+
+
+# ---------------------------------------------------------------- presets
+
+
+def test_infinity_paper_preset_on_1024_square_matches_official():
+    sched = infinity_schedule(1.0, "1M")
+    cfg = make_preset("infinity", "paper", sched.num_scales, depth=32)
+    widths = {sched.scales[s][1]: r for s, r in cfg.ratios.items()}
+    assert widths == {32: 0.4, 40: 0.5, 48: 1.0, 64: 1.0}
+    assert sched.scales[cfg.cache_scale] == (24, 24)
+    assert cfg.layers == (3, 28)  # layers 3..27
+    cfg.validate(sched.num_scales, 32)
+
+
+def test_hart_paper_preset_matches_official():
+    sched = hart_schedule()
+    cfg = make_preset("hart", "paper", sched.num_scales, depth=24)
+    sides = {sched.scales[s][0]: r for s, r in cfg.ratios.items()}
+    assert sides == {48: 0.5, 64: 0.75}
+    assert sched.scales[cfg.cache_scale] == (36, 36)
+    assert cfg.layers == (0, 24)
+
+
+@pytest.mark.parametrize("template", [1.25, 0.75, 1.5, 0.4, 3.0, 0.333])
+def test_infinity_paper_preset_accelerates_every_aspect_ratio(template):
+    """Unlike the width-keyed official code, non-square schedules get the same scale-index rule."""
+    sched = infinity_schedule(template, "1M")
+    cfg = make_preset("infinity", "paper", sched.num_scales, depth=32)
+    assert cfg.ratios == {9: 0.4, 10: 0.5, 11: 1.0, 12: 1.0}
+    assert cfg.cache_scale == 8
+    cfg.validate(sched.num_scales, 32)
+
+
+def test_presets_are_valid_on_every_infinity_schedule():
+    from fastvar_core.schedules import INFINITY_TEMPLATE_ORDER
+
+    for template in INFINITY_TEMPLATE_ORDER:
+        for budget in ("0.06M", "0.25M", "0.60M", "1M", "2K"):
+            sched = infinity_schedule(template, budget)
+            for name in ("off", "paper", "2k"):
+                make_preset("infinity", name, sched.num_scales, depth=32).validate(sched.num_scales, 32)
+
+
+def test_preset_layers_for_shallow_and_deep_models():
+    assert make_preset("infinity", "paper", 13, depth=8).layers == (3, 8)  # official range clipped
+    assert make_preset("infinity", "paper", 13, depth=6).layers == (3, 6)  # parity checkpoint: layers 3, 4, 5
+    assert make_preset("infinity", "paper", 13, depth=40).layers == (3, 36)  # 8B: all but 3 first, 4 last
+
+
+def test_unknown_preset_and_family():
+    with pytest.raises(ConfigError, match="allowed: \\['off', 'paper', '2k'\\]"):
+        make_preset("infinity", "fastest", 13, 32)
+    with pytest.raises(ConfigError, match="model family 'var'"):
+        make_preset("var", "paper", 13, 32)
+
+
+# ---------------------------------------------------------------- selection and restoration
+
+
+def test_selection_keeps_tokens_farthest_from_the_mean():
+    x = torch.zeros(2, 6, 3)
+    x[0, 4] = 10.0  # an outlier in row 0
+    x[0, 1] = 8.0  # mean 3: distances 49, 25 vs 9 for the zeros
+    x[1, 2] = -7.0  # rows select independently
+    x[1, 5] = 5.0
+    idx = select_pivotal(x, 2)
+    assert set(idx[0].tolist()) == {4, 1}
+    assert set(idx[1].tolist()) == {2, 5}
+
+
+def test_scores_are_squared_distance_to_spatial_mean():
+    x = torch.randn(3, 10, 4, dtype=torch.float64)
+    expected = torch.stack([((row - row.mean(0)) ** 2).sum(-1) for row in x])
+    torch.testing.assert_close(pivotal_scores(x).double(), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_area_resize_matches_adaptive_average_pooling():
+    # 2x2 -> 3x3 upsampling with area mode averages one or two neighbours (infinity.md §7.3 step 4).
+    grid = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
+    tokens = grid.reshape(1, 4, 1)
+    out = resize_token_map(tokens, (2, 2), (3, 3)).reshape(3, 3)
+    expected = torch.tensor([[1.0, 1.5, 2.0], [2.0, 2.5, 3.0], [3.0, 3.5, 4.0]])
+    torch.testing.assert_close(out, expected)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    b=st.integers(1, 3),
+    h=st.integers(1, 7),
+    w=st.integers(1, 7),
+    ch=st.integers(1, 4),
+    cache_h=st.integers(1, 5),
+    cache_w=st.integers(1, 5),
+    data=st.data(),
+)
+def test_restore_puts_kept_outputs_at_their_slots_and_cache_elsewhere(b, h, w, ch, cache_h, cache_w, data):
+    gen = torch.Generator().manual_seed(data.draw(st.integers(0, 2**16)))
+    n = h * w
+    keep = data.draw(st.integers(1, n))
+    cached = torch.randn(b, cache_h * cache_w, ch, generator=gen)
+    idx = torch.stack([torch.randperm(n, generator=gen)[:keep] for _ in range(b)])
+    kept_out = torch.randn(b, keep, ch, generator=gen)
+    out = restore_tokens(cached, (cache_h, cache_w), (h, w), kept_out, idx)
+    interp = resize_token_map(cached, (cache_h, cache_w), (h, w))
+    for row in range(b):
+        mask = torch.zeros(n, dtype=torch.bool)
+        mask[idx[row]] = True
+        torch.testing.assert_close(out[row, idx[row]], kept_out[row])
+        torch.testing.assert_close(out[row, ~mask], interp[row, ~mask])
+
+
+# ---------------------------------------------------------------- the run: hook, cache, lifetime
+
+
+def _linear_branch(weight, calls):
+    def branch(x, idx):
+        calls.append((x.shape[1], None if idx is None else idx.clone()))
+        return x @ weight
+
+    return branch
+
+
+def _run_scales(run, scales, x_per_scale, weight, calls, layers=(0, 1)):
+    outs = {}
+    for si, x in x_per_scale.items():
+        run.begin_scale(si)
+        for layer in layers:
+            outs[(si, layer)] = run.sublayer(layer, "ffn", x, _linear_branch(weight, calls))
+    return outs
+
+
+def test_ratio_zero_leaves_the_output_unchanged():
+    scales = [(1, 1), (2, 2), (4, 4)]
+    cfg = PruningConfig(ratios={2: 0.0}, cache_scale=1, layers=(0, 2))
+    weight = torch.randn(5, 5)
+    x = torch.randn(2, 16, 5)
+    run = PruningRun(cfg, scales, depth=2)
+    run.begin_scale(2)
+    torch.testing.assert_close(run.sublayer(0, "sa", x, lambda t, i: t @ weight), x @ weight)
+
+
+@settings(max_examples=30, deadline=None)
+@given(ratio=st.floats(0.0, 0.99), b=st.integers(1, 3), seed=st.integers(0, 1000))
+def test_exactly_k_tokens_go_through_and_restoration_is_exact(ratio, b, seed):
+    gen = torch.Generator().manual_seed(seed)
+    scales = [(1, 1), (3, 3), (5, 4)]
+    cfg = PruningConfig(ratios={2: ratio}, cache_scale=1, layers=(1, 2))
+    weight = torch.randn(4, 4, generator=gen)
+    calls: list = []
+    xs = {1: torch.randn(b, 9, 4, generator=gen), 2: torch.randn(b, 20, 4, generator=gen)}
+    with PruningRun(cfg, scales, depth=2, record=True) as run:
+        outs = _run_scales(run, scales, xs, weight, calls)
+        keep = 20 - int(20 * ratio)
+        # layer 0 is outside the pruned range: all 20 tokens; layer 1: exactly K.
+        assert [c[0] for c in calls] == [9, 9, 20, keep]
+        idx = calls[-1][1]
+        out = outs[(2, 1)]
+        if keep == 20:  # floor(20 * ratio) == 0: nothing dropped, the branch sees every token in order
+            assert idx is None
+            torch.testing.assert_close(out, xs[2] @ weight)
+            return
+        torch.testing.assert_close(out.gather(1, idx[..., None].expand(-1, -1, 4)),
+                                   xs[2].gather(1, idx[..., None].expand(-1, -1, 4)) @ weight)
+        cache_interp = resize_token_map(xs[1] @ weight, (3, 3), (5, 4))
+        for row in range(b):
+            dropped = torch.ones(20, dtype=torch.bool)
+            dropped[idx[row]] = False
+            torch.testing.assert_close(out[row, dropped], cache_interp[row, dropped])
+        assert run.kept[(2, 1, "ffn")].shape == (b, keep)
+
+
+def test_cache_is_dropped_when_the_run_ends_or_fails():
+    scales = [(1, 1), (2, 2), (4, 4)]
+    cfg = PruningConfig(ratios={2: 0.5}, cache_scale=1, layers=(0, 1))
+    weight = torch.eye(3)
+    run = PruningRun(cfg, scales, depth=1)
+    with pytest.raises(RuntimeError):
+        with run:
+            run.begin_scale(1)
+            run.sublayer(0, "sa", torch.randn(1, 4, 3), lambda t, i: t @ weight)
+            assert run._cache, "the cache scale must write the cache"
+            raise RuntimeError("interrupted")
+    assert not run._cache
+    # A new run never sees the old run's features: restoring without its own cache scale fails loudly.
+    fresh = PruningRun(cfg, scales, depth=1)
+    fresh.begin_scale(2)
+    with pytest.raises(ConfigError, match="restore cache for layer 0 sa at scale 1 holds nothing"):
+        fresh.sublayer(0, "sa", torch.randn(1, 16, 3), lambda t, i: t)
+
+
+def test_skipped_scale_cannot_begin():
+    run = PruningRun(PruningConfig(ratios={2: 1.0}), [(1, 1), (2, 2), (4, 4)], depth=1)
+    assert run.is_skipped(2)
+    with pytest.raises(ConfigError, match="skipped"):
+        run.begin_scale(2)
+
+
+def test_kept_mask_marks_kept_tokens():
+    scales = [(1, 1), (2, 2), (2, 3)]
+    cfg = PruningConfig(ratios={2: 0.5}, cache_scale=1, layers=(0, 1))
+    with PruningRun(cfg, scales, depth=1, record=True) as run:
+        run.begin_scale(1)
+        run.sublayer(0, "ffn", torch.randn(2, 4, 3), lambda t, i: t)
+        run.begin_scale(2)
+        x = torch.zeros(2, 6, 3)
+        x[:, 0] = 4.0
+        x[:, 5] = -4.0
+        x[:, 3] = 9.0
+        run.sublayer(0, "ffn", x, lambda t, i: t)
+        mask = run.kept_mask(2)
+    assert mask.shape == (2, 2, 3)
+    assert mask.flatten(1).tolist()[0] == [1.0, 0.0, 0.0, 1.0, 0.0, 1.0]
