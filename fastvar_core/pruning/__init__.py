@@ -17,3 +17,7 @@ __all__ = [
     "restore_tokens",
     "select_pivotal",
 ]
+
+from .spec import MODES, PruningSpec  # noqa: E402
+
+__all__ += ["MODES", "PruningSpec"]

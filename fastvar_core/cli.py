@@ -1,0 +1,133 @@
+"""Command line: generate images, convert checkpoints, run the demo and the benchmark.
+
+Errors caused by inputs print one line and exit with status 2 (a traceback only with --debug);
+Ctrl-C stops sampling within one scale, frees every cache and exits with status 130.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+from .errors import FastVARError
+
+
+def _progress_bar(label: str):
+    """A per-scale progress callback that redraws one stderr line."""
+    start = time.perf_counter()
+
+    def callback(step: int, total: int, preview=None) -> None:
+        width = 26
+        filled = round(width * step / total)
+        elapsed = time.perf_counter() - start
+        sys.stderr.write(f"\r{label} [{'#' * filled}{'.' * (width - filled)}] scale {step}/{total} {elapsed:6.1f}s")
+        if step == total:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+
+    return callback
+
+
+def save_images(images, out: Path) -> list[Path]:
+    """Write (B, H, W, 3) floats in [0, 1] as PNG; several images get _0, _1, ... suffixes."""
+    import numpy as np
+    from PIL import Image
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, img in enumerate(images):
+        path = out if len(images) == 1 else out.with_name(f"{out.stem}_{i}{out.suffix}")
+        array = (img.clamp(0, 1).numpy() * 255).round().astype(np.uint8)
+        Image.fromarray(array).save(path)
+        paths.append(path)
+    return paths
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from .pipeline import Pipeline
+
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+    pipe = Pipeline.load(args.family, args.model, args.vae, args.text_encoder, tokenizer=args.tokenizer,
+                         device=args.device, dtype=dtype)
+    if args.preset == "2k":
+        schedule = pipe.schedule(budget="2K") if args.width is None else pipe.schedule(args.width, args.height, "2K")
+    else:
+        schedule = pipe.schedule(args.width, args.height, args.budget)
+    print(f"schedule: {schedule.describe()}", file=sys.stderr)
+    prompts = [args.prompt] * args.batch
+    cond, neg = pipe.encode(prompts, [args.negative] * args.batch if args.negative else None)
+    t0 = time.perf_counter()
+    result = pipe.sample(cond, schedule, negative=neg, pruning=args.pruning, seed=args.seed, cfg=args.cfg,
+                         tau=args.tau, top_k=args.top_k, top_p=args.top_p, callback=_progress_bar("sampling"))
+    t1 = time.perf_counter()
+    images = pipe.decode(result, tile=64 if max(schedule.final_size) > 64 else None)
+    t2 = time.perf_counter()
+    paths = save_images(images, Path(args.out))
+    print(f"pruning {result.pruning.name}: sampling {t1 - t0:.2f}s, decode {t2 - t1:.2f}s -> "
+          f"{', '.join(map(str, paths))}")
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from .checkpoint import convert_to_safetensors
+
+    count = convert_to_safetensors(args.src, args.dst)
+    print(f"wrote {args.dst}: {count} tensors, verified identical to {args.src}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m fastvar_core", description=__doc__)
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="text to image with an official checkpoint")
+    gen.add_argument("--family", choices=["infinity", "hart"], required=True)
+    gen.add_argument("--model", required=True, help="Infinity .pth/.safetensors/8B folder, or HART llm/ or release folder")
+    gen.add_argument("--vae", help="Infinity VAE file; HART tokenizer/ folder (default: beside llm/)")
+    gen.add_argument("--text-encoder", required=True, help="flan-t5-xl folder or encoder file; Qwen2-VL folder")
+    gen.add_argument("--tokenizer", help="tokenizer folder for a single-file T5 encoder")
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--negative", help="negative prompt (Infinity)")
+    gen.add_argument("--width", type=int)
+    gen.add_argument("--height", type=int)
+    gen.add_argument("--budget", choices=["0.06M", "0.25M", "0.60M", "1M", "2K"], help="Infinity pixel budget")
+    gen.add_argument("--preset", choices=["2k"], help="2k: zero-shot 2K schedule (Infinity)")
+    gen.add_argument("--pruning", default="paper", help="off, paper, 2k or a JSON file (default: paper)")
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--cfg", type=float)
+    gen.add_argument("--tau", type=float)
+    gen.add_argument("--top-k", type=int)
+    gen.add_argument("--top-p", type=float)
+    gen.add_argument("--batch", type=int, default=1)
+    gen.add_argument("--device")
+    gen.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    gen.add_argument("--out", default="fastvar.png")
+    gen.set_defaults(func=cmd_generate)
+
+    conv = sub.add_parser("convert", help="convert an official pickle checkpoint to safetensors (verified)")
+    conv.add_argument("src")
+    conv.add_argument("dst")
+    conv.set_defaults(func=cmd_convert)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.debug else logging.WARNING, format="%(message)s")
+    try:
+        return args.func(args)
+    except FastVARError as exc:
+        if args.debug:
+            raise
+        print(f"\nerror: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted: sampling stopped and its caches were freed", file=sys.stderr)
+        return 130

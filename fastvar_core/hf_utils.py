@@ -1,0 +1,52 @@
+"""Small helpers shared by the transformers-based text encoders of both families."""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import Sequence
+
+import torch
+
+from .errors import ConfigError
+
+
+def dtype_kwargs(dtype: torch.dtype) -> dict:
+    """The from_pretrained keyword for a dtype (``dtype`` since transformers 4.56, ``torch_dtype`` before)."""
+    import transformers
+
+    major, minor = (int(x) for x in re.findall(r"\d+", transformers.__version__)[:2])
+    return {"dtype": dtype} if (major, minor) >= (4, 56) else {"torch_dtype": dtype}
+
+
+@contextlib.contextmanager
+def quiet_transformers():
+    """Silence transformers' load report and progress bar for one call; restore both afterwards.
+
+    Real loading problems are turned into CheckpointError by the callers from the loading info.
+    """
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    bar = hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bar:
+            hf_logging.enable_progress_bar()
+
+
+def check_prompts(prompts: str | Sequence[str]) -> list[str]:
+    """A non-empty list of strings, or ConfigError naming the offending entry."""
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    prompts = list(prompts)
+    if not prompts:
+        raise ConfigError("no prompt given: expected a list of at least one string.")
+    for i, p in enumerate(prompts):
+        if not isinstance(p, str):
+            raise ConfigError(f"prompt {i} is a {type(p).__name__}, expected a string.")
+    return prompts

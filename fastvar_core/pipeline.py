@@ -1,0 +1,164 @@
+"""End-to-end generation in a few lines, for both families.
+
+    from fastvar_core.pipeline import Pipeline
+    pipe = Pipeline.load("infinity", model="infinity_2b_reg.pth", vae="infinity_vae_d32reg.pth",
+                         text_encoder="flan-t5-xl")
+    images, result = pipe.generate("a red fox in the snow", width=1024, height=1024, pruning="paper", seed=1)
+    # images: (B, H, W, 3) float in [0, 1], RGB; result.seconds, result.kept_mask(scale) ...
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import ConfigError
+from .pruning import PruningConfig, make_preset
+from .sampling import ProgressCallback, SampleResult
+from .schedules import ScaleSchedule, hart_schedule, infinity_schedule, infinity_schedule_for_size
+
+FAMILIES = ("infinity", "hart")
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def resolve_pruning(spec: str | os.PathLike | PruningConfig | None, family: str, schedule: ScaleSchedule,
+                    depth: int) -> PruningConfig:
+    """A PruningConfig from a preset name (off, paper, 2k), a JSON file path, or a config; validated."""
+    if spec is None:
+        spec = "off"
+    if isinstance(spec, PruningConfig):
+        config = spec
+    elif str(spec) in ("off", "paper", "2k"):
+        config = make_preset(family, str(spec), schedule.num_scales, depth)
+    else:
+        path = Path(spec)
+        if not path.is_file():
+            raise ConfigError(f"pruning must be off, paper, 2k or a JSON file; '{spec}' is none of these")
+        config = PruningConfig.from_json(path.read_text())
+    return config.validate(schedule.num_scales, depth, can_skip_last=family != "hart")
+
+
+@dataclass
+class Pipeline:
+    """A loaded model family: transformer, VAE and (optionally) text encoder on one device."""
+
+    family: str
+    model: torch.nn.Module
+    vae: torch.nn.Module
+    text_encoder: object | None = None
+
+    @classmethod
+    def load(
+        cls,
+        family: str,
+        model: str | os.PathLike,
+        vae: str | os.PathLike | None = None,
+        text_encoder: str | os.PathLike | None = None,
+        *,
+        tokenizer: str | os.PathLike | None = None,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> Pipeline:
+        """Load the official files of a family. HART's VAE defaults to the release's tokenizer/ folder."""
+        device = torch.device(device) if device is not None else default_device()
+        if family == "infinity":
+            from .infinity import check_vae_matches, load_infinity_model, load_infinity_vae, load_t5_encoder
+
+            if vae is None:
+                raise ConfigError("--vae is required for Infinity (e.g. infinity_vae_d32reg.pth)")
+            net = load_infinity_model(model, device=device, dtype=dtype)
+            ae = load_infinity_vae(vae, device=device)
+            check_vae_matches(net, ae)
+            enc = load_t5_encoder(text_encoder, tokenizer, device=device) if text_encoder else None
+        elif family == "hart":
+            from .hart import check_vae_matches, load_hart_model, load_hart_vae, load_qwen_encoder
+
+            net = load_hart_model(model, device=device, dtype=dtype)
+            ae = load_hart_vae(vae if vae is not None else _hart_tokenizer_folder(model), device=device)
+            check_vae_matches(net, ae)
+            enc = load_qwen_encoder(text_encoder, device=device) if text_encoder else None
+        else:
+            raise ConfigError(f"model family {family!r} is unknown; allowed: {list(FAMILIES)}")
+        return cls(family, net, ae, enc)
+
+    @property
+    def depth(self) -> int:
+        return self.model.config.depth
+
+    def schedule(self, width: int | None = None, height: int | None = None, budget: str | None = None) -> ScaleSchedule:
+        """The schedule for a requested size (Infinity snaps to the nearest official template)."""
+        if self.family == "hart":
+            base = hart_schedule(tuple(self.model.config.patch_nums))
+            if budget not in (None, "1M") or (width, height) not in ((None, None), base.image_size[::-1]):
+                raise ConfigError(
+                    f"HART generates {base.image_size[1]}x{base.image_size[0]} only (square, its trained schedule); "
+                    f"got width={width}, height={height}, budget={budget}"
+                )
+            return base
+        if width is None and height is None:
+            return infinity_schedule(1.0, budget or "1M")
+        if width is None or height is None:
+            raise ConfigError("give both width and height, or neither")
+        return infinity_schedule_for_size(width, height, budget)
+
+    def encode(self, prompts: list[str], negative: list[str] | None = None):
+        """Text conditioning (and negative conditioning, or None) for a list of prompts."""
+        if self.text_encoder is None:
+            raise ConfigError("no text encoder is loaded: pass text_encoder= to Pipeline.load")
+        cond = self.text_encoder.encode(prompts)
+        neg = self.text_encoder.encode(negative) if negative else None
+        return cond, neg
+
+    def sample(self, cond, schedule: ScaleSchedule, *, negative=None, pruning=None, seed: int = 0,
+               cfg: float | None = None, tau: float | None = None, top_k: int | None = None,
+               top_p: float | None = None, callback: ProgressCallback | None = None,
+               record_kept: bool = False) -> SampleResult:
+        """Run the scale loop; None for a knob means the family's official default."""
+        config = resolve_pruning(pruning, self.family, schedule, self.depth)
+        knobs = {k: v for k, v in dict(cfg=cfg, top_k=top_k, top_p=top_p).items() if v is not None}
+        if self.family == "infinity":
+            from .infinity import sample_infinity
+
+            if tau is not None:
+                knobs["tau"] = tau
+            return sample_infinity(self.model, cond, schedule, negative=negative, seed=seed, pruning=config,
+                                   callback=callback, record_kept=record_kept, **knobs)
+        from .hart import sample_hart
+
+        if negative is not None:
+            raise ConfigError("HART has no negative prompt (its unconditional branch is an empty context)")
+        return sample_hart(self.model, self.vae, cond, schedule, seed=seed, pruning=config, callback=callback,
+                           record_kept=record_kept, **knobs)
+
+    def decode(self, result: SampleResult, tile: int | None = None) -> torch.Tensor:
+        """(B, H, W, 3) float RGB in [0, 1] on the CPU."""
+        with torch.inference_mode():
+            return self.vae.to_image(result.latent, tile=tile).float().cpu()
+
+    def generate(self, prompt: str | list[str], negative: str | list[str] | None = None, *, width: int | None = None,
+                 height: int | None = None, budget: str | None = None, batch: int = 1, **sample_kwargs):
+        """Encode, sample and decode; returns (images (B, H, W, 3), SampleResult)."""
+        prompts = [prompt] * batch if isinstance(prompt, str) else list(prompt)
+        negatives = None
+        if negative:
+            negatives = [negative] * len(prompts) if isinstance(negative, str) else list(negative)
+        cond, neg = self.encode(prompts, negatives)
+        schedule = self.schedule(width, height, budget)
+        result = self.sample(cond, schedule, negative=neg, **sample_kwargs)
+        tile = 64 if max(schedule.final_size) > 64 else None  # 2K: decode in latent tiles
+        return self.decode(result, tile=tile), result
+
+
+def _hart_tokenizer_folder(model: str | os.PathLike) -> Path:
+    """HART's VAE is the sibling tokenizer/ folder of llm/ (or tokenizer/ inside the release folder)."""
+    path = Path(model)
+    for candidate in (path / "tokenizer", path.parent / "tokenizer"):
+        if candidate.is_dir():
+            return candidate
+    raise ConfigError(f"no tokenizer/ folder next to '{path}': pass the HART VAE folder explicitly")
