@@ -288,3 +288,40 @@ def test_kept_mask_marks_kept_tokens():
         mask = run.kept_mask(2)
     assert mask.shape == (2, 2, 3)
     assert mask.flatten(1).tolist()[0] == [1.0, 0.0, 0.0, 1.0, 0.0, 1.0]
+
+
+# ---------------------------------------------------------------- schedule-independent requests (nodes, CLI)
+
+
+def test_spec_custom_counts_scales_from_the_end():
+    from fastvar_core.pruning import PruningSpec
+
+    spec = PruningSpec(mode="custom", tail_ratios=(1.0, 1.0, 0.5, 0.4), cache_from_end=5)
+    square = spec.resolve("infinity", list(infinity_schedule(1.0, "1M").scales), depth=32)
+    assert square == PruningConfig({12: 1.0, 11: 1.0, 10: 0.5, 9: 0.4}, 8, (3, 28), name="custom")
+    short = spec.resolve("infinity", list(infinity_schedule(0.5, "0.25M").scales), depth=32)
+    assert short.ratios == {9: 1.0, 8: 1.0, 7: 0.5, 6: 0.4} and short.cache_scale == 5
+
+
+def test_spec_checks_without_a_schedule():
+    from fastvar_core.pruning import PruningSpec
+
+    with pytest.raises(ConfigError, match="cache scale 2 from the end must come before the earliest pruned scale"):
+        PruningSpec(mode="custom", tail_ratios=(0.5, 0.5, 0.5), cache_from_end=2).check()
+    with pytest.raises(ConfigError, match="pruned layers start 9 is after stop 3"):
+        PruningSpec(mode="paper", layer_start=9, layer_stop=3).check()
+    with pytest.raises(ConfigError, match="pruning mode 'fast' is unknown"):
+        PruningSpec(mode="fast").check()
+
+
+def test_spec_speed_target_reaches_the_target_favouring_late_scales():
+    from fastvar_core.cost import ArchSpec, predicted_speedup
+    from fastvar_core.pruning import PruningSpec
+
+    scales = list(infinity_schedule(1.0, "1M").scales)
+    arch = ArchSpec(depth=32, width=2048, ffn_hidden=8192, text_tokens=32)
+    config = PruningSpec(mode="speed target", speed_target=2.0).resolve("infinity", scales, 32, arch)
+    assert predicted_speedup(arch, scales, config) >= 2.0
+    ratios = [config.ratio(s) for s in range(9, 13)]
+    assert ratios == sorted(ratios) and ratios[-1] > ratios[0]  # later scales drop more
+    assert all(abs(r * 20 - round(r * 20)) < 1e-9 for r in ratios)  # 5 % steps, like the sliders
