@@ -68,7 +68,9 @@ class Pipeline:
         """Load the official files of a family. HART's VAE defaults to the release's tokenizer/ folder."""
         device = torch.device(device) if device is not None else default_device()
         if family == "infinity":
-            from .infinity import check_vae_matches, load_infinity_model, load_infinity_vae, load_t5_encoder
+            from .infinity import check_vae_matches, load_infinity_model
+            from .infinity.text import load_t5_encoder
+            from .infinity.vae import load_infinity_vae
 
             if vae is None:
                 raise ConfigError("--vae is required for Infinity (e.g. infinity_vae_d32reg.pth)")
@@ -77,10 +79,12 @@ class Pipeline:
             check_vae_matches(net, ae)
             enc = load_t5_encoder(text_encoder, tokenizer, device=device) if text_encoder else None
         elif family == "hart":
-            from .hart import check_vae_matches, load_hart_model, load_hart_vae, load_qwen_encoder
+            from .hart import check_vae_matches, load_hart_model
+            from .hart.text import load_qwen_encoder
+            from .hart.vae import load_hart_vae
 
             net = load_hart_model(model, device=device, dtype=dtype)
-            ae = load_hart_vae(vae if vae is not None else _hart_tokenizer_folder(model), device=device)
+            ae = load_hart_vae(vae if vae is not None else hart_tokenizer_folder(model), device=device)
             check_vae_matches(net, ae)
             enc = load_qwen_encoder(text_encoder, device=device) if text_encoder else None
         else:
@@ -155,7 +159,7 @@ class Pipeline:
         return self.decode(result, tile=tile), result
 
 
-def _hart_tokenizer_folder(model: str | os.PathLike) -> Path:
+def hart_tokenizer_folder(model: str | os.PathLike) -> Path:
     """HART's VAE is the sibling tokenizer/ folder of llm/ (or tokenizer/ inside the release folder)."""
     path = Path(model)
     for candidate in (path / "tokenizer", path.parent / "tokenizer"):

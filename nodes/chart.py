@@ -1,0 +1,46 @@
+"""Data for the schedule chart drawn on the FastVAR Pruning node (pure: no ComfyUI, no weights)."""
+
+from __future__ import annotations
+
+from ..fastvar_core.archs import HART_0_7B, INFINITY_2B, INFINITY_8B
+from ..fastvar_core.cost import estimate
+from ..fastvar_core.errors import ConfigError
+from ..fastvar_core.schedules import hart_schedule, infinity_schedule
+
+CHART_MODELS = {
+    "Infinity-2B 1024px": ("infinity", INFINITY_2B, lambda: infinity_schedule(1.0, "1M")),
+    "Infinity-2B 2K": ("infinity", INFINITY_2B, lambda: infinity_schedule(1.0, "2K")),
+    "Infinity-8B 1024px": ("infinity", INFINITY_8B, lambda: infinity_schedule(1.0, "1M")),
+    "HART-0.7B 1024px": ("hart", HART_0_7B, hart_schedule),
+}
+
+
+def schedule_chart(chart_for: str, spec) -> dict:
+    """Bars per scale (tokens forwarded vs total), skipped steps, the cache scale and the predicted speedup.
+
+    Returns ``{"error": message}`` instead of raising when the settings are impossible, so the chart can
+    show the same message that the node's validation gives.
+    """
+    if chart_for not in CHART_MODELS:
+        return {"error": f"unknown chart model {chart_for!r}; allowed: {list(CHART_MODELS)}"}
+    family, arch, make_schedule = CHART_MODELS[chart_for]
+    schedule = make_schedule()
+    try:
+        config = spec.resolve(family, list(schedule.scales), arch.depth, arch, can_skip_last=family != "hart")
+    except ConfigError as exc:
+        return {"error": str(exc)}
+    base = estimate(arch, list(schedule.scales))
+    pruned = estimate(arch, list(schedule.scales), config)
+    scales = []
+    for b, p in zip(base.scales, pruned.scales):
+        forwarded = sum(p.forwarded) / arch.depth if not p.skipped else 0
+        scales.append({
+            "scale": p.scale, "h": p.hw[0], "w": p.hw[1], "tokens": p.tokens, "forwarded": forwarded,
+            "skipped": p.skipped, "cache": p.scale == config.cache_scale,
+            "flops_share": b.total_flops / base.total_flops,
+        })
+    return {
+        "model": chart_for, "config": config.to_dict(), "scales": scales,
+        "speedup": base.total_flops / pruned.total_flops,
+        "kv_saving": 1 - pruned.kv_cache_bytes / base.kv_cache_bytes,
+    }

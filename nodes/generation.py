@@ -1,0 +1,288 @@
+"""Text encoding, FastVAR pruning, the scale-loop sampler, decoding and token maps."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+
+import torch
+import torch.nn.functional as F
+
+from ..fastvar_core.errors import ConfigError
+from ..fastvar_core.pruning import PruningSpec
+
+from . import compat
+from .objects import CONDITIONING, LATENT, MODEL, PRUNING, TEXT_ENCODER, VAE, Conditioning, Latent, same_family
+
+MAX_SEED = 0xFFFFFFFFFFFFFFFF
+
+
+@contextlib.contextmanager
+def on_compute_device(module: torch.nn.Module):
+    """Move a module to ComfyUI's compute device for the duration of a call, then offload it."""
+    device = compat.compute_device()
+    compat.free_memory_for(module, device)
+    module.to(device)
+    try:
+        yield device
+    finally:
+        module.to(compat.offload_device())
+        compat.soft_empty_cache()
+
+
+class TextEncode:
+    DESCRIPTION = ("Encodes a prompt (and an optional negative prompt) with the connected text encoder, for the "
+                   "model family of that encoder (T5 for Infinity, Qwen2 for HART).")
+    CATEGORY = "FastVAR"
+    RETURN_TYPES = (CONDITIONING, CONDITIONING)
+    RETURN_NAMES = ("positive", "negative")
+    FUNCTION = "encode"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "text_encoder": (TEXT_ENCODER, {"tooltip": "From Load T5 Text Encoder (Infinity) or Load Qwen2 Text Encoder (HART)."}),
+            "prompt": ("STRING", {"multiline": True, "dynamicPrompts": True, "default": "", "tooltip": "What the image shows."}),
+            "negative_prompt": ("STRING", {"multiline": True, "default": "", "tooltip": "Infinity only: what to steer away from. Empty: the model's learned unconditional text."}),
+        }}
+
+    def encode(self, text_encoder, prompt, negative_prompt):
+        if text_encoder.family == "hart" and negative_prompt.strip():
+            raise ConfigError("HART has no negative prompt (its unconditional branch is an empty context): clear it")
+        with torch.inference_mode(), on_compute_device(text_encoder.module):
+            cond = text_encoder.module.encode([prompt]).to("cpu")
+            neg = text_encoder.module.encode([negative_prompt]).to("cpu") if negative_prompt.strip() else None
+        return (Conditioning(text_encoder.family, cond, [prompt]), Conditioning(text_encoder.family, neg, [negative_prompt]))
+
+
+# Late-scale sliders of the Pruning node, counted from the last scale (1 = the last).
+TAIL_SLIDERS = 6
+
+
+class FastVARPruning:
+    DESCRIPTION = ("FastVAR cached token pruning (ICCV 2025): at the late, large scales only the most distinct "
+                   "tokens go through attention and FFN; the rest are refilled from an earlier scale's cached output. "
+                   "'paper' is the official setting (2.7x on Infinity-2B, 1.5x on HART at 1024 px); 100 % on a "
+                   "scale skips it.")
+    CATEGORY = "FastVAR"
+    RETURN_TYPES = (PRUNING,)
+    RETURN_NAMES = ("pruning",)
+    FUNCTION = "build"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        ratio = {"default": 0, "min": 0, "max": 100, "step": 5, "display": "slider"}
+        sliders = {
+            f"last_{k}_drop": ("INT", {**ratio, "tooltip": f"custom only: % of tokens dropped at the {_ordinal(k)} scale "
+                                                          f"from the end (100 = skip that scale)."})
+            for k in range(1, TAIL_SLIDERS + 1)
+        }
+        return {"required": {
+            "preset": (["off", "paper", "2k", "speed target", "custom"], {"default": "paper", "tooltip": "off: no pruning. paper: the official FastVAR setting. 2k: for the zero-shot 2K schedule. speed target: ratios chosen by the cost model. custom: the sliders below."}),
+            "speed_target": ("FLOAT", {"default": 2.0, "min": 1.0, "max": 10.0, "step": 0.1, "tooltip": "speed target only: desired speedup of the transformer; the latest scales are pruned first."}),
+            **sliders,
+            "cache_from_end": ("INT", {"default": 5, "min": 2, "max": 12, "tooltip": "custom only: which scale (counted from the end) refills the pruned tokens; must come before every pruned scale."}),
+            "first_layer": ("INT", {"default": -1, "min": -1, "max": 128, "tooltip": "First transformer layer that prunes; -1 = the family's default (Infinity 3, HART 0)."}),
+            "last_layer": ("INT", {"default": -1, "min": -1, "max": 128, "tooltip": "Last transformer layer that prunes; -1 = the family's default (Infinity-2B 27, HART all)."}),
+            "chart_for": (["Infinity-2B 1024px", "Infinity-2B 2K", "Infinity-8B 1024px", "HART-0.7B 1024px"], {"default": "Infinity-2B 1024px", "tooltip": "Only for the schedule chart on this node: which model and size it draws. The sampler applies the pruning to its own model and size."}),
+        }}
+
+    @staticmethod
+    def make_spec(preset, speed_target, cache_from_end, first_layer, last_layer, **sliders) -> PruningSpec:
+        tail = tuple(sliders.get(f"last_{k}_drop", 0) / 100 for k in range(1, TAIL_SLIDERS + 1))
+        return PruningSpec(
+            mode=preset, tail_ratios=tail, cache_from_end=cache_from_end, speed_target=speed_target,
+            layer_start=None if first_layer < 0 else first_layer, layer_stop=None if last_layer < 0 else last_layer + 1,
+        )
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, preset, speed_target, cache_from_end, first_layer, last_layer, **sliders):
+        try:
+            cls.make_spec(preset, speed_target, cache_from_end, first_layer, last_layer, **sliders).check()
+        except ConfigError as exc:
+            return str(exc)
+        return True
+
+    def build(self, preset, speed_target, cache_from_end, first_layer, last_layer, chart_for, **sliders):
+        spec = self.make_spec(preset, speed_target, cache_from_end, first_layer, last_layer, **sliders)
+        spec.check()
+        return (spec,)
+
+
+def _ordinal(k: int) -> str:
+    return {1: "last", 2: "2nd", 3: "3rd"}.get(k, f"{k}th")
+
+
+# Aspect ratios offered by the sampler: label -> Infinity template (h/w).
+ASPECTS = {"1:1": 1.0, "4:5": 1.25, "5:4": 0.8, "3:4": 1.333, "4:3": 0.75, "2:3": 1.5, "3:2": 0.666, "4:7": 1.75,
+           "7:4": 0.571, "1:2": 2.0, "2:1": 0.5, "2:5": 2.5, "5:2": 0.4, "1:3": 3.0, "3:1": 0.333}
+BUDGETS = {"auto": None, "0.06M (256px)": "0.06M", "0.25M (512px)": "0.25M", "0.60M (768px)": "0.60M",
+           "1M (1024px)": "1M", "2K (zero-shot)": "2K"}
+
+
+def pick_schedule(model, width, height, aspect_ratio, pixel_budget):
+    from ..fastvar_core.schedules import hart_schedule, infinity_schedule, infinity_schedule_for_size
+
+    if model.family == "hart":
+        return hart_schedule(tuple(model.module.config.patch_nums))
+    budget = BUDGETS[pixel_budget]
+    if aspect_ratio == "from width/height":
+        return infinity_schedule_for_size(width, height, budget)
+    if budget is None:
+        return infinity_schedule_for_size(*_size_for_aspect(aspect_ratio, width, height))
+    return infinity_schedule(ASPECTS[aspect_ratio], budget)
+
+
+def _size_for_aspect(aspect: str, width: int, height: int) -> tuple[int, int]:
+    ratio = ASPECTS[aspect]
+    area = width * height
+    return round((area / ratio) ** 0.5), round((area * ratio) ** 0.5)
+
+
+class FastVARSampler:
+    DESCRIPTION = ("Generates an image latent scale by scale (next-scale prediction) with optional FastVAR pruning. "
+                   "The size snaps to the nearest official template; the info output says what ran and how long it took.")
+    CATEGORY = "FastVAR"
+    RETURN_TYPES = (LATENT, "STRING")
+    RETURN_NAMES = ("latent", "info")
+    FUNCTION = "sample"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": (MODEL, {"tooltip": "From Load Infinity Model or Load HART Model."}),
+                "positive": (CONDITIONING, {"tooltip": "From FastVAR Text Encode."}),
+                "seed": ("INT", {"default": 0, "min": 0, "max": MAX_SEED, "control_after_generate": True, "tooltip": "Same seed, same settings: the same image."}),
+                "width": ("INT", {"default": 1024, "min": 64, "max": 4096, "step": 16, "tooltip": "Requested width; snapped to the nearest official template (HART: 1024 only)."}),
+                "height": ("INT", {"default": 1024, "min": 64, "max": 4096, "step": 16, "tooltip": "Requested height; snapped like the width."}),
+                "aspect_ratio": (["from width/height", *ASPECTS], {"default": "from width/height", "tooltip": "Width:height template; 'from width/height' picks the nearest one."}),
+                "pixel_budget": (list(BUDGETS), {"default": "auto", "tooltip": "Image size class; auto picks the closest to width x height. 2K is zero-shot (beyond the trained sizes)."}),
+                "cfg": ("FLOAT", {"default": 3.0, "min": 1.0, "max": 20.0, "step": 0.1, "round": 0.01, "tooltip": "Classifier-free guidance. Infinity: 3-4; HART: 4.5 (ramped up over the scales as upstream does)."}),
+                "tau": ("FLOAT", {"default": 0.5, "min": 0.05, "max": 2.0, "step": 0.05, "tooltip": "Infinity only: logit temperature divisor (official 0.5 for 2B, 1.0 for 8B)."}),
+                "top_k": ("INT", {"default": 900, "min": 0, "max": 10000, "tooltip": "Keep the k most likely tokens (0 = off). Infinity: 900 (no effect on bits). HART: official 600/300 per scale when set to 900 or 0."}),
+                "top_p": ("FLOAT", {"default": 0.97, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip": "Nucleus sampling (0 = off). Infinity: 0.97; HART upstream: off."}),
+                "batch_size": ("INT", {"default": 1, "min": 1, "max": 16, "tooltip": "Images generated together from the same prompt."}),
+            },
+            "optional": {
+                "negative": (CONDITIONING, {"tooltip": "Negative conditioning (Infinity)."}),
+                "pruning": (PRUNING, {"tooltip": "From FastVAR Pruning; not connected = no pruning."}),
+            },
+        }
+
+    def sample(self, model, positive, seed, width, height, aspect_ratio, pixel_budget, cfg, tau, top_k, top_p,
+               batch_size, negative=None, pruning=None):
+        from ..fastvar_core import attention
+
+        same_family("the conditioning", model.family, positive.family, "use the text encoder of the model's family")
+        schedule = pick_schedule(model, width, height, aspect_ratio, pixel_budget)
+        spec = pruning or PruningSpec(mode="off")
+        config = spec.resolve(model.family, list(schedule.scales), model.module.config.depth,
+                              model.module.arch_spec(), can_skip_last=model.family != "hart")
+        cond = positive.value.repeat(batch_size) if batch_size > 1 else positive.value
+        neg = None
+        if negative is not None and negative.value is not None:
+            same_family("the negative conditioning", model.family, negative.family)
+            neg = negative.value.repeat(batch_size) if batch_size > 1 else negative.value
+        progress = compat.Progress(schedule.num_scales)
+
+        def callback(step, total, preview):
+            compat.check_interrupt()
+            progress.update(step, preview()[0])
+
+        attention.set_default_backend(model.attention)
+        start = time.perf_counter()
+        with torch.inference_mode(), on_compute_device(model.module) as device, _maybe_on(model.companion, device):
+            result = self._run(model, cond.to(device), neg.to(device) if neg is not None else None, schedule,
+                               config, seed, cfg, tau, top_k, top_p, callback)
+        seconds = time.perf_counter() - start
+        result.latent = result.latent.to(compat.intermediate_device())
+        h, w = schedule.image_size
+        info = (f"{model.family} {w}x{h} ({schedule.num_scales} scales), pruning {config.name}, "
+                f"sampling {seconds:.2f}s, seed {seed}")
+        return {"ui": {"fastvar_info": [info]}, "result": (Latent(model.family, result, info), info)}
+
+    @staticmethod
+    def _run(model, cond, neg, schedule, config, seed, cfg, tau, top_k, top_p, callback):
+        if model.family == "infinity":
+            from ..fastvar_core.infinity import sample_infinity
+
+            return sample_infinity(model.module, cond, schedule, negative=neg, cfg=cfg, tau=tau, top_k=top_k,
+                                   top_p=top_p, seed=seed, pruning=config, callback=callback, record_kept=True)
+        from ..fastvar_core.hart import sample_hart
+
+        if neg is not None:
+            raise ConfigError("HART has no negative prompt: disconnect the negative input")
+        return sample_hart(model.module, model.companion, cond, schedule, cfg=cfg, top_k=None if top_k in (0, 900) else top_k,
+                           top_p=top_p, seed=seed, pruning=config, callback=callback, record_kept=True)
+
+
+@contextlib.contextmanager
+def _maybe_on(module: torch.nn.Module | None, device: torch.device):
+    if module is None:
+        yield
+        return
+    module.to(device)
+    try:
+        yield
+    finally:
+        module.to(compat.offload_device())
+
+
+class FastVARDecode:
+    DESCRIPTION = "Decodes a FastVAR latent to an image with the family's VAE; large images decode in tiles."
+    CATEGORY = "FastVAR"
+    RETURN_TYPES = ("IMAGE",)
+    RETURN_NAMES = ("image",)
+    FUNCTION = "decode"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "vae": (VAE, {"tooltip": "From Load Infinity VAE or Load HART VAE."}),
+            "latent": (LATENT, {"tooltip": "From FastVAR Sampler."}),
+            "tiling": (["auto", "on", "off"], {"default": "auto", "tooltip": "auto: tiles above 1024 px (2K), which bounds memory at a small cost in accuracy."}),
+        }}
+
+    def decode(self, vae, latent, tiling):
+        same_family("the VAE", latent.family, vae.family, "use the VAE of the model that made the latent")
+        z = latent.result.latent
+        big = max(z.shape[-2:]) > 64 * (2 if latent.family == "infinity" and vae.module.config.patch_size == 8 else 1)
+        tile = 64 if tiling == "on" or (tiling == "auto" and big) else None
+        with torch.inference_mode(), on_compute_device(vae.module):
+            image = vae.module.to_image(z, tile=tile).float()
+        return (image.to(compat.intermediate_device()),)
+
+
+class FastVARTokenMap:
+    DESCRIPTION = ("Shows which tokens FastVAR kept (white) and pruned (black) at every pruned scale of a run, "
+                   "like the paper's Fig. 7, scaled to the image size.")
+    CATEGORY = "FastVAR"
+    RETURN_TYPES = ("IMAGE", "MASK")
+    RETURN_NAMES = ("token_maps", "mask")
+    FUNCTION = "render"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "latent": (LATENT, {"tooltip": "From FastVAR Sampler (a run with pruning)."}),
+            "layer": ("INT", {"default": -1, "min": -1, "max": 128, "tooltip": "-1: grey level = share of pruned layers that kept the token; n: exactly what layer n kept."}),
+            "sublayer": (["all", "attention", "cross-attention", "ffn"], {"default": "all", "tooltip": "Which sub-layer's selection to show."}),
+            "sample_index": ("INT", {"default": 0, "min": 0, "max": 63, "tooltip": "Which image of the batch."}),
+        }}
+
+    def render(self, latent, layer, sublayer, sample_index):
+        result = latent.result
+        names = {"all": None, "attention": "sa" if latent.family == "infinity" else "attn", "cross-attention": "ca",
+                 "ffn": "ffn"}
+        scales = sorted({s for (s, _, _) in result.kept})
+        if not scales:
+            raise ConfigError("this run pruned no tokens: connect a FastVAR Pruning node (not 'off') to the sampler")
+        h, w = result.schedule.image_size
+        maps = []
+        for s in scales:
+            mask = result.kept_mask(s, None if layer < 0 else layer, names[sublayer])  # (B, h_s, w_s)
+            row = mask[min(sample_index, mask.shape[0] - 1)][None, None]
+            maps.append(F.interpolate(row, size=(h, w), mode="nearest")[0, 0])
+        masks = torch.stack(maps)  # (S, H, W)
+        return (masks[..., None].expand(-1, -1, -1, 3).contiguous(), masks)

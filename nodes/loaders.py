@@ -1,0 +1,181 @@
+"""Loader nodes: transformer, VAE and text encoder of each family, from ComfyUI's model folders."""
+
+from __future__ import annotations
+
+import torch
+
+from . import compat
+from .objects import MODEL, TEXT_ENCODER, VAE, Part
+
+INFINITY_MODEL_DIRS = ("infinity", "diffusion_models")
+INFINITY_VAE_DIRS = ("vae", "infinity")
+HART_DIRS = ("hart",)
+TEXT_DIRS = ("text_encoders",)
+DTYPES = ["auto", "float32", "bfloat16", "float16"]
+ATTENTION = ["auto", "sdpa", "flash", "math"]
+
+DTYPE_TOOLTIP = "Weights' precision. auto: bfloat16 on GPUs that support it, float32 on the CPU."
+ATTENTION_TOOLTIP = ("Attention kernel. auto: flash-attn when installed and on a CUDA GPU in 16-bit, "
+                     "else PyTorch SDPA. math is slow and only for checking.")
+
+
+def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def _choices(names: tuple[str, ...], want: str, keep=lambda name: True) -> list[str]:
+    return [n for n in compat.list_entries(names, want) if keep(n)]
+
+
+class LoadInfinityModel:
+    DESCRIPTION = ("Loads an official Infinity transformer: infinity_2b_reg.pth (or .safetensors) or the sharded "
+                   "infinity_8b_weights folder. Size and settings are detected from the file.")
+    CATEGORY = "FastVAR/loaders"
+    RETURN_TYPES = (MODEL,)
+    RETURN_NAMES = ("model",)
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        folders = _choices(INFINITY_MODEL_DIRS, "dir")
+        files = _choices(INFINITY_MODEL_DIRS, "file",
+                         lambda n: "vae" not in n.lower() and not any(n.startswith(d + "/") for d in folders))
+        return {"required": {
+            "model_name": (sorted(files + folders), {"tooltip": "File or sharded folder in models/infinity or models/diffusion_models."}),
+            "dtype": (DTYPES, {"default": "auto", "tooltip": DTYPE_TOOLTIP}),
+            "attention": (ATTENTION, {"default": "auto", "tooltip": ATTENTION_TOOLTIP}),
+        }}
+
+    def load(self, model_name, dtype, attention):
+        from ..fastvar_core.infinity import load_infinity_model
+
+        path = compat.resolve(INFINITY_MODEL_DIRS, model_name)
+        dt = pick_dtype(dtype, compat.compute_device())
+        return (Part("infinity", load_infinity_model(path, device=compat.offload_device(), dtype=dt), str(path), attention),)
+
+
+class LoadInfinityVAE:
+    DESCRIPTION = ("Loads Infinity's BSQ VAE (infinity_vae_d32reg.pth for 2B, infinity_vae_d56_f8_14_patchify.pth "
+                   "for 8B). Its bit depth is checked against the model before sampling.")
+    CATEGORY = "FastVAR/loaders"
+    RETURN_TYPES = (VAE,)
+    RETURN_NAMES = ("vae",)
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "vae_name": (_choices(INFINITY_VAE_DIRS, "file"), {"tooltip": "VAE file in models/vae or models/infinity."}),
+        }}
+
+    def load(self, vae_name):
+        from ..fastvar_core.infinity.vae import load_infinity_vae
+
+        path = compat.resolve(INFINITY_VAE_DIRS, vae_name)
+        return (Part("infinity", load_infinity_vae(path, device=compat.offload_device()), str(path)),)
+
+
+class LoadT5TextEncoder:
+    DESCRIPTION = ("Loads the flan-t5-xl encoder that conditions Infinity: the Hugging Face folder, or a single "
+                   "encoder file plus a tokenizer folder. Nothing is downloaded.")
+    CATEGORY = "FastVAR/loaders"
+    RETURN_TYPES = (TEXT_ENCODER,)
+    RETURN_NAMES = ("text_encoder",)
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        folders = _choices(TEXT_DIRS, "dir")
+        files = _choices(TEXT_DIRS, "file", lambda n: "/" not in n)
+        return {"required": {
+            "text_encoder": (sorted(folders + files), {"tooltip": "flan-t5-xl folder, or an encoder-only .safetensors file, in models/text_encoders."}),
+            "tokenizer": (["same folder"] + folders, {"default": "same folder", "tooltip": "For a single encoder file: the folder holding tokenizer.json and config.json (e.g. the flan-t5-xl folder)."}),
+            "dtype": (DTYPES, {"default": "auto", "tooltip": DTYPE_TOOLTIP}),
+        }}
+
+    def load(self, text_encoder, tokenizer, dtype):
+        from ..fastvar_core.infinity.text import load_t5_encoder
+
+        path = compat.resolve(TEXT_DIRS, text_encoder)
+        tok = None if tokenizer == "same folder" else compat.resolve(TEXT_DIRS, tokenizer)
+        device = compat.offload_device()
+        return (Part("infinity", load_t5_encoder(path, tok, device=device, dtype=pick_dtype(dtype, compat.compute_device())), str(path)),)
+
+
+class LoadHARTModel:
+    DESCRIPTION = ("Loads the HART transformer from the hart-0.7b-1024px release folder (or its llm/ folder), "
+                   "using the EMA weights as the official scripts do.")
+    CATEGORY = "FastVAR/loaders"
+    RETURN_TYPES = (MODEL,)
+    RETURN_NAMES = ("model",)
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        folders = _choices(HART_DIRS, "dir", lambda n: not n.endswith("tokenizer"))
+        return {"required": {
+            "model_folder": (folders, {"tooltip": "Release folder (holding llm/ and tokenizer/) or its llm/ folder, in models/hart."}),
+            "dtype": (DTYPES, {"default": "auto", "tooltip": DTYPE_TOOLTIP}),
+            "attention": (ATTENTION, {"default": "auto", "tooltip": ATTENTION_TOOLTIP}),
+        }}
+
+    def load(self, model_folder, dtype, attention):
+        from ..fastvar_core.hart import check_vae_matches, load_hart_model
+        from ..fastvar_core.hart.vae import load_hart_vae
+        from ..fastvar_core.pipeline import hart_tokenizer_folder
+
+        path = compat.resolve(HART_DIRS, model_folder)
+        dt = pick_dtype(dtype, compat.compute_device())
+        model = load_hart_model(path, device=compat.offload_device(), dtype=dt)
+        # Like upstream, the transformer samples with its release's VAE codebook (tokenizer/ beside llm/).
+        vae = load_hart_vae(hart_tokenizer_folder(path), device=compat.offload_device())
+        check_vae_matches(model, vae)
+        return (Part("hart", model, str(path), attention, companion=vae),)
+
+
+class LoadHARTVAE:
+    DESCRIPTION = "Loads HART's VAE (the tokenizer/ folder of the release)."
+    CATEGORY = "FastVAR/loaders"
+    RETURN_TYPES = (VAE,)
+    RETURN_NAMES = ("vae",)
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        folders = _choices(HART_DIRS, "dir", lambda n: not n.endswith("llm"))
+        return {"required": {
+            "vae_folder": (folders, {"tooltip": "The release folder or its tokenizer/ folder, in models/hart."}),
+        }}
+
+    def load(self, vae_folder):
+        from ..fastvar_core.hart.vae import load_hart_vae
+
+        path = compat.resolve(HART_DIRS, vae_folder)
+        return (Part("hart", load_hart_vae(path, device=compat.offload_device()), str(path)),)
+
+
+class LoadQwen2TextEncoder:
+    DESCRIPTION = ("Loads the Qwen2-VL-1.5B-Instruct text model that conditions HART (a Hugging Face folder). "
+                   "Nothing is downloaded.")
+    CATEGORY = "FastVAR/loaders"
+    RETURN_TYPES = (TEXT_ENCODER,)
+    RETURN_NAMES = ("text_encoder",)
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "text_encoder": (_choices(TEXT_DIRS, "dir"), {"tooltip": "Qwen2-VL-1.5B-Instruct folder in models/text_encoders."}),
+            "dtype": (DTYPES, {"default": "auto", "tooltip": DTYPE_TOOLTIP}),
+        }}
+
+    def load(self, text_encoder, dtype):
+        from ..fastvar_core.hart.text import load_qwen_encoder
+
+        path = compat.resolve(TEXT_DIRS, text_encoder)
+        enc = load_qwen_encoder(path, device=compat.offload_device(), dtype=pick_dtype(dtype, compat.compute_device()))
+        return (Part("hart", enc, str(path)),)

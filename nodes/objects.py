@@ -1,0 +1,53 @@
+"""Values that travel along the pack's links. Each custom type carries its model family so that a
+HART part wired into an Infinity graph (or the reverse) fails with a clear message, not a crash."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..fastvar_core.errors import IncompatibleModelsError
+
+MODEL = "FASTVAR_MODEL"
+VAE = "FASTVAR_VAE"
+TEXT_ENCODER = "FASTVAR_TEXT_ENCODER"
+CONDITIONING = "FASTVAR_CONDITIONING"
+PRUNING = "FASTVAR_PRUNING"
+LATENT = "FASTVAR_LATENT"
+
+FAMILY_NAMES = {"infinity": "Infinity", "hart": "HART"}
+
+
+@dataclass
+class Part:
+    """A loaded model part: transformer, VAE or text encoder."""
+
+    family: str
+    module: torch.nn.Module
+    source: str
+    attention: str = "auto"
+    companion: torch.nn.Module | None = None  # HART: its VAE, whose codebook and Phi convs the sampler needs
+
+
+@dataclass
+class Conditioning:
+    family: str
+    value: object  # InfinityTextConditioning or HARTTextConditioning
+    prompts: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Latent:
+    family: str
+    result: object  # fastvar_core.sampling.SampleResult
+    info: str = ""
+
+
+def same_family(what: str, expected: str, found: str, hint: str = "") -> None:
+    """Raise IncompatibleModelsError when two connected parts belong to different families."""
+    if expected != found:
+        raise IncompatibleModelsError(
+            f"{what} is for {FAMILY_NAMES.get(found, found)}, but the model is {FAMILY_NAMES.get(expected, expected)}"
+            f"{': ' + hint if hint else ''}"
+        )

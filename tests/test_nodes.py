@@ -1,0 +1,135 @@
+"""The node pack's contract with ComfyUI, checked without ComfyUI (classic V1 nodes)."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+from pack import load_pack
+
+PACK = load_pack()
+MAPPINGS = PACK.NODE_CLASS_MAPPINGS
+WIDGETS = {"INT", "FLOAT", "STRING", "BOOLEAN"}
+
+
+def test_import_is_safe_without_comfyui():
+    assert "folder_paths" not in sys.modules and "comfy" not in sys.modules
+    assert PACK.WEB_DIRECTORY == "./web"
+
+
+def test_every_node_is_prefixed_and_displayed():
+    assert len(MAPPINGS) == 11
+    for node_id, cls in MAPPINGS.items():
+        assert node_id.startswith("FastVAR_")
+        assert PACK.NODE_DISPLAY_NAME_MAPPINGS[node_id]
+        assert cls.CATEGORY.startswith("FastVAR")
+        assert cls.DESCRIPTION and len(cls.DESCRIPTION) > 30
+
+
+@pytest.mark.parametrize("node_id", sorted(MAPPINGS))
+def test_input_and_return_contract(node_id):
+    cls = MAPPINGS[node_id]
+    types = cls.INPUT_TYPES()
+    assert set(types) <= {"required", "optional", "hidden"} and "required" in types
+    assert callable(getattr(cls, cls.FUNCTION))
+    assert isinstance(cls.RETURN_TYPES, tuple) and len(cls.RETURN_NAMES) == len(cls.RETURN_TYPES)
+    for section in ("required", "optional"):
+        for name, (kind, options) in types.get(section, {}).items():
+            assert options.get("tooltip"), f"{node_id}.{name} has no tooltip"
+            if isinstance(kind, str) and kind not in WIDGETS:
+                assert kind.startswith("FASTVAR_"), f"{node_id}.{name}: custom type {kind} lacks the pack prefix"
+            if kind in ("INT", "FLOAT"):
+                assert "min" in options and "max" in options and "step" in options or kind == "INT"
+                assert options["min"] <= options["default"] <= options["max"], f"{node_id}.{name} default out of range"
+            if isinstance(kind, list) and kind and "default" in options:
+                assert options["default"] in kind
+    for kind in cls.RETURN_TYPES:
+        assert kind in ("IMAGE", "MASK", "STRING") or kind.startswith("FASTVAR_")
+
+
+def test_sampler_latent_is_its_own_type():
+    assert MAPPINGS["FastVAR_Sampler"].RETURN_TYPES[0] == "FASTVAR_LATENT"  # cannot reach a KSampler
+
+
+def test_pruning_sliders():
+    types = MAPPINGS["FastVAR_Pruning"].INPUT_TYPES()["required"]
+    assert types["preset"][0] == ["off", "paper", "2k", "speed target", "custom"]
+    for k in range(1, 7):
+        options = types[f"last_{k}_drop"][1]
+        assert (options["min"], options["max"], options["step"], options["display"]) == (0, 100, 5, "slider")
+
+
+def _pruning_args(**over):
+    args = {"preset": "custom", "speed_target": 2.0, "cache_from_end": 5, "first_layer": -1, "last_layer": -1,
+            **{f"last_{k}_drop": 0 for k in range(1, 7)}}
+    args.update(over)
+    return args
+
+
+def test_pruning_validate_inputs_reports_the_engine_message():
+    node = MAPPINGS["FastVAR_Pruning"]
+    assert node.VALIDATE_INPUTS(**_pruning_args(last_1_drop=100, last_2_drop=50)) is True
+    message = node.VALIDATE_INPUTS(**_pruning_args(last_5_drop=40, cache_from_end=4))
+    assert message == ("cache scale 4 from the end must come before the earliest pruned scale (5 from the end); "
+                       "allowed: cache_from_end > 5")
+    assert "start 9 is after stop 4" in node.VALIDATE_INPUTS(**_pruning_args(first_layer=9, last_layer=3))
+
+
+def test_pruning_node_resolves_per_schedule():
+    node = MAPPINGS["FastVAR_Pruning"]()
+    (spec,) = node.build(chart_for="Infinity-2B 1024px", **_pruning_args(preset="paper"))
+    from fastvar_core.schedules import infinity_schedule
+
+    config = spec.resolve("infinity", list(infinity_schedule(0.5, "1M").scales), 32)
+    assert config.ratios == {9: 0.4, 10: 0.5, 11: 1.0, 12: 1.0}  # non-square gets the paper acceleration too
+
+
+def test_schedule_chart_data():
+    chart = sys.modules[PACK.__name__ + ".nodes.chart"]
+    routes = sys.modules[PACK.__name__ + ".nodes.routes"]
+    data = routes.chart_from_query({"preset": "paper", "chart_for": "Infinity-2B 1024px"})
+    scales = data["scales"]
+    assert [s["w"] for s in scales] == [1, 2, 4, 6, 8, 12, 16, 20, 24, 32, 40, 48, 64]
+    assert [s["skipped"] for s in scales][-2:] == [True, True] and scales[8]["cache"]
+    # scale 9 (32x32): layers 3..27 forward 615 tokens, the other 7 layers all 1024
+    assert scales[9]["forwarded"] == pytest.approx((25 * 615 + 7 * 1024) / 32)
+    assert 4.0 < data["speedup"] < 4.5
+    hart = routes.chart_from_query({"preset": "paper", "chart_for": "HART-0.7B 1024px"})
+    assert 1.8 < hart["speedup"] < 2.1
+    bad = routes.chart_from_query({"preset": "custom", "last_1_drop": "50", "cache_from_end": "1"})
+    assert "cache scale 1 from the end" in bad["error"]
+    assert "unknown chart model" in chart.schedule_chart("SDXL", None)["error"]
+
+
+def test_folder_listing_and_resolution(tmp_path):
+    compat = sys.modules[PACK.__name__ + ".nodes.compat"]
+    (tmp_path / "infinity").mkdir()
+    (tmp_path / "infinity" / "infinity_2b_reg.pth").write_bytes(b"x")
+    shards = tmp_path / "infinity" / "infinity_8b_weights"
+    shards.mkdir()
+    (shards / "model.safetensors.index.json").write_text("{}")
+    (shards / "model-00001-of-00001.safetensors").write_bytes(b"x")
+    (tmp_path / "text" / "flan-t5-xl").mkdir(parents=True)
+    (tmp_path / "text" / "flan-t5-xl" / "config.json").write_text("{}")
+    (tmp_path / "text" / "notes.txt").write_text("not a model")
+    compat.set_model_dirs({"infinity": [tmp_path / "infinity"], "text_encoders": [tmp_path / "text"]})
+    try:
+        assert compat.list_entries(("infinity",), "file") == [
+            "infinity_2b_reg.pth", "infinity_8b_weights/model-00001-of-00001.safetensors"]
+        assert compat.list_entries(("infinity",), "dir") == ["infinity_8b_weights"]
+        assert compat.list_entries(("text_encoders",), "dir") == ["flan-t5-xl"]
+        assert compat.resolve(("infinity",), "infinity_8b_weights") == shards
+        from fastvar_core.errors import CheckpointError
+
+        with pytest.raises(Exception) as info:
+            compat.resolve(("infinity",), "missing.pth")
+        assert type(info.value).__name__ == CheckpointError.__name__
+        assert "'missing.pth' was not found in the model folders ['infinity']" in str(info.value)
+    finally:
+        compat.set_model_dirs({})
+
+
+def test_family_mismatch_is_a_clear_error():
+    objects = sys.modules[PACK.__name__ + ".nodes.objects"]
+    with pytest.raises(Exception, match="the VAE is for HART, but the model is Infinity"):
+        objects.same_family("the VAE", "infinity", "hart")
