@@ -7,11 +7,14 @@ image size: a preset name, a target speedup, or per-scale ratios counted from th
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from ..cost import ArchSpec, predicted_speedup
 from ..errors import ConfigError
 from .config import PruningConfig
 from .presets import make_preset, preset_layers
+
+if TYPE_CHECKING:
+    from ..cost import ArchSpec
 
 MODES = ("off", "paper", "2k", "speed target", "custom")
 # How strongly each late scale is pruned relative to the last one when aiming at a speed target: the
@@ -76,6 +79,8 @@ class PruningSpec:
         return (start, stop)
 
     def _solve_target(self, family, scales, depth, arch) -> PruningConfig:
+        from ..cost import predicted_speedup  # the cost model imports this package
+
         n = len(scales)
         tail = [k for k in range(len(_TARGET_WEIGHTS)) if n - 1 - k > 1]
         cache = n - 1 - len(tail)
