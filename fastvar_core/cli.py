@@ -114,6 +114,11 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("src")
     conv.add_argument("dst")
     conv.set_defaults(func=cmd_convert)
+    from . import demo
+
+    dem = sub.add_parser("demo", help="generate with real weights if present, else FastVAR vs baseline on random weights")
+    demo.add_arguments(dem)
+    dem.set_defaults(func=demo.main)
     return parser
 
 

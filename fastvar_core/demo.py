@@ -1,0 +1,130 @@
+"""`make demo`: generate with real weights when they are present, else run the whole pipeline on
+random-weight models of the real architecture shapes and print FastVAR vs baseline.
+
+With weights: looks for the official files in a ComfyUI-style models folder (``--models-dir``,
+``$FASTVAR_MODELS_DIR``, or ComfyUI's ``models/`` when the pack sits in ``custom_nodes/``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from .cost import estimate
+from .measure import PeakMemory
+from .pruning import make_preset
+from .randomized import SHAPES, build_transformer, build_vae, random_conditioning
+from .schedules import hart_schedule, infinity_schedule
+
+PACK_ROOT = Path(__file__).resolve().parents[1]
+
+
+def find_models_dir(explicit: str | None) -> Path | None:
+    for candidate in (explicit, os.environ.get("FASTVAR_MODELS_DIR"), PACK_ROOT.parents[1] / "models"):
+        if candidate and Path(candidate).is_dir():
+            return Path(candidate)
+    return None
+
+
+def real_weights(models: Path | None) -> dict | None:
+    """Paths of the Infinity-2B release files under a ComfyUI models folder, if all are there."""
+    if models is None:
+        return None
+    paths = {"model": models / "infinity" / "infinity_2b_reg.pth", "vae": models / "vae" / "infinity_vae_d32reg.pth",
+             "text_encoder": models / "text_encoders" / "flan-t5-xl"}
+    return paths if all(p.exists() for p in paths.values()) else None
+
+
+def save_png(image: torch.Tensor, path: Path) -> None:
+    import numpy as np
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    array = (image.clamp(0, 1).cpu().numpy() * 255).round().astype(np.uint8)
+    Image.fromarray(array.squeeze(-1) if array.shape[-1] == 1 else array).save(path)
+
+
+def run_random(args: argparse.Namespace) -> int:
+    shape = SHAPES[args.model].with_overrides(depth=args.depth)
+    print(f"no weights found: random-weight {shape.name} shapes (width {shape.width}, {shape.heads} heads, "
+          f"depth {shape.depth} of {SHAPES[args.model].depth}), seed {args.seed}", file=sys.stderr)
+    model, vae = build_transformer(shape), build_vae(shape)
+    cond = random_conditioning(shape)
+    if shape.family == "infinity":
+        schedule = infinity_schedule(1.0, {256: "0.06M", 512: "0.25M", 768: "0.60M", 1024: "1M"}[args.size])
+    else:
+        schedule = hart_schedule()
+    arch = model.arch_spec(text_tokens=cond.max_seqlen) if shape.family == "infinity" else model.arch_spec()
+    base_flops = estimate(arch, list(schedule.scales)).total_flops
+    out = Path(args.out)
+    with torch.inference_mode():  # warm-up: first calls pay for allocator and kernel set-up
+        _sample(shape.family, model, vae, cond, schedule.__class__(schedule.family, schedule.scales[:4],
+                schedule.rope_grid, schedule.template, schedule.budget), None, args.seed)
+    rows = []
+    for name in ("off", "paper"):
+        config = make_preset(shape.family, name, schedule.num_scales, shape.depth)
+        with torch.inference_mode(), PeakMemory() as mem:
+            t0 = time.perf_counter()
+            result = _sample(shape.family, model, vae, cond, schedule, config, args.seed)
+            t1 = time.perf_counter()
+            image = vae.to_image(result.latent)
+            t2 = time.perf_counter()
+        save_png(image[0], out / f"{shape.family}_{name}.png")
+        for scale in sorted({s for s, _, _ in result.kept}):
+            save_png(result.kept_mask(scale)[0, ..., None], out / f"{shape.family}_{name}_kept_scale{scale}.png")
+        report = estimate(arch, list(schedule.scales), config)
+        forwarded = sum(sum(s.forwarded) / shape.depth for s in report.scales)
+        rows.append((name, len(result.executed_scales), forwarded, base_flops / report.total_flops, t1 - t0, t2 - t1,
+                     mem.peak_bytes))
+    print(f"\n{shape.name} shapes, {schedule.image_size[1]}x{schedule.image_size[0]}, CPU threads "
+          f"{torch.get_num_threads()}:")
+    print(f"{'pruning':8} {'scales':>6} {'tokens/layer':>12} {'FLOP ratio':>10} {'sampling s':>10} {'speedup':>8} "
+          f"{'decode s':>8} {'peak RSS':>9}")
+    base_time = rows[0][4]
+    for name, scales, tokens, ideal, ts, td, peak in rows:
+        print(f"{name:8} {scales:>6} {tokens:>12.0f} {ideal:>9.2f}x {ts:>10.2f} {base_time / ts:>7.2f}x {td:>8.2f} "
+              f"{peak / 2**30:>7.2f}Gi")
+    print(f"\nimages and kept-token maps written to {out}/")
+    return 0
+
+
+def _sample(family, model, vae, cond, schedule, config, seed):
+    if family == "infinity":
+        from .infinity import sample_infinity
+
+        return sample_infinity(model, cond, schedule, cfg=3.0, tau=0.5, seed=seed, pruning=config, record_kept=True)
+    from .hart import sample_hart
+
+    return sample_hart(model, vae, cond, schedule, cfg=4.5, seed=seed, pruning=config, record_kept=True)
+
+
+def run_real(paths: dict, args: argparse.Namespace) -> int:
+    from .cli import save_images
+    from .pipeline import Pipeline
+
+    print(f"found Infinity-2B weights: {paths['model']}", file=sys.stderr)
+    pipe = Pipeline.load("infinity", paths["model"], paths["vae"], paths["text_encoder"])
+    images, result = pipe.generate(args.prompt, width=1024, height=1024, pruning="paper", seed=args.seed)
+    written = save_images(images, Path(args.out) / "infinity_2b_paper.png")
+    print(f"sampling {result.seconds:.2f}s with FastVAR paper -> {written[0]}")
+    return 0
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--models-dir", help="ComfyUI-style models folder with the official files")
+    parser.add_argument("--prompt", default="a red fox sitting in fresh snow at sunrise, highly detailed")
+    parser.add_argument("--model", choices=sorted(SHAPES), default="infinity-2b", help="random-weight shape")
+    parser.add_argument("--depth", type=int, default=4, help="layers of the random-weight model (presets prune 3..)")
+    parser.add_argument("--size", type=int, choices=[256, 512, 768, 1024], default=512, help="Infinity image size")
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--out", default="out/demo")
+
+
+def main(args: argparse.Namespace) -> int:
+    paths = real_weights(find_models_dir(args.models_dir))
+    return run_real(paths, args) if paths else run_random(args)

@@ -1,0 +1,221 @@
+"""Load official Infinity transformer checkpoints (.pth, .safetensors, sharded 8B folder) strictly.
+
+Steps (timm/transformers style): read weights safely -> unwrap a training container -> detect the
+config from shapes -> filter/map keys to this implementation (reference/infinity.md §2.1, §2.4) ->
+strict ``load_state_dict``. Every problem is reported as a CheckpointError naming the file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+from ..checkpoint import load_state_dict
+from ..errors import CheckpointError, IncompatibleModelsError
+from .config import TEXT_MAXLEN, InfinityConfig
+from .model import InfinityTransformer
+
+LEGACY_KEYS = ("lvl_1L", "attn_bias_for_masking", "Infinity_visible_kvlen", "Infinity_invisible_qlen")
+_CHUNK_KEY = re.compile(r"^block_chunks\.(\d+)\.module\.(\d+)\.(.+)$")
+_VAE_HINTS = ("decoder.", "encoder.", "quantizer.", "quantize.", "vae.")
+_HART_HINTS = (".attn.qkv_proj.", "context_embed", "diffloss.", "word_embed.weight_hart")
+
+
+def _examples(keys, n: int = 4) -> str:
+    keys = sorted(keys)
+    return ", ".join(f"'{k}'" for k in keys[:n]) + (f" (+{len(keys) - n} more)" if len(keys) > n else "")
+
+
+def _hart_config(path: Path) -> str | None:
+    """model_type of a HART (transformers-style) folder, if ``path`` is one or contains one."""
+    for cfg in (path / "config.json", path / "llm" / "config.json"):
+        if cfg.is_file():
+            try:
+                model_type = str(json.loads(cfg.read_text()).get("model_type", ""))
+            except (json.JSONDecodeError, OSError, AttributeError):
+                continue
+            if "hart" in model_type.lower():
+                return model_type
+    return None
+
+
+def unwrap_container(obj: Mapping[str, object], source: str) -> dict[str, torch.Tensor]:
+    """Training checkpoints hold the model under ['trainer']['gpt_fsdp'] (§1.2); a plain dict is the state dict."""
+    trainer = obj.get("trainer")
+    if isinstance(trainer, Mapping):
+        inner = trainer.get("gpt_fsdp")
+        if not isinstance(inner, Mapping):
+            raise CheckpointError(
+                f"{source} is a training checkpoint but 'trainer' has no 'gpt_fsdp' state dict "
+                f"(found {_examples(trainer.keys())})."
+            )
+        obj = inner
+    state = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    if any(k.startswith("module.") for k in state) and all(k.startswith("module.") for k in state):
+        state = {k[len("module."):]: v for k, v in state.items()}  # DDP/FSDP wrapper prefix
+    return state
+
+
+def _identify(state: Mapping[str, torch.Tensor], top: Mapping[str, object], source: str) -> None:
+    """Raise a helpful CheckpointError when the file is clearly not an Infinity transformer."""
+    if "word_embed.weight" in state and "cfg_uncond" in state:
+        return
+    keys = list(top.keys())
+    if "vae" in top or (state and all(k.startswith(_VAE_HINTS) for k in state)):
+        raise CheckpointError(
+            f"{source} is an Infinity VAE checkpoint (top-level entries {_examples(keys)}), not the transformer: "
+            f"load it with the VAE loader and pick the transformer file (e.g. infinity_2b_reg.pth) here."
+        )
+    if any(h in k for k in state for h in _HART_HINTS):
+        raise CheckpointError(
+            f"{source} is a HART transformer checkpoint (tensors such as {_examples([k for k in state if '.attn.' in k])}), "
+            f"not Infinity: load it with the HART loader."
+        )
+    raise CheckpointError(
+        f"{source} is not an Infinity transformer checkpoint: expected tensors 'word_embed.weight', 'cfg_uncond', "
+        f"'block_chunks.0.module.0.sa.mat_qkv.weight', ...; found {len(state)} tensors such as {_examples(state.keys())}."
+    )
+
+
+def official_cfg_uncond_init(text_channels: int, rows: int = TEXT_MAXLEN) -> torch.Tensor:
+    """The official constructor's cfg_uncond init (truncated normal std 1.2 in [-2, 2], CPU generator seed 0,
+    divided by sqrt(Ct5)); the official loader fills missing rows with it (§2.4)."""
+    out = torch.empty(rows, text_channels)
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    torch.nn.init.trunc_normal_(out, std=1.2, generator=gen)
+    return out / text_channels**0.5
+
+
+def _checkpoint_name(key: str, config: InfinityConfig) -> str:
+    """Spell a model key as the checkpoint does (block_chunks layout), for error messages."""
+    m = re.match(r"^blocks\.(\d+)\.(.+)$", key)
+    if m is None or config.block_chunks == 1:
+        return key
+    c, j = divmod(int(m[1]), config.blocks_per_chunk)
+    return f"block_chunks.{c}.module.{j}.{m[2]}"
+
+
+def filter_state_dict(state: Mapping[str, torch.Tensor], model: InfinityTransformer, source: str) -> dict[str, torch.Tensor]:
+    """Map checkpoint keys onto ``model`` and validate them; the result loads with strict=True.
+
+    * ``block_chunks.{c}.module.{j}.*`` -> ``blocks.{c*per_chunk+j}.*`` (``blocks.{i}.*`` kept);
+    * ``scale_mul_1H11`` of shape (1,1,H,1) (customised flash-attn build) -> (1,H,1,1);
+    * legacy buffers dropped; ``cfg_uncond`` extended with the official init rows or truncated to 512;
+    * missing ``zero_k_bias`` buffers (all zeros by definition) filled with zeros.
+    """
+    config = model.config
+    expected = model.state_dict()
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        if key in LEGACY_KEYS:
+            continue
+        m = _CHUNK_KEY.match(key)
+        if m is not None:
+            key = f"blocks.{int(m[1]) * config.blocks_per_chunk + int(m[2])}.{m[3]}"
+        if key.endswith("sa.scale_mul_1H11"):
+            value = value.reshape(1, -1, 1, 1)
+        if key == "cfg_uncond":
+            rows = value.shape[0]
+            if rows < TEXT_MAXLEN:
+                value = torch.cat((value.float(), official_cfg_uncond_init(value.shape[1])[rows:]))
+            value = value[:TEXT_MAXLEN]
+        out[key] = value
+    for key in expected:
+        if key.endswith("zero_k_bias") and key not in out:
+            out[key] = torch.zeros(expected[key].shape)
+    missing = sorted(_checkpoint_name(k, config) for k in set(expected) - set(out))
+    unexpected = sorted(_checkpoint_name(k, config) for k in set(out) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{source}: the tensors do not match the detected configuration ({config.describe()}). "
+            + (f"Missing {len(missing)}: {_examples(missing)}. " if missing else "")
+            + (f"Unexpected {len(unexpected)}: {_examples(unexpected)}." if unexpected else "")
+        )
+    bad = [f"'{_checkpoint_name(k, config)}' {tuple(v.shape)} (expected {tuple(expected[k].shape)})"
+           for k, v in out.items()
+           if tuple(v.shape) != tuple(expected[k].shape)]
+    if bad:
+        raise CheckpointError(
+            f"{source}: {len(bad)} tensors have the wrong shape for the detected configuration "
+            f"({config.describe()}): {', '.join(bad[:4])}."
+        )
+    return out
+
+
+def build_infinity_model(obj: Mapping[str, object], source: str = "state dict",
+                         patchify: bool | None = None) -> InfinityTransformer:
+    """Build a float32 CPU model from an already read checkpoint object (state dict or container)."""
+    state = unwrap_container(obj, source)
+    _identify(state, obj, source)
+    config = InfinityConfig.from_state_dict(state, source, patchify=patchify)
+    with torch.device("meta"):
+        model = InfinityTransformer(config)
+    filtered = filter_state_dict(state, model, source)
+    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in filtered.items()},
+                          strict=True, assign=True)
+    return model.eval().requires_grad_(False)
+
+
+def load_infinity_model(path: str | os.PathLike, device: str | torch.device = "cpu",
+                        dtype: torch.dtype = torch.float32, patchify: bool | None = None) -> InfinityTransformer:
+    """Load an Infinity transformer: ``.pth``/``.safetensors`` file or sharded folder (8B) with its index.
+
+    ``dtype`` applies to the transformer blocks' matrices only (bf16/fp16 on CUDA saves memory and
+    time); norms, RoPE, text path, adaLN vectors, head and logits stay float32. ``patchify`` overrides
+    the 2x2 spatial patchify detection (default: on for 56-bit models, i.e. Infinity-8B).
+    """
+    path = Path(path)
+    source = f"'{path}'"
+    if path.is_dir() and (model_type := _hart_config(path)):
+        raise CheckpointError(
+            f"{source} is a HART checkpoint folder (config model_type '{model_type}'), not an Infinity transformer: "
+            f"load it with the HART loader."
+        )
+    if path.is_dir():
+        obj = load_state_dict(path)
+    else:
+        from ..checkpoint import load_file, prefer_safetensors
+
+        obj = load_file(prefer_safetensors(path))  # keep the container: it may hold 'trainer' or 'vae'
+    model = build_infinity_model(obj, source, patchify=patchify)
+    model.to(device=device)
+    if dtype != torch.float32:
+        model.set_block_dtype(dtype)
+    return model
+
+
+def check_vae_matches(model: InfinityTransformer, vae) -> None:
+    """Raise IncompatibleModelsError when the VAE's bits per position do not fit the transformer's tokens.
+
+    2B-style models predict d = d_v bits per token; the 8B predicts d = 4*d_v with 2x2 patchify (§1.3).
+    """
+    c = model.config
+    d_v = int(vae.config.codebook_dim)
+    if c.vae_bits == d_v:
+        return
+    hint = ""
+    if not c.patchify and c.bits == 4 * d_v:
+        hint = " The transformer would fit this VAE with 2x2 spatial patchify: load it with patchify=True."
+    elif c.patchify and c.bits == d_v:
+        hint = " The transformer would fit this VAE without patchify: load it with patchify=False."
+    raise IncompatibleModelsError(
+        f"VAE and transformer do not belong together: the transformer ({c.name}) predicts {c.bits} bits per token"
+        f"{' = 4 x ' + str(c.vae_bits) + ' with 2x2 patchify' if c.patchify else ''}, so it needs a {c.vae_bits}-bit VAE, "
+        f"but the VAE has {d_v}-bit codes (patch {vae.config.patch_size}). Pairs: Infinity-2B + infinity_vae_d32reg "
+        f"(32 bits), Infinity-8B + infinity_vae_d56_f8_14_patchify (14 bits x 4).{hint}"
+    )
+
+
+def check_text_width(model: InfinityTransformer, cond) -> None:
+    """Raise IncompatibleModelsError when the text features are not as wide as the model's text input."""
+    width = int(cond.kv_compact.shape[-1])
+    if width != model.config.text_channels:
+        raise IncompatibleModelsError(
+            f"text encoder and transformer do not belong together: the text features are {width} wide, but "
+            f"{model.config.name} expects {model.config.text_channels} (flan-t5-xl encoder for released Infinity models)."
+        )
