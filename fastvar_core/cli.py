@@ -81,6 +81,14 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_e2e_models(args: argparse.Namespace) -> int:
+    from .tiny_models import lay_out
+
+    for path in lay_out(args.dest):
+        print(path)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m fastvar_core", description=__doc__)
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
@@ -114,6 +122,10 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("src")
     conv.add_argument("dst")
     conv.set_defaults(func=cmd_convert)
+    e2e = sub.add_parser("e2e-models", help="lay the tiny official-format checkpoints out like ComfyUI's models/")
+    e2e.add_argument("dest")
+    e2e.set_defaults(func=cmd_e2e_models)
+
     from . import demo
 
     dem = sub.add_parser("demo", help="generate with real weights if present, else FastVAR vs baseline on random weights")

@@ -91,8 +91,8 @@ def official_cfg_uncond_init(text_channels: int, rows: int = TEXT_MAXLEN) -> tor
     return out / text_channels**0.5
 
 
-def _checkpoint_name(key: str, config: InfinityConfig) -> str:
-    """Spell a model key as the checkpoint does (block_chunks layout), for error messages."""
+def official_key(key: str, config: InfinityConfig) -> str:
+    """Spell a model key as the official checkpoints do (block_chunks layout)."""
     m = re.match(r"^blocks\.(\d+)\.(.+)$", key)
     if m is None or config.block_chunks == 1:
         return key
@@ -128,15 +128,15 @@ def filter_state_dict(state: Mapping[str, torch.Tensor], model: InfinityTransfor
     for key in expected:
         if key.endswith("zero_k_bias") and key not in out:
             out[key] = torch.zeros(expected[key].shape)
-    missing = sorted(_checkpoint_name(k, config) for k in set(expected) - set(out))
-    unexpected = sorted(_checkpoint_name(k, config) for k in set(out) - set(expected))
+    missing = sorted(official_key(k, config) for k in set(expected) - set(out))
+    unexpected = sorted(official_key(k, config) for k in set(out) - set(expected))
     if missing or unexpected:
         raise CheckpointError(
             f"{source}: the tensors do not match the detected configuration ({config.describe()}). "
             + (f"Missing {len(missing)}: {_examples(missing)}. " if missing else "")
             + (f"Unexpected {len(unexpected)}: {_examples(unexpected)}." if unexpected else "")
         )
-    bad = [f"'{_checkpoint_name(k, config)}' {tuple(v.shape)} (expected {tuple(expected[k].shape)})"
+    bad = [f"'{official_key(k, config)}' {tuple(v.shape)} (expected {tuple(expected[k].shape)})"
            for k, v in out.items()
            if tuple(v.shape) != tuple(expected[k].shape)]
     if bad:

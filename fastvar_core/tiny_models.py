@@ -1,0 +1,94 @@
+"""Lay tiny official-format checkpoints out like ComfyUI's models/ folder (`make e2e-models DIR=...`).
+
+The shipped workflows name the real release files; this writes small stand-ins under exactly those
+names, so the workflows run end to end in a real ComfyUI on a CPU:
+
+* Infinity-2B, its VAE, flan-t5-xl, HART and Qwen2: copied from the reference material in ../shared;
+* Infinity-8B (sharded folder, 56-bit patchify head) and its 14-bit stride-8 VAE: random weights
+  written here in the official layouts (no tiny 8B reference exists).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from .errors import ConfigError
+
+PACK_ROOT = Path(__file__).resolve().parents[1]
+
+
+def shared_dir() -> Path:
+    path = Path(os.environ.get("FASTVAR_SHARED", PACK_ROOT.parent / "shared"))
+    if not (path / "parity").is_dir():
+        raise ConfigError(f"reference folder '{path}' not found: set FASTVAR_SHARED to the shared/ folder")
+    return path
+
+
+def _copy(src: Path, dst: Path) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    if dst.exists():
+        shutil.rmtree(dst) if dst.is_dir() else dst.unlink()
+    if src.is_dir():
+        shutil.copytree(src, dst)
+    else:
+        shutil.copy2(src, dst)
+
+
+def write_tiny_8b(folder: Path, seed: int = 0) -> None:
+    """A random Infinity-8B-layout transformer: 8 block chunks, 56-bit head, 2 safetensors shards + index."""
+    from safetensors.torch import save_file
+
+    from .infinity.loader import official_key
+    from .randomized import ModelShape, build_transformer
+
+    shape = ModelShape("infinity", "tiny-8B", depth=8, width=256, heads=2, text_channels=2048, bits=56)
+    model = build_transformer(shape, seed=seed)
+    config = model.config.__class__(**{**model.config.__dict__, "block_chunks": 8})
+    state = {official_key(k, config): v.contiguous() for k, v in model.state_dict().items()}
+    folder.mkdir(parents=True, exist_ok=True)
+    keys = sorted(state)
+    half = len(keys) // 2
+    weight_map = {}
+    for i, part in enumerate((keys[:half], keys[half:]), start=1):
+        name = f"model-{i:05d}-of-00002.safetensors"
+        save_file({k: state[k] for k in part}, str(folder / name), metadata={"format": "pt"})
+        weight_map.update({k: name for k in part})
+    total = sum(v.numel() * v.element_size() for v in state.values())
+    (folder / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
+
+
+def write_tiny_d56_vae(path: Path, seed: int = 1) -> None:
+    """A random 14-bit, stride-8 BSQ VAE decoder saved like infinity_vae_d56_f8_14_patchify.pth."""
+    from .infinity.vae import BSQVAEConfig, InfinityVAE
+
+    torch.manual_seed(seed)
+    vae = InfinityVAE(BSQVAEConfig(codebook_dim=14, base_ch=32, ch_mult=(1, 1, 2, 2), num_res_blocks=3,
+                                   patch_size=8, has_encoder=False))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"vae": vae.state_dict()}, path)
+
+
+def lay_out(dest: str | os.PathLike) -> list[Path]:
+    """Write every model file the shipped workflows name under ``dest``; return what was written."""
+    shared, dest = shared_dir(), Path(dest)
+    inf, hart, models = shared / "parity" / "infinity" / "checkpoints", shared / "parity" / "hart" / "checkpoint", shared / "models"
+    plan = [
+        (inf / "infinity_tiny.pth", dest / "infinity" / "infinity_2b_reg.pth"),
+        (inf / "infinity_vae_d32_tiny.pth", dest / "vae" / "infinity_vae_d32reg.pth"),
+        (models / "tiny-flan-t5-xl", dest / "text_encoders" / "flan-t5-xl"),
+        (hart / "llm", dest / "hart" / "hart-0.7b-1024px" / "llm"),
+        (hart / "tokenizer", dest / "hart" / "hart-0.7b-1024px" / "tokenizer"),
+        (models / "tiny-qwen2-vl-1.5b-instruct", dest / "text_encoders" / "Qwen2-VL-1.5B-Instruct"),
+    ]
+    for src, dst in plan:
+        _copy(src, dst)
+    write_tiny_8b(dest / "infinity" / "infinity_8b_weights")
+    write_tiny_d56_vae(dest / "vae" / "infinity_vae_d56_f8_14_patchify.pth")
+    return [dst for _, dst in plan] + [dest / "infinity" / "infinity_8b_weights",
+                                        dest / "vae" / "infinity_vae_d56_f8_14_patchify.pth"]
