@@ -32,6 +32,11 @@ def set_default_backend(name: str) -> None:
     _default_backend = name
 
 
+def default_backend() -> str:
+    """The backend used when a call does not name one."""
+    return _default_backend
+
+
 def flash_module():
     """The flash_attn module, or None when it is not installed."""
     try:

@@ -1,0 +1,279 @@
+"""The HART text-to-image transformer (hart-0.7b-1024px structure), inference only.
+
+A llama-style pre-norm transformer over [300 text tokens; token maps of scales 1..S-1] with a KV cache,
+a 1D RoPE on the text and HART's peculiar 2D RoPE on image tokens, an AdaLN head conditioned on the
+max-pooled text, and the residual diffusion head (hart.md §2). Parameter names equal the checkpoint
+keys, so the official state dict loads strictly (after dropping two training buffers).
+
+Every attention and FFN branch goes through :meth:`PruningRun.sublayer`, which is where FastVAR drops
+and restores tokens; the attention then sees only the kept tokens, at their original RoPE positions,
+and appends only their keys/values to the cache (hart.md §6.3-6.5).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..attention import attention
+from ..cost import ArchSpec
+from ..errors import ConfigError
+from ..pruning.run import PruningRun
+from .config import HARTConfig
+from .diffusion import ResidualDiffusion, TimestepEmbedder
+
+ROPE_BASE = 10000
+
+
+class RMSNorm(nn.Module):
+    """x / sqrt(mean(x^2) + eps) * w, statistics in fp32, output in the input dtype (hart.md §5.1)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        normed = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+        return normed * self.weight.to(x.dtype)
+
+
+# ------------------------------------------------------------------------------------------------
+# Rotary position embedding (hart.md §2.5)
+
+
+def rope_context(position_ids: torch.Tensor, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """1D RoPE of the text tokens: position_ids (B, T) -> cos, sin (B, T, hd) float32.
+
+    Frequencies 10000^(-2j/hd); the angle table is [p*w | p*w] (rotate-half pairing d <-> d + hd/2).
+    """
+    inv_freq = 1.0 / (ROPE_BASE ** (torch.arange(0, head_dim, 2, device=position_ids.device).float() / head_dim))
+    angles = position_ids.float()[..., None] * inv_freq  # (B, T, hd/2)
+    emb = torch.cat([angles, angles], dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def image_positions(pn: int, grid: int, offset: torch.Tensor) -> torch.Tensor:
+    """(B, pn*pn, 2) float32 positions (row, col) of a pn x pn map, raster order.
+
+    Coordinates are scaled to the ``grid`` x ``grid`` last map as (i / pn) * grid in fp32, in this order
+    (the official rounding), then shifted by each row's last text position ``offset`` (B,).
+    """
+    ar = torch.arange(pn, device=offset.device)
+    ij = torch.stack(torch.meshgrid(ar, ar, indexing="ij"), dim=-1).reshape(-1, 2)  # (pn*pn, 2) int64
+    coords = ij / pn * grid  # float32
+    return coords[None] + offset[:, None, None]
+
+
+def rope_image(positions: torch.Tensor, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """HART's 2D RoPE: positions (B, L, 2) -> cos, sin (B, L, hd) float32.
+
+    Frequencies u_k = 10000^(-4k/hd); the angle table per token is [a*u | a*u | b*u | b*u] with
+    (a, b) = (row, col) position, applied with the ordinary rotate-half over the whole head, so dim d
+    pairs with d + hd/2 although they carry different angles. Copied as is (hart.md §2.5).
+    """
+    inv_freq = 1.0 / (ROPE_BASE ** (torch.arange(0, head_dim, 4, device=positions.device).float() / head_dim))
+    angles = positions.float()[..., None] * inv_freq  # (B, L, 2, hd/4)
+    emb = torch.cat([angles, angles], dim=-1).flatten(2)  # (B, L, hd): [a u, a u, b u, b u]
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (B, H, L, hd), cos/sin (B, L, hd): x*cos + rotate_half(x)*sin."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos[:, None] + rotated * sin[:, None]
+
+
+# ------------------------------------------------------------------------------------------------
+# Blocks
+
+
+class KVCache:
+    """Keys (after RoPE) and values of every layer, (B, H, T, hd), grown scale by scale."""
+
+    def __init__(self, depth: int):
+        self.k: list[torch.Tensor | None] = [None] * depth
+        self.v: list[torch.Tensor | None] = [None] * depth
+        self.store = True  # False at the last scale: nothing attends to it afterwards
+
+    def extend(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys/values to attend to: the cached ones plus the new ones (stored unless ``store`` is off)."""
+        if self.k[layer] is not None:
+            k = torch.cat([self.k[layer], k], dim=2)
+            v = torch.cat([self.v[layer], v], dim=2)
+        if self.store:
+            self.k[layer], self.v[layer] = k, v
+        return k, v
+
+    def clear(self) -> None:
+        self.k = [None] * len(self.k)
+        self.v = [None] * len(self.v)
+
+
+class Attention(nn.Module):
+    """Llama-style self-attention with HART's q/v biases, zero k bias and optional l2-normalised q/k."""
+
+    def __init__(self, cfg: HARTConfig):
+        super().__init__()
+        C, H = cfg.embed_dim, cfg.num_heads
+        self.num_heads, self.head_dim = H, C // H
+        self.qkv_proj = nn.Linear(C, 3 * C, bias=False)  # rows [q; k; v], heads contiguous
+        self.q_bias = nn.Parameter(torch.zeros(C))
+        self.v_bias = nn.Parameter(torch.zeros(C))
+        self.register_buffer("zero_k_bias", torch.zeros(C))
+        self.proj = nn.Linear(C, C)
+        if cfg.attn_l2_norm:
+            self.scale_mul_1H11 = nn.Parameter(torch.full((1, H, 1, 1), 4.0).log())
+            self.scale = 1.0
+        else:
+            self.scale_mul_1H11 = None
+            self.scale = 0.25 / math.sqrt(self.head_dim)  # not 1/sqrt(hd) (hart.md §2.5)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache, layer: int) -> torch.Tensor:
+        B, L, C = x.shape
+        bias = torch.cat([self.q_bias, self.zero_k_bias, self.v_bias])
+        qkv = F.linear(x, self.qkv_proj.weight, bias).view(B, L, 3, self.num_heads, self.head_dim)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, H, L, hd)
+        if self.scale_mul_1H11 is not None:
+            # before RoPE (which is not norm-preserving here); q scale exp(min(s, ln 100)) (hart.md §2.4)
+            q = F.normalize(q, dim=-1) * self.scale_mul_1H11.clamp_max(math.log(100)).exp()
+            k = F.normalize(k, dim=-1)
+        cos, sin = cos.to(v.dtype), sin.to(v.dtype)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        k, v = cache.extend(layer, k, v)
+        out = attention(q, k, v, scale=self.scale)  # (B, H, L, hd)
+        return self.proj(out.transpose(1, 2).reshape(B, L, C))
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden, bias=False)
+        self.up_proj = nn.Linear(dim, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def _gather_rows(t: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
+    """t (B, L, D), idx (B, K) -> (B, K, D); idx None -> t."""
+    return t if idx is None else t.gather(1, idx[..., None].expand(-1, -1, t.shape[-1]))
+
+
+class Block(nn.Module):
+    """x <- x + Attn(N(x)); x <- x + FFN(N(x)) with one RMSNorm ``ln_wo_grad`` used twice (hart.md §2.2)."""
+
+    def __init__(self, cfg: HARTConfig, index: int):
+        super().__init__()
+        self.index = index
+        self.ln_wo_grad = RMSNorm(cfg.embed_dim, cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.ffn = SwiGLU(cfg.embed_dim, cfg.ffn_hidden)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache, run: PruningRun) -> torch.Tensor:
+        def attn_branch(xs: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
+            # kept tokens keep their original positions: gather their cos/sin rows
+            return self.attn(self.ln_wo_grad(xs), _gather_rows(cos, idx), _gather_rows(sin, idx), cache, self.index)
+
+        def ffn_branch(xs: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
+            return self.ffn(self.ln_wo_grad(xs))
+
+        x = x + run.sublayer(self.index, "attn", x, attn_branch)
+        return x + run.sublayer(self.index, "ffn", x, ffn_branch)
+
+
+class HeadNorm(nn.Module):
+    """``head_nm``: RMSNorm modulated by scale/shift from the max-pooled text condition."""
+
+    def __init__(self, cfg: HARTConfig):
+        super().__init__()
+        C = cfg.embed_dim
+        self.ln_wo_grad = RMSNorm(C, cfg.norm_eps)
+        self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(C, 2 * C))
+
+    def modulation(self, cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cond (B, T, C) -> scale, shift (B, 1, C): max over all T text tokens, padding included."""
+        pooled = cond.max(dim=1, keepdim=True).values
+        scale, shift = self.ada_lin(pooled).unflatten(-1, (2, -1)).unbind(-2)
+        return scale, shift
+
+    def forward(self, x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+        return self.ln_wo_grad(x) * (scale + 1) + shift
+
+
+class HARTTransformer(nn.Module):
+    """HART transformer with its residual diffusion head. Build with a :class:`HARTConfig`."""
+
+    def __init__(self, cfg: HARTConfig):
+        super().__init__()
+        self.config = cfg
+        C = cfg.embed_dim
+        self.word_embed = nn.Linear(cfg.vae_channels, C)
+        self.context_norm = RMSNorm(cfg.context_dim, cfg.norm_eps) if cfg.use_context_norm else None
+        self.context_embed = nn.Linear(cfg.context_dim, C)
+        self.lvl_embed = TimestepEmbedder(C) if cfg.use_timestep_embed else nn.Embedding(cfg.num_scales, C)
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.depth))
+        self.head_nm = HeadNorm(cfg)
+        self.head = nn.Linear(C, cfg.vocab_size)
+        self.decoder_norm = RMSNorm(C, cfg.norm_eps)
+        self.diffloss = ResidualDiffusion(cfg.vae_channels, cfg.diff_width, C, cfg.diff_depth, cfg.num_sampling_steps)
+
+    @property
+    def device(self) -> torch.device:
+        return self.head.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.head.weight.dtype
+
+    # ---- pieces used by the sampler
+
+    def embed_context(self, context: torch.Tensor) -> torch.Tensor:
+        """Text features (B, T, D_ctx) -> cond (B, T, C): the scale-0 input and the head's condition."""
+        x = context.to(self.device, self.dtype)
+        if self.context_norm is not None:
+            x = self.context_norm(x)
+        return self.context_embed(x)
+
+    def level_embedding(self, num_levels: int) -> torch.Tensor:
+        """(num_levels, C): level 0 for the text tokens, level k for scale k (hart.md §2.1)."""
+        levels = torch.arange(num_levels, device=self.device)
+        if isinstance(self.lvl_embed, nn.Embedding) and num_levels > self.lvl_embed.num_embeddings:
+            raise ConfigError(
+                f"this HART checkpoint has a level embedding for {self.lvl_embed.num_embeddings} scales, "
+                f"the schedule needs {num_levels}"
+            )
+        return self.lvl_embed(levels)
+
+    def forward_blocks(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache, run: PruningRun
+    ) -> torch.Tensor:
+        """Run all blocks on one scale's tokens x (2B, L, C) with RoPE tables cos/sin (2B, L, hd)."""
+        for block in self.blocks:
+            x = block(x, cos, sin, cache, run)
+        return x
+
+    def logits(self, x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+        """Hidden states (2B, L, C) -> logits (2B, L, V) float32 (head in fp32 like the official code)."""
+        h = self.head_nm(x.float(), scale.float(), shift.float())
+        return F.linear(h, self.head.weight.float(), self.head.bias.float())
+
+    def arch_spec(self) -> ArchSpec:
+        cfg = self.config
+        return ArchSpec(
+            depth=cfg.depth,
+            width=cfg.embed_dim,
+            ffn_hidden=cfg.ffn_hidden,
+            ffn_matrices=3,
+            prefix_tokens=cfg.context_token,
+            head_outputs=cfg.vocab_size,
+            token_channels=cfg.vae_channels,
+            last_scale_flops_per_token=self.diffloss.flops_per_token(cfg.embed_dim),
+            dtype_bytes=self.head.weight.element_size(),
+        )

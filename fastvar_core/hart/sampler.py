@@ -1,0 +1,274 @@
+"""HART text-to-image sampling (the official ``autoregressive_infer_cfg``), optionally with FastVAR.
+
+Per scale (hart.md §3.4-3.5): run the blocks on the new tokens (the 300 text tokens at scale 0), guide
+the logits with a linearly growing CFG strength, sample with top-k/top-p (optionally Gumbel-smoothed
+embeddings), accumulate the codes into the 64x64 latent f_hat (bicubic up-sampling + Phi) and feed the
+area-resized f_hat back as the next scale's input. The last scale adds a residual from the diffusion head.
+
+Differences from the official code, by design: the residual-diffusion noise comes from the run's own
+seeded generator (the official code uses the unseeded global RNG; pass ``diffusion_generator`` to
+reproduce a particular global state), pruning caches live only for one call, every cache is released
+on error or interrupt.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+from ..errors import ConfigError
+from ..pruning.config import PruningConfig
+from ..pruning.run import PruningRun
+from ..sampling import ProgressCallback, SampleResult, ScaleTimer, check_sampling_args
+from ..schedules import ScaleSchedule
+from .loader import check_text_width, check_vae_matches
+from .model import HARTTransformer, KVCache, image_positions, rope_context, rope_image
+
+EARLY_SCALES = 7  # official rule: top-k 600 for scales 0..6, 300 after
+TOP_K_EARLY, TOP_K_LATE = 600, 300
+
+
+def official_top_k(si: int) -> int:
+    return TOP_K_EARLY if si < EARLY_SCALES else TOP_K_LATE
+
+
+def gumbel_tau(ratio: float) -> float:
+    """Temperature of the more_smooth Gumbel softmax at progress ``ratio`` (official formula)."""
+    return max(0.27 * (1 - ratio * 0.95), 0.005)
+
+
+def filter_logits_(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """Mask (B, l, V) logits in place to -inf outside the top-k (ties kept) and the top-p nucleus."""
+    V = logits.shape[-1]
+    if top_k > 0:
+        kth = logits.topk(min(top_k, V), dim=-1, largest=True, sorted=False).values.amin(dim=-1, keepdim=True)
+        logits.masked_fill_(logits < kth, float("-inf"))
+    if top_p > 0:
+        sorted_logits, sorted_idx = logits.sort(dim=-1, descending=False)
+        remove = sorted_logits.softmax(dim=-1).cumsum_(dim=-1) <= (1 - top_p)
+        remove[..., -1:] = False  # the most likely token always stays
+        logits.masked_fill_(remove.scatter(-1, sorted_idx, remove), float("-inf"))
+    return logits
+
+
+def sample_tokens(logits: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """One multinomial draw per token from softmax(logits) (B, l, V) -> (B, l) int64."""
+    probs = logits.softmax(dim=-1).flatten(0, 1)  # (B*l, V)
+    return torch.multinomial(probs, 1, replacement=True, generator=generator).view(logits.shape[:-1])
+
+
+def smooth_embedding(logits: torch.Tensor, ratio: float, codebook: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """more_smooth: Gumbel-softmax mixture of codebook vectors, (B, l, V) masked logits -> (B, l, Cvae)."""
+    gumbels = -torch.empty_like(logits).exponential_(generator=generator).log()
+    weights = ((logits * (1 + ratio) + gumbels) / gumbel_tau(ratio)).softmax(dim=-1)
+    return weights @ codebook.to(weights.dtype).unsqueeze(0)
+
+
+def latent_preview(f_hat: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+    """Cheap RGB view of a latent (B, Cvae, h, w) -> (B, h, w, 3) in [0, 1], no VAE decode.
+
+    Projects onto the codebook's three main principal directions and normalises each image.
+    """
+    cb = codebook.float()
+    _, _, vt = torch.linalg.svd(cb - cb.mean(0), full_matrices=False)
+    rgb = torch.einsum("bchw,kc->bhwk", f_hat.float(), vt[:3].to(f_hat.device))
+    lo = rgb.amin(dim=(1, 2), keepdim=True)
+    hi = rgb.amax(dim=(1, 2), keepdim=True)
+    return ((rgb - lo) / (hi - lo).clamp_min(1e-6)).cpu()
+
+
+def _stats(f_hat: torch.Tensor) -> torch.Tensor:
+    """(B, 3): mean, unbiased std and max |value| of each row's latent."""
+    flat = f_hat.float().flatten(1)
+    return torch.stack([flat.mean(1), flat.std(1), flat.abs().amax(1)], dim=1).cpu()
+
+
+def check_hart_pruning(config: PruningConfig, schedule: ScaleSchedule, depth: int) -> PruningConfig:
+    """HART specifics on top of the generic validation: scale 0 is the text context, no scale is skipped."""
+    config.validate(schedule.num_scales, depth, can_skip_last=False)  # also refuses pruning scale 0
+    if config.cache_scale == 0 and not config.is_off:
+        raise ConfigError(
+            "pruning.cache_scale = 0: HART's scale 0 runs the text tokens, not a token map, so it cannot be "
+            "the restore cache (use cache_scale >= 1)"
+        )
+    if config.skipped_scales:
+        raise ConfigError(
+            f"pruning.ratios: HART cannot skip scales {config.skipped_scales} (ratio 1.0): every scale feeds the "
+            f"next one and the last runs the diffusion head; use ratios < 1"
+        )
+    return config
+
+
+def sample_hart(
+    model: HARTTransformer,
+    vae,
+    cond,
+    schedule: ScaleSchedule,
+    *,
+    cfg: float = 4.5,
+    top_k: int | None = None,
+    top_p: float = 0.0,
+    more_smooth: bool = True,
+    seed: int = 1,
+    pruning: PruningConfig | None = None,
+    callback: ProgressCallback | None = None,
+    record_kept: bool = False,
+    teacher_tokens: torch.Tensor | None = None,
+    diffusion_generator: torch.Generator | None = None,
+    return_logits: bool = False,
+    logits_at: Sequence[int] = (),
+    trace: bool = False,
+) -> SampleResult:
+    """Generate HART latents for a batch of prompts; ``result.latent`` is f_hat (B, Cvae, H, W) for the VAE.
+
+    cond: text conditioning with ``context`` (B, T, D_ctx), ``mask`` (B, T) and ``position_ids`` (B, T)
+    (e.g. HARTTextConditioning). top_k None = the official 600 (scales 0-6) / 300 rule, 0 = off.
+    ``seed`` seeds the token sampler's generator (the official ``g_seed``); the diffusion noise continues
+    from it unless ``diffusion_generator`` is given. ``teacher_tokens`` (B, N) forces the code index at
+    every position of the flat scale-major layout (N = sum of pn^2) and embeds it without smoothing.
+    ``return_logits`` adds per-position statistics of the guided logits (before top-k/top-p) to
+    ``result.extras``: logits_lse, logits_max, logits_argmax, logits_chosen (B, N), plus the full logits
+    at the flat positions ``logits_at`` as logits_sel (B, P, V). ``trace`` adds f_hat_stats (B, S, 3),
+    next_inputs (B, N - 1, Cvae), f_hat_pre_last, diff_out (B, h*w, Cvae) and diff_cond_stats (3,).
+    """
+    cfg_model = model.config
+    check_vae_matches(model, vae)
+    check_text_width(model, cond)
+    if schedule.family != "hart" or any(h != w for h, w in schedule.scales) or schedule.scales[0] != (1, 1):
+        raise ConfigError(f"schedule {schedule.describe()!r} is not a square HART schedule starting at 1x1")
+    if not math.isfinite(cfg):
+        raise ConfigError(f"cfg = {cfg} is not a finite number")
+    B = cond.context.shape[0]
+    check_sampling_args(B, top_k or 0, top_p, [])
+    S = schedule.num_scales
+    pns = [h for h, _ in schedule.scales]
+    offsets = schedule.offsets()
+    total = schedule.total_tokens
+    if teacher_tokens is not None and tuple(teacher_tokens.shape) != (B, total):
+        raise ConfigError(f"teacher_tokens must have shape {(B, total)}, found {tuple(teacher_tokens.shape)}")
+    sel_wanted = sorted(set(int(p) for p in logits_at))
+    if sel_wanted and not 0 <= sel_wanted[0] <= sel_wanted[-1] < total:
+        raise ConfigError(f"logits_at positions must lie in 0..{total - 1}, found {sel_wanted[0]}..{sel_wanted[-1]}")
+    pruning = check_hart_pruning(pruning or PruningConfig(name="off"), schedule, cfg_model.depth)
+
+    device, dtype = model.device, model.dtype
+    codebook = vae.quantize.embedding.weight
+    generator = torch.Generator(device=device)
+    generator.manual_seed(int(seed))
+    diff_gen = diffusion_generator if diffusion_generator is not None else generator
+
+    run = PruningRun(pruning, schedule.scales, cfg_model.depth, record=record_kept)
+    cache = KVCache(cfg_model.depth)
+    timer = ScaleTimer(device)
+    tokens: dict[int, torch.Tensor] = {}
+    extras: dict[str, torch.Tensor] = {}
+    logit_stats: dict[str, list[torch.Tensor]] = {"lse": [], "max": [], "argmax": [], "chosen": []}
+    sel: dict[int, torch.Tensor] = {}
+    traced: dict[str, list[torch.Tensor]] = {"stats": [], "next": []}
+    try:
+        with torch.inference_mode():
+            # CFG batch: [conditional; unconditional] with zero context, position ids 0 (hart.md §3.3)
+            ctx = cond.context.to(device, torch.float32)
+            cond_bd = model.embed_context(torch.cat([ctx, torch.zeros_like(ctx)]))  # (2B, T, C)
+            pos_ids = cond.position_ids.to(device)
+            pos_ids = torch.cat([pos_ids, torch.zeros_like(pos_ids)])  # (2B, T)
+            offset = pos_ids[:, -1]  # 2D RoPE shift: last text position per row (0 for unconditional rows)
+            head_scale, head_shift = model.head_nm.modulation(cond_bd)
+            levels = model.level_embedding(S)  # (S, C)
+            grid = schedule.rope_grid[0]
+            f_hat = torch.zeros(B, cfg_model.vae_channels, *schedule.final_size, device=device, dtype=torch.float32)
+            x = cond_bd + levels[0]  # scale 0 input: the text tokens
+            ratio = 0.0
+            for si, pn in enumerate(pns):
+                timer.start()
+                last = si == S - 1
+                if not last:
+                    ratio = si / (S - 1)  # the last scale reuses the previous ratio (official behaviour)
+                run.begin_scale(si)
+                cache.store = not last
+                if si == 0:
+                    cos, sin = rope_context(pos_ids, cfg_model.head_dim)
+                else:
+                    cos, sin = rope_image(image_positions(pn, grid, offset), cfg_model.head_dim)
+                x = model.forward_blocks(x, cos, sin, cache, run)  # (2B, l, C)
+                logits = model.logits(x, head_scale, head_shift)  # (2B, l, V) float32
+                t = cfg * ratio
+                logits = (1 + t) * logits[:B] - t * logits[B:]
+                if si == 0:
+                    logits = logits[:, -1:]  # the 1x1 token is predicted from the last text position
+
+                if teacher_tokens is not None:
+                    idx = teacher_tokens[:, offsets[si]: offsets[si] + pn * pn].to(device)
+                if return_logits:
+                    logit_stats["lse"].append(logits.logsumexp(-1).cpu())
+                    mx = logits.max(-1)
+                    logit_stats["max"].append(mx.values.cpu())
+                    logit_stats["argmax"].append(mx.indices.cpu())
+                    for p in sel_wanted:
+                        if offsets[si] <= p < offsets[si] + pn * pn:
+                            sel[p] = logits[:, p - offsets[si]].float().cpu()
+                if teacher_tokens is None:
+                    filter_logits_(logits, official_top_k(si) if top_k is None else top_k, top_p)
+                    idx = sample_tokens(logits, generator)
+                if return_logits:
+                    # a sampled token is never masked, so the filtered logits still hold its guided value
+                    logit_stats["chosen"].append(logits.gather(-1, idx[..., None])[..., 0].cpu())
+                tokens[si] = idx.cpu()
+
+                if more_smooth and teacher_tokens is None:
+                    h = smooth_embedding(logits, ratio, codebook, generator)  # (B, l, Cvae)
+                else:
+                    h = vae.embed(idx.to(codebook.device))
+                h = h.to(device, torch.float32)
+
+                if not last:
+                    h_map = h.transpose(1, 2).reshape(B, -1, pn, pn)
+                    f_hat = vae.accumulate(f_hat, h_map, si, S, schedule.final_size).float()
+                    nxt = vae.next_input(f_hat, pns[si + 1]).flatten(2).transpose(1, 2)  # (B, pn'^2, Cvae)
+                    if trace:
+                        traced["next"].append(nxt.cpu())
+                    x = model.word_embed(nxt.to(dtype)) + levels[si + 1]
+                    x = torch.cat([x, x])  # (2B, pn'^2, C)
+                else:
+                    # residual diffusion conditioned on hidden + embedding of the hard codes (hart.md §3.5)
+                    discrete = model.word_embed(vae.embed(idx.to(codebook.device)).to(device, dtype))
+                    z = model.decoder_norm(x + torch.cat([discrete, discrete]))  # (2B, l, C)
+                    resid = model.diffloss.sample(z.flatten(0, 1), t, diff_gen).view(B, -1, h.shape[-1])
+                    if trace:
+                        extras["f_hat_pre_last"] = f_hat.cpu()
+                        extras["diff_out"] = resid.float().cpu()
+                        zf = z.float()
+                        extras["diff_cond_stats"] = torch.stack([zf.mean(), zf.std(), zf.abs().amax()]).cpu()
+                    final = (h + resid.float()).transpose(1, 2).reshape(B, -1, pn, pn)
+                    f_hat = vae.accumulate(f_hat, final, si, S, schedule.final_size).float()
+                if trace:
+                    traced["stats"].append(_stats(f_hat))
+                timer.stop(si)
+                if callback is not None:
+                    callback(si + 1, S, lambda f=f_hat: latent_preview(f, codebook))
+    finally:
+        run.close()
+        cache.clear()
+
+    if return_logits:
+        for name, parts in logit_stats.items():
+            extras[f"logits_{name}"] = torch.cat(parts, dim=1)
+        if sel_wanted:
+            extras["logits_sel"] = torch.stack([sel[p] for p in sel_wanted], dim=1)
+    if trace:
+        extras["f_hat_stats"] = torch.stack(traced["stats"], dim=1)
+        extras["next_inputs"] = torch.cat(traced["next"], dim=1)
+    return SampleResult(
+        family="hart",
+        latent=f_hat,
+        schedule=schedule,
+        pruning=pruning,
+        executed_scales=list(range(S)),
+        scale_seconds=timer.seconds,
+        kept=dict(run.kept),
+        tokens=tokens,
+        extras=extras,
+    )
+

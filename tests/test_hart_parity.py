@@ -1,0 +1,313 @@
+"""HART / FastVAR-on-HART parity against the official reference outputs (parity/hart/README.md).
+
+One test per case of /work/shared/parity/hart/cases/ and of every HART-layout set listed in the
+environment variable FASTVAR_PARITY_CASES (colon-separated folders laid out like parity/hart:
+checkpoint/llm + checkpoint/tokenizer beside cases/<name>/case.json). Infinity-layout sets are left
+to the Infinity parity tests. Every quantity the case stores is compared with the README's tolerance;
+a failure lists every mismatch with case, scale and quantity. Set FASTVAR_PARITY_FULL=1 to also
+decode and compare the image of every case (see _decode_case).
+
+Attention kernel: the upstream cases were made with PyTorch SDPA (the official slow path), the
+FastVAR cases with the FastVAR copy's explicit matmul-softmax attention (hart.md §7). Each case runs
+with the matching backend, which removes kernel rounding from the comparison.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import PARITY
+from safetensors.torch import load_file
+
+from fastvar_core import attention as attention_mod
+from fastvar_core.hart import HARTTextConditioning, load_hart_model, load_hart_vae, sample_hart
+from fastvar_core.pruning import PruningConfig
+from fastvar_core.schedules import hart_schedule
+
+pytestmark = pytest.mark.slow  # every model case samples 1024 px (about 10-20 s each on 2 CPU cores)
+
+SHARED_SET = PARITY / "hart"
+FULL = os.environ.get("FASTVAR_PARITY_FULL", "") not in ("", "0")  # also decode every case's image
+
+# README "Tolerances"
+LOGITS_ATOL = 1e-4
+LATENT_ATOL = 1e-5  # next_inputs, f_hat_pre_last, f_hat_stats of scales 0..S-2
+DIFF_MEAN_ABS = 1e-5  # diff_out, f_hat_final: mean |diff| ...
+DIFF_P999 = 1e-3  # ... and 99.9th percentile; never the max
+IMAGE_POOL_ATOL = 1e-3
+IMAGE_CROP_ATOL = 1e-4
+# Not in the README table: stats of the final latent follow f_hat_final (max |diff| can reach 8e-3 on
+# single elements, which moves the max-abs entry); the diffusion conditioning is a hidden state like the logits.
+FINAL_STATS_ATOL = 1e-3
+COND_STATS_ATOL = 1e-4
+
+
+def _set_roots() -> list[Path]:
+    roots = [SHARED_SET]
+    for part in os.environ.get("FASTVAR_PARITY_CASES", "").split(":"):
+        if part.strip():
+            roots.append(Path(part.strip()).expanduser().resolve())
+    return roots
+
+
+def _case_params() -> list:
+    params = []
+    for root in _set_roots():
+        label = "hart" if root == SHARED_SET else root.name
+        cases = sorted((root / "cases").glob("*/case.json")) if (root / "cases").is_dir() else []
+        if not (root / "checkpoint" / "llm" / "config.json").is_file():  # HART layout: checkpoint/llm + tokenizer
+            skip = pytest.mark.skip(reason=f"{root} is not a HART-layout set (the Infinity parity tests handle it)")
+            params.append(pytest.param(root, id=f"{label}:not-hart", marks=skip))
+            continue
+        for case_json in cases:
+            params.append(pytest.param(case_json.parent, id=f"{label}:{case_json.parent.name}"))
+        if not cases:
+            params.append(pytest.param(root, id=f"{label}:no-cases", marks=pytest.mark.skip(reason=f"{root} has no cases/")))
+    return params
+
+
+@dataclass
+class SetFiles:
+    models: dict
+    vae: object
+    prompts: dict
+
+
+_sets: dict[Path, SetFiles] = {}
+
+
+@pytest.fixture(scope="module")
+def loaded():
+    """Models per set and weight kind, loaded once for the module."""
+    yield _sets
+    _sets.clear()
+
+
+def _set_for(root: Path) -> SetFiles:
+    if root not in _sets:
+        ckpt = root / "checkpoint"
+        _sets[root] = SetFiles({}, load_hart_vae(ckpt / "tokenizer"), load_file(str(root / "prompts.safetensors")))
+    return _sets[root]
+
+
+def _model(files: SetFiles, root: Path, weights: str):
+    if weights not in files.models:
+        files.models[weights] = load_hart_model(root / "checkpoint" / "llm", use_ema=weights == "ema")
+    return files.models[weights]
+
+
+@pytest.fixture
+def attention_backend():
+    """Set the default attention backend for one test, restore it afterwards."""
+    before = attention_mod.default_backend()
+    yield attention_mod.set_default_backend
+    attention_mod.set_default_backend(before)
+
+
+def _pruning_from_case(case: dict, patch_nums: tuple[int, ...], depth: int) -> PruningConfig | None:
+    """The case's FastVAR block as an explicit PruningConfig (sides -> scale indices)."""
+    if case.get("pruning", "none") != "fastvar":
+        return None
+    fv = case["fastvar"]
+    index = {pn: si for si, pn in enumerate(patch_nums)}
+    ratios = {index[int(side)]: float(r) for side, r in fv["prune_ratio_by_scale"].items()}
+    layers = fv.get("pruned_layers", "all")
+    if isinstance(layers, str):
+        assert layers.startswith("all"), f"case {case['name']}: cannot read pruned_layers {layers!r}"
+        layers = (0, depth)
+    return PruningConfig(ratios=ratios, cache_scale=index[int(fv["cache_scale"])], layers=tuple(layers), name="case")
+
+
+class Mismatches:
+    def __init__(self, case: str):
+        self.case, self.items = case, []
+
+    def add(self, msg: str) -> None:
+        self.items.append(f"{self.case}: {msg}")
+
+    def check(self) -> None:
+        if self.items:
+            pytest.fail(f"{len(self.items)} mismatch(es):\n" + "\n".join(self.items), pytrace=False)
+
+
+def _scale_of(pos: int, offsets: tuple[int, ...]) -> int:
+    return max(i for i, o in enumerate(offsets) if o <= pos)
+
+
+def _compare_per_scale(out: Mismatches, name: str, ours, ref, offsets, pns, atol: float) -> None:
+    """Flat (B, N, ...) tensors: report the worst |diff| of each scale that exceeds atol."""
+    if ours.shape != ref.shape:
+        out.add(f"{name}: shape {tuple(ours.shape)}, expected {tuple(ref.shape)}")
+        return
+    diff = (ours.double() - ref.double()).abs()
+    for si in range(len(pns)):
+        part = diff[:, offsets[si]: offsets[si] + pns[si] ** 2]
+        if part.numel() and part.max() > atol:
+            out.add(f"scale {si} ({pns[si]}x{pns[si]}): {name} max |diff| {part.max():.3g} > {atol}")
+
+
+def _compare_dense(out: Mismatches, name: str, ours, ref, atol: float) -> None:
+    if ours.shape != ref.shape:
+        out.add(f"{name}: shape {tuple(ours.shape)}, expected {tuple(ref.shape)}")
+        return
+    d = (ours.double() - ref.double()).abs().max().item()
+    if d > atol:
+        out.add(f"{name}: max |diff| {d:.3g} > {atol}")
+
+
+def _compare_diffusion(out: Mismatches, name: str, ours, ref) -> None:
+    if ours.shape != ref.shape:
+        out.add(f"{name}: shape {tuple(ours.shape)}, expected {tuple(ref.shape)}")
+        return
+    d = (ours.double() - ref.double()).abs().flatten()
+    mean, p999 = d.mean().item(), d.quantile(0.999).item()
+    if mean > DIFF_MEAN_ABS or p999 > DIFF_P999:
+        out.add(f"scale last: {name} mean |diff| {mean:.3g} (<= {DIFF_MEAN_ABS}), 99.9th pct {p999:.3g} (<= {DIFF_P999})")
+
+
+def _decode01(vae, latent: torch.Tensor) -> torch.Tensor:
+    """VAE decode to (B, 3, H, W) in [0, 1] (the official output before saving)."""
+    return (vae.decode(latent) + 1) / 2
+
+
+def _run_vae_case(case_dir: Path, case: dict, files: SetFiles, out: Mismatches) -> None:
+    inputs = load_file(str(case_dir / "inputs.safetensors"))
+    exp = load_file(str(case_dir / "expected.safetensors"))
+    img = _decode01(files.vae, inputs["f_hat"])
+    if "image_pool16" in exp:
+        _compare_dense(out, "image_pool16", F.avg_pool2d(img, 16), exp["image_pool16"], IMAGE_POOL_ATOL)
+    if "image_crop" in exp:
+        n = exp["image_crop"].shape[-1]
+        _compare_dense(out, "image_crop", img[..., :n, :n], exp["image_crop"], IMAGE_CROP_ATOL)
+    if "image_u8" in exp:
+        ours = (img * 255).to(torch.uint8)  # the official scripts truncate
+        d = (ours.int() - exp["image_u8"].int()).abs().max().item()
+        if d > 1:
+            out.add(f"image_u8: max |diff| {d} > 1")
+
+
+@pytest.mark.parametrize("case_dir", _case_params())
+def test_hart_parity(case_dir: Path, loaded, attention_backend):
+    root = case_dir.parent.parent
+    case = json.loads((case_dir / "case.json").read_text())
+    out = Mismatches(case["name"])
+    files = _set_for(root)
+    if case["kind"] == "vae_decode":
+        _run_vae_case(case_dir, case, files, out)
+        out.check()
+        return
+
+    model = _model(files, root, case["weights"])
+    cfg = model.config
+    pns = list(cfg.patch_nums)
+    schedule = hart_schedule(tuple(pns))
+    offsets = schedule.offsets()
+    exp = load_file(str(case_dir / "expected.safetensors"))
+    inputs = load_file(str(case_dir / "inputs.safetensors")) if (case_dir / "inputs.safetensors").is_file() else {}
+    rows = case["prompt_rows"]
+    pr = files.prompts
+    cond = HARTTextConditioning(
+        context=pr["context_tensor"][rows], mask=pr["context_mask"][rows], position_ids=pr["context_position_ids"][rows]
+    )
+    pruning = _pruning_from_case(case, tuple(pns), cfg.depth)
+    attention_backend("math" if case.get("flavor") == "fastvar" else "sdpa")
+    # README: the diffusion noise comes from the global RNG seeded with torch_global_seed right before the call
+    diff_gen = torch.Generator().manual_seed(int(case["torch_global_seed"]))
+    sel_positions = exp["logits_sel_positions"].tolist() if "logits_sel_positions" in exp else []
+
+    res = sample_hart(
+        model, files.vae, cond, schedule,
+        cfg=case["cfg"], top_k=None, top_p=case["top_p"], more_smooth=case["more_smooth"], seed=case["g_seed"],
+        pruning=pruning, record_kept=pruning is not None, teacher_tokens=inputs.get("teacher_tokens"),
+        diffusion_generator=diff_gen, return_logits=True, logits_at=sel_positions, trace=True,
+    )
+    ex = res.extras
+
+    # tokens: exact; report the first differing position (everything after it is not comparable)
+    tokens = torch.cat([res.tokens[si] for si in range(len(pns))], dim=1)
+    flips = (tokens != exp["tokens"]).nonzero()
+    if len(flips):
+        b, p = flips[0].tolist()
+        si = _scale_of(p, offsets)
+        out.add(
+            f"scale {si} ({pns[si]}x{pns[si]}): tokens differ at {len(flips)} positions, first row {b} flat position "
+            f"{p}: got {tokens[b, p].item()}, expected {exp['tokens'][b, p].item()} (logits there: lse diff "
+            f"{(ex['logits_lse'][b, p] - exp['logits_lse'][b, p]).abs().item():.3g})"
+        )
+        out.check()  # a flipped sample changes everything after it
+
+    for name, ours in (("logits_lse", ex["logits_lse"]), ("logits_max", ex["logits_max"]),
+                       ("logits_teacher", ex["logits_chosen"])):
+        if name in exp:
+            _compare_per_scale(out, name, ours, exp[name], offsets, pns, LOGITS_ATOL)
+    if "logits_sel" in exp:
+        _compare_dense(out, "logits_sel", ex["logits_sel"], exp["logits_sel"], LOGITS_ATOL)
+    if "logits_argmax" in exp:
+        # equal apart from genuine near-ties, which only the stored full logits (logits_sel) can prove
+        bad: dict[int, list[str]] = {}
+        for b, p in (ex["logits_argmax"] != exp["logits_argmax"]).nonzero().tolist():
+            ref_arg = exp["logits_argmax"][b, p].item()
+            if p in sel_positions:
+                row = ex["logits_sel"][b, sel_positions.index(p)]
+                if (row.max() - row[ref_arg]).item() <= LOGITS_ATOL:
+                    continue
+            bad.setdefault(_scale_of(p, offsets), []).append(
+                f"row {b} position {p}: got {ex['logits_argmax'][b, p].item()}, expected {ref_arg}")
+        for si, items in bad.items():
+            out.add(f"scale {si} ({pns[si]}x{pns[si]}): logits_argmax differs at {len(items)} positions, first {items[0]}")
+
+    if "next_inputs" in exp:
+        # flat layout without scale 0: shift the offsets by one position
+        _compare_per_scale(out, "next_inputs", ex["next_inputs"], exp["next_inputs"],
+                           tuple(o - 1 for o in offsets[1:]), pns[1:], LATENT_ATOL)
+    if "f_hat_pre_last" in exp:
+        _compare_dense(out, "f_hat_pre_last", ex["f_hat_pre_last"], exp["f_hat_pre_last"], LATENT_ATOL)
+    stats, ref_stats = ex["f_hat_stats"], exp["f_hat_stats"]
+    for si in range(len(pns)):
+        atol = LATENT_ATOL if si < len(pns) - 1 else FINAL_STATS_ATOL
+        d = (stats[:, si] - ref_stats[:, si]).abs().max().item()
+        if d > atol:
+            out.add(f"scale {si} ({pns[si]}x{pns[si]}): f_hat_stats (mean, std, max|x|) max |diff| {d:.3g} > {atol}")
+    _compare_diffusion(out, "diff_out", ex["diff_out"], exp["diff_out"])
+    _compare_diffusion(out, "f_hat_final", res.latent, exp["f_hat_final"])
+    _compare_dense(out, "diff_cond_z_stats", ex["diff_cond_stats"], exp["diff_cond_z_stats"], COND_STATS_ATOL)
+
+    # FastVAR kept tokens: same set per CFG row, for every recorded block / sub-layer
+    keep_keys = [k for k in exp if k.startswith("fastvar_keep_idx.")]
+    index = {pn: si for si, pn in enumerate(pns)}
+    for key in keep_keys:
+        _, side, block, sub = key.split(".")
+        si, layer = index[int(side[1:])], int(block[1:])
+        ours = res.kept.get((si, layer, sub))
+        if ours is None:
+            out.add(f"scale {si} ({side[1:]}x{side[1:]}): {key} was not recorded (no pruning there?)")
+            continue
+        ref = exp[key]
+        if ours.shape != ref.shape:
+            out.add(f"scale {si}: {key} shape {tuple(ours.shape)}, expected {tuple(ref.shape)}")
+            continue
+        for r in range(ref.shape[0]):
+            a, b = set(ours[r].tolist()), set(ref[r].tolist())
+            if a != b:
+                out.add(f"scale {si} ({side[1:]}x{side[1:]}): {key} row {r}: {len(a ^ b) // 2} kept tokens differ")
+    extra_kept = {k for k in res.kept if f"fastvar_keep_idx.s{pns[k[0]]}.b{k[1]}.{k[2]}" not in exp}
+    if keep_keys and extra_kept:
+        out.add(f"pruned sub-layers not in the reference: {sorted(extra_kept)[:4]}")
+
+    if "image_pool16" in exp and (FULL or _decode_case(case)):
+        _compare_dense(out, "image_pool16", F.avg_pool2d(_decode01(files.vae, res.latent), 16), exp["image_pool16"],
+                       IMAGE_POOL_ATOL)
+    out.check()
+
+
+def _decode_case(case: dict) -> bool:
+    """Decoding 1024 px images costs seconds each on a CPU; by default only the official-default samples
+    (cfg 4.5, more_smooth, batch 1) check image_pool16 end to end. The VAE itself is checked on every
+    vae_decode case, and f_hat_final (the decoder's input) on every case."""
+    return case["kind"] == "sample" and case["more_smooth"] and case["cfg"] == 4.5 and case["batch_size"] == 1
