@@ -81,10 +81,12 @@ def lay_out(dest: str | os.PathLike) -> list[Path]:
     plan = [
         (inf / "infinity_tiny.pth", dest / "infinity" / "infinity_2b_reg.pth"),
         (inf / "infinity_vae_d32_tiny.pth", dest / "vae" / "infinity_vae_d32reg.pth"),
-        (models / "tiny-flan-t5-xl", dest / "text_encoders" / "flan-t5-xl"),
+        # Hugging Face folders go into the pack's own folders, whose listings show every file (ComfyUI's
+        # text_encoders folder hides config and tokenizer files); models/text_encoders works as well.
+        (models / "tiny-flan-t5-xl", dest / "infinity" / "flan-t5-xl"),
         (hart / "llm", dest / "hart" / "hart-0.7b-1024px" / "llm"),
         (hart / "tokenizer", dest / "hart" / "hart-0.7b-1024px" / "tokenizer"),
-        (models / "tiny-qwen2-vl-1.5b-instruct", dest / "text_encoders" / "Qwen2-VL-1.5B-Instruct"),
+        (models / "tiny-qwen2-vl-1.5b-instruct", dest / "hart" / "Qwen2-VL-1.5B-Instruct"),
     ]
     for src, dst in plan:
         _copy(src, dst)

@@ -6,6 +6,7 @@ flag; node classes still import and run, with model folders given through ``set_
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
@@ -65,11 +66,12 @@ def model_dirs(name: str) -> list[Path]:
     return [d for d in _standalone_dirs.get(name, []) if d.is_dir()]
 
 
-def list_entries(names: tuple[str, ...], want: str) -> list[str]:
+def list_entries(names: tuple[str, ...], want: str, kinds: tuple[str, ...] | None = None) -> list[str]:
     """Relative names of weight files (want='file') or model folders (want='dir') under the folders.
 
     Folders are listed two levels deep (``release/llm``); a folder counts when it holds a config.json
-    or a shard index. Hidden entries are skipped. Cheap enough for every /object_info request.
+    or a shard index, and, with ``kinds``, when :func:`folder_kind` is one of them. Hidden entries are
+    skipped. Cheap enough for every /object_info request.
     """
     found: set[str] = set()
     for name in names:
@@ -79,7 +81,8 @@ def list_entries(names: tuple[str, ...], want: str) -> list[str]:
                 if want == "file" and path.is_file() and path.suffix in WEIGHT_SUFFIXES:
                     found.add(rel)
                 elif want == "dir" and path.is_dir() and _is_model_folder(path):
-                    found.add(rel)
+                    if kinds is None or folder_kind(path) in kinds:
+                        found.add(rel)
     return sorted(found)
 
 
@@ -98,6 +101,20 @@ def _walk(root: Path, depth: int):
 
 def _is_model_folder(path: Path) -> bool:
     return (path / "config.json").is_file() or any(path.glob("*.index.json")) or (path / "llm").is_dir()
+
+
+def folder_kind(path: Path) -> str:
+    """What a model folder holds: the ``model_type`` of its config.json, 'hart_release' for a folder with
+    llm/ and tokenizer/, 'sharded' for a shard index without config (Infinity-8B), else 'unknown'."""
+    if (path / "llm").is_dir():
+        return "hart_release"
+    config = path / "config.json"
+    if config.is_file():
+        try:
+            return str(json.loads(config.read_text(encoding="utf-8")).get("model_type", "unknown"))
+        except (OSError, ValueError, AttributeError):
+            return "unknown"
+    return "sharded" if any(path.glob("*.index.json")) else "unknown"
 
 
 def resolve(names: tuple[str, ...], relative: str) -> Path:

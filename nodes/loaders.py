@@ -10,7 +10,13 @@ from .objects import MODEL, TEXT_ENCODER, VAE, Part
 INFINITY_MODEL_DIRS = ("infinity", "diffusion_models")
 INFINITY_VAE_DIRS = ("vae", "infinity")
 HART_DIRS = ("hart",)
-TEXT_DIRS = ("text_encoders",)
+# Hugging Face text-encoder folders may sit in models/text_encoders or in the family's own folder.
+T5_DIRS = ("text_encoders", "infinity")
+QWEN_DIRS = ("text_encoders", "hart")
+T5_KINDS = ("t5",)
+QWEN_KINDS = ("qwen2", "qwen2_vl")
+HART_MODEL_KINDS = ("hart_release", "hart_transformer_t2i")
+HART_VAE_KINDS = ("hart_release", "hart_autoencoder_with_disc")
 DTYPES = ["auto", "float32", "bfloat16", "float16"]
 ATTENTION = ["auto", "sdpa", "flash", "math"]
 
@@ -27,8 +33,8 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
-def _choices(names: tuple[str, ...], want: str, keep=lambda name: True) -> list[str]:
-    return [n for n in compat.list_entries(names, want) if keep(n)]
+def _choices(names: tuple[str, ...], want: str, keep=lambda name: True, kinds=None) -> list[str]:
+    return [n for n in compat.list_entries(names, want, kinds) if keep(n)]
 
 
 class LoadInfinityModel:
@@ -41,9 +47,9 @@ class LoadInfinityModel:
 
     @classmethod
     def INPUT_TYPES(cls):
-        folders = _choices(INFINITY_MODEL_DIRS, "dir")
-        files = _choices(INFINITY_MODEL_DIRS, "file",
-                         lambda n: "vae" not in n.lower() and not any(n.startswith(d + "/") for d in folders))
+        folders = _choices(INFINITY_MODEL_DIRS, "dir", kinds=("sharded",))
+        inside = tuple(d + "/" for d in _choices(INFINITY_MODEL_DIRS, "dir"))  # shards, T5 folders, ...
+        files = _choices(INFINITY_MODEL_DIRS, "file", lambda n: "vae" not in n.lower() and not n.startswith(inside))
         return {"required": {
             "model_name": (sorted(files + folders), {"tooltip": "File or sharded folder in models/infinity or models/diffusion_models."}),
             "dtype": (DTYPES, {"default": "auto", "tooltip": DTYPE_TOOLTIP}),
@@ -68,8 +74,10 @@ class LoadInfinityVAE:
 
     @classmethod
     def INPUT_TYPES(cls):
+        inside = tuple(d + "/" for d in _choices(INFINITY_VAE_DIRS, "dir"))
+        files = _choices(("vae",), "file") + _choices(("infinity",), "file", lambda n: "vae" in n.lower())
         return {"required": {
-            "vae_name": (_choices(INFINITY_VAE_DIRS, "file"), {"tooltip": "VAE file in models/vae or models/infinity."}),
+            "vae_name": (sorted({f for f in files if not f.startswith(inside)}), {"tooltip": "VAE file in models/vae (or a file named *vae* in models/infinity)."}),
         }}
 
     def load(self, vae_name):
@@ -89,10 +97,10 @@ class LoadT5TextEncoder:
 
     @classmethod
     def INPUT_TYPES(cls):
-        folders = _choices(TEXT_DIRS, "dir")
-        files = _choices(TEXT_DIRS, "file", lambda n: "/" not in n)
+        folders = _choices(T5_DIRS, "dir", kinds=T5_KINDS)
+        files = _choices(("text_encoders",), "file", lambda n: "/" not in n)
         return {"required": {
-            "text_encoder": (sorted(folders + files), {"tooltip": "flan-t5-xl folder, or an encoder-only .safetensors file, in models/text_encoders."}),
+            "text_encoder": (sorted(folders + files), {"tooltip": "flan-t5-xl folder (models/text_encoders or models/infinity), or an encoder-only .safetensors file in models/text_encoders."}),
             "tokenizer": (["same folder"] + folders, {"default": "same folder", "tooltip": "For a single encoder file: the folder holding tokenizer.json and config.json (e.g. the flan-t5-xl folder)."}),
             "dtype": (DTYPES, {"default": "auto", "tooltip": DTYPE_TOOLTIP}),
         }}
@@ -100,8 +108,8 @@ class LoadT5TextEncoder:
     def load(self, text_encoder, tokenizer, dtype):
         from ..fastvar_core.infinity.text import load_t5_encoder
 
-        path = compat.resolve(TEXT_DIRS, text_encoder)
-        tok = None if tokenizer == "same folder" else compat.resolve(TEXT_DIRS, tokenizer)
+        path = compat.resolve(T5_DIRS, text_encoder)
+        tok = None if tokenizer == "same folder" else compat.resolve(T5_DIRS, tokenizer)
         device = compat.offload_device()
         return (Part("infinity", load_t5_encoder(path, tok, device=device, dtype=pick_dtype(dtype, compat.compute_device())), str(path)),)
 
@@ -116,7 +124,7 @@ class LoadHARTModel:
 
     @classmethod
     def INPUT_TYPES(cls):
-        folders = _choices(HART_DIRS, "dir", lambda n: not n.endswith("tokenizer"))
+        folders = _choices(HART_DIRS, "dir", kinds=HART_MODEL_KINDS)
         return {"required": {
             "model_folder": (folders, {"tooltip": "Release folder (holding llm/ and tokenizer/) or its llm/ folder, in models/hart."}),
             "dtype": (DTYPES, {"default": "auto", "tooltip": DTYPE_TOOLTIP}),
@@ -146,7 +154,7 @@ class LoadHARTVAE:
 
     @classmethod
     def INPUT_TYPES(cls):
-        folders = _choices(HART_DIRS, "dir", lambda n: not n.endswith("llm"))
+        folders = _choices(HART_DIRS, "dir", kinds=HART_VAE_KINDS)
         return {"required": {
             "vae_folder": (folders, {"tooltip": "The release folder or its tokenizer/ folder, in models/hart."}),
         }}
@@ -169,13 +177,13 @@ class LoadQwen2TextEncoder:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "text_encoder": (_choices(TEXT_DIRS, "dir"), {"tooltip": "Qwen2-VL-1.5B-Instruct folder in models/text_encoders."}),
+            "text_encoder": (_choices(QWEN_DIRS, "dir", kinds=QWEN_KINDS), {"tooltip": "Qwen2-VL-1.5B-Instruct folder in models/text_encoders or models/hart."}),
             "dtype": (DTYPES, {"default": "auto", "tooltip": DTYPE_TOOLTIP}),
         }}
 
     def load(self, text_encoder, dtype):
         from ..fastvar_core.hart.text import load_qwen_encoder
 
-        path = compat.resolve(TEXT_DIRS, text_encoder)
+        path = compat.resolve(QWEN_DIRS, text_encoder)
         enc = load_qwen_encoder(path, device=compat.offload_device(), dtype=pick_dtype(dtype, compat.compute_device()))
         return (Part("hart", enc, str(path)),)
