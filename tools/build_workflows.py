@@ -104,7 +104,7 @@ def infinity_graph(mappings, *, model, vae, width, height, budget, preset, tau=0
         s = g.add("FastVAR_Sampler", (1160, y), {"width": width, "height": height, "pixel_budget": budget, "cfg": 3.0,
                                                 "tau": tau, "seed": 42}, title=f"FastVAR Sampler ({label})", size=(340, 420))
         if mode != "off":
-            p = g.add("FastVAR_Pruning", (780, y), {"preset": mode, "chart_for": "Infinity-2B 2K" if budget.startswith("2K") else "Infinity-2B 1024px"}, size=(350, 620))
+            p = g.add("FastVAR_Pruning", (780, y), {"preset": mode, "chart_for": "Infinity-2B 2K" if budget.startswith("2K") else "Infinity-2B 1024px"}, size=(350, 520))
             g.link(p, "pruning", s, "pruning")
         g.link(m, "model", s, "model")
         g.link(e, "positive", s, "positive")
@@ -129,7 +129,7 @@ def hart_graph(mappings):
     t = g.add("FastVAR_LoadQwen2TextEncoder", (20, 290), {"text_encoder": "Qwen2-VL-1.5B-Instruct"}, size=(330, 90))
     e = g.add("FastVAR_TextEncode", (380, 40), {"prompt": PROMPT}, size=(360, 220))
     g.link(t, "text_encoder", e, "text_encoder")
-    p = g.add("FastVAR_Pruning", (780, 40), {"preset": "paper", "chart_for": "HART-0.7B 1024px"}, size=(350, 620))
+    p = g.add("FastVAR_Pruning", (780, 40), {"preset": "paper", "chart_for": "HART-0.7B 1024px"}, size=(350, 520))
     s = g.add("FastVAR_Sampler", (1160, 40), {"width": 1024, "height": 1024, "cfg": 4.5, "top_p": 0.0, "seed": 42},
               size=(340, 420))
     g.link(m, "model", s, "model")

@@ -5,7 +5,7 @@ import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 
 const NODE_ID = "FastVAR_Pruning";
-const CHART_HEIGHT = 150;
+const CHART_HEIGHT = 180;
 const INPUTS = ["preset", "speed_target", "last_1_drop", "last_2_drop", "last_3_drop", "last_4_drop",
   "last_5_drop", "last_6_drop", "cache_from_end", "first_layer", "last_layer", "chart_for"];
 
@@ -32,12 +32,13 @@ function draw(canvas, data) {
     wrapText(ctx, data.error, 6, 16, width - 12, 14);
     return;
   }
-  const top = 20, bottom = CHART_HEIGHT - 18, left = 6, right = width - 6;
+  const top = 34, bottom = CHART_HEIGHT - 16, left = 6, right = width - 6;
   const n = data.scales.length;
   const slot = (right - left) / n;
   const maxTokens = Math.max(...data.scales.map((s) => s.tokens));
   ctx.fillStyle = "#ddd";
-  ctx.fillText(`${data.model}: predicted ${data.speedup.toFixed(2)}x`, left, 12);
+  ctx.fillText(`${data.model}: predicted ${data.speedup.toFixed(2)}x faster`, left, 12);
+  legend(ctx, left, 26);
   data.scales.forEach((s, i) => {
     const x = left + i * slot + 1;
     const barW = Math.max(2, slot - 3);
@@ -67,8 +68,19 @@ function draw(canvas, data) {
       ctx.fillText(String(s.w), x, bottom + 12);
     }
   });
-  ctx.fillStyle = "#aaa";
-  ctx.fillText("blue: all tokens  orange: pruned  X: skipped  green: cache", left, CHART_HEIGHT - 2 > bottom + 14 ? CHART_HEIGHT - 2 : bottom + 14);
+}
+
+function legend(ctx, x, y) {
+  const items = [["#4a90d9", "all tokens"], ["#f0a030", "kept (pruned scale)"], ["#7c7", "cache"], ["#e66", "skipped"]];
+  ctx.font = "10px sans-serif";
+  for (const [color, label] of items) {
+    ctx.fillStyle = color;
+    ctx.fillRect(x, y - 7, 8, 8);
+    ctx.fillStyle = "#aaa";
+    ctx.fillText(label, x + 11, y);
+    x += 16 + ctx.measureText(label).width;
+  }
+  ctx.font = "11px sans-serif";
 }
 
 function wrapText(ctx, text, x, y, maxWidth, lineHeight) {
