@@ -34,8 +34,9 @@ def schedule_chart(chart_for: str, spec) -> dict:
     scales = []
     for b, p in zip(base.scales, pruned.scales):
         forwarded = sum(p.forwarded) / arch.depth if not p.skipped else 0
+        tokens = arch.prefix_tokens if p.scale == 0 and arch.prefix_tokens else p.tokens  # HART: text context
         scales.append({
-            "scale": p.scale, "h": p.hw[0], "w": p.hw[1], "tokens": p.tokens, "forwarded": forwarded,
+            "scale": p.scale, "h": p.hw[0], "w": p.hw[1], "tokens": tokens, "forwarded": forwarded,
             "skipped": p.skipped, "cache": p.scale == config.cache_scale,
             "flops_share": b.total_flops / base.total_flops,
         })
