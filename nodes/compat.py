@@ -169,7 +169,7 @@ class Progress:
         self.bar = comfy_utils.ProgressBar(total) if comfy_utils is not None else None
         self.total = total
 
-    def update(self, step: int, preview_rgb: torch.Tensor | None = None) -> None:
+    def update(self, step: int, preview_rgb: torch.Tensor | None = None, total: int | None = None) -> None:
         if self.bar is None:
             return
         preview = None
@@ -180,6 +180,7 @@ class Progress:
 
             array = (preview_rgb.clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
             preview = ("JPEG", Image.fromarray(array), preview_size())
+        self.total = total or self.total  # skipped scales shorten the run
         self.bar.update_absolute(step, self.total, preview)
 
 

@@ -188,7 +188,7 @@ class FastVARSampler:
 
         def callback(step, total, preview):
             compat.check_interrupt()
-            progress.update(step, preview()[0])
+            progress.update(step, preview()[0], total)
 
         attention.set_default_backend(model.attention)
         start = time.perf_counter()
