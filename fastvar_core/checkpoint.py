@@ -6,11 +6,13 @@ which refuses anything but tensors and plain containers.
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import pickle
+import re
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -19,6 +21,17 @@ from .errors import CheckpointError
 
 PICKLE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
 SAFETENSORS_SUFFIX = ".safetensors"
+# A pickle that asks for objects of these modules wants to run code or touch the system (the pattern of
+# malicious files): they are never allowed, not even on request.
+CODE_MODULES = frozenset({
+    "builtins", "os", "posix", "nt", "sys", "subprocess", "importlib", "runpy", "pathlib", "shutil", "io", "socket",
+    "pickle", "marshal", "types", "code", "codeop", "ctypes", "functools", "operator", "pty", "tempfile", "webbrowser",
+})
+
+
+def runs_code(name: str) -> bool:
+    """Whether a pickle global ('module.Name'; a bare name is a builtin) belongs to CODE_MODULES."""
+    return "." not in name or name.split(".")[0] in CODE_MODULES
 
 
 def _describe(path: Path) -> str:
@@ -60,43 +73,101 @@ def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
         ) from None
 
 
-def _load_pickle(path: Path) -> object:
+def _first_sentence(exc: BaseException) -> str:
+    """The first sentence of an exception's text, without terminal colour codes."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip()
+    line = text.splitlines()[0] if text else "no detail"
+    return f"{type(exc).__name__}: {line.split('. ')[0].rstrip('.')}"
+
+
+def _unsafe_globals(path: Path, exc: pickle.UnpicklingError) -> list[str]:
+    """The Python objects a refused pickle asks for, e.g. ['argparse.Namespace'] (read, never executed)."""
+    try:
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))  # zip checkpoints only
+    except Exception:  # legacy (non-zip) format or unreadable: fall back to the refusal message
+        names = []
+    return sorted(set(names) or set(re.findall(r"GLOBAL (\S+) was not an allowed global", str(exc))))
+
+
+def resolve_globals(names: Sequence[str]) -> list[object]:
+    """Import 'module.attr' names for ``torch.serialization.safe_globals`` (convert --allow-global)."""
+    objects = []
+    for name in names:
+        if runs_code(name):
+            raise CheckpointError(
+                f"--allow-global {name!r} would let the file run code or touch the system; it is never allowed."
+            )
+        module_name, _, attr = name.rpartition(".")
+        try:
+            obj = importlib.import_module(module_name or "builtins")
+            for part in attr.split("."):
+                obj = getattr(obj, part)
+        except (ImportError, AttributeError, ValueError):
+            raise CheckpointError(
+                f"--allow-global {name!r} names nothing importable: expected 'module.Name' as printed in the "
+                f"refusal message, e.g. 'argparse.Namespace'."
+            ) from None
+        objects.append(obj)
+    return objects
+
+
+def _load_pickle(path: Path, allow_globals: Sequence[str] = ()) -> object:
     try:
         # mmap keeps multi-GB official checkpoints out of RAM until a tensor is used.
         mmap = zipfile.is_zipfile(path)
-        return torch.load(str(path), map_location="cpu", weights_only=True, mmap=mmap)
+        with torch.serialization.safe_globals(resolve_globals(allow_globals)):
+            return torch.load(str(path), map_location="cpu", weights_only=True, mmap=mmap)
+    except CheckpointError:
+        raise
     except pickle.UnpicklingError as exc:
+        names = _unsafe_globals(path, exc)
+        convert = f"python -m fastvar_core convert {path} {path.with_suffix(SAFETENSORS_SUFFIX)}"
+        if any(runs_code(n) for n in names):
+            raise CheckpointError(
+                f"{_describe(path)} needs an arbitrary Python pickle to load (it asks for {', '.join(names)}), "
+                f"whose objects run code: that is what malicious files do. It is refused, nothing in it was "
+                f"executed, and 'python -m fastvar_core convert' will not allow these objects either: get the "
+                f"checkpoint from its official release."
+            ) from None
+        if names:
+            raise CheckpointError(
+                f"{_describe(path)} needs an arbitrary Python pickle to load (it asks for {', '.join(names)}); "
+                f"unpickling that can run code, so it is refused and nothing in it was executed. If you trust "
+                f"the file, convert it once with '{convert} "
+                + " ".join(f"--allow-global {n}" for n in names)
+                + "' (only the tensors are kept), or download the safetensors release."
+            ) from None
+        detail = re.search(r"Unsupported operand \d+|invalid load key[^\n]*", str(exc))
         raise CheckpointError(
-            f"{_describe(path)} needs an arbitrary Python pickle to load, which can run code, so it is "
-            f"refused ({str(exc).splitlines()[0] if str(exc) else 'weights-only load failed'}). "
-            f"If you trust the file, convert it once with "
-            f"'python -m fastvar_core convert {path} {path.with_suffix(SAFETENSORS_SUFFIX)}' "
-            f"in an environment where you accept that risk, or download the safetensors release."
+            f"{_describe(path)} is not a weights-only PyTorch checkpoint (the safe unpickler stopped at "
+            f"{detail[0] if detail else _first_sentence(exc)}): it is corrupt (download it again) or not a file "
+            f"written by torch.save; an arbitrary Python pickle can run code and is refused."
         ) from None
-    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as exc:
+    except Exception as exc:  # any other reader failure means a damaged file, never a crash
         raise CheckpointError(
-            f"{_describe(path)} could not be read as a PyTorch checkpoint ({type(exc).__name__}: "
-            f"{str(exc).splitlines()[0] if str(exc) else 'no detail'}); it may be truncated or corrupt: "
-            f"download it again."
+            f"{_describe(path)} could not be read as a PyTorch checkpoint ({_first_sentence(exc)}); "
+            f"it may be truncated or corrupt: download it again."
         ) from None
 
 
-def load_file(path: str | os.PathLike) -> Mapping[str, object]:
+def load_file(path: str | os.PathLike, *, allow_globals: Sequence[str] = ()) -> Mapping[str, object]:
     """Read one weight file into a (possibly nested) dict of tensors, on the CPU.
 
     ``.safetensors`` is read with safetensors; ``.pth/.pt/.bin/.ckpt`` with
-    ``torch.load(weights_only=True)``. Any other suffix is sniffed by content.
+    ``torch.load(weights_only=True)``. Any other suffix is sniffed by content. ``allow_globals``
+    ('module.Name', e.g. 'argparse.Namespace') are the only extra objects a pickle may build; only the
+    convert command passes them, on the user's explicit request.
     """
     path = Path(path)
     _check_file(path)
     if path.suffix == SAFETENSORS_SUFFIX:
         return _load_safetensors(path)
     if path.suffix in PICKLE_SUFFIXES:
-        obj = _load_pickle(path)
+        obj = _load_pickle(path, allow_globals)
     else:
         with open(path, "rb") as f:
             head = f.read(8)
-        obj = _load_pickle(path) if head[:2] in (b"PK", b"\x80\x02") else _load_safetensors(path)
+        obj = _load_pickle(path, allow_globals) if head[:2] in (b"PK", b"\x80\x02") else _load_safetensors(path)
     if not isinstance(obj, Mapping):
         raise CheckpointError(
             f"{_describe(path)} holds a {type(obj).__name__}, but a dict of tensors (a state dict) was expected."
@@ -121,8 +192,13 @@ def load_sharded_folder(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
     index_path = indexes[0]
     try:
         weight_map = json.loads(index_path.read_text())["weight_map"]
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise CheckpointError(f"{_describe(index_path)} is not a valid shard index ({exc}).") from None
+    except (OSError, ValueError, KeyError, TypeError) as exc:  # ValueError: bad JSON or bad UTF-8
+        raise CheckpointError(f"{_describe(index_path)} is not a valid shard index ({type(exc).__name__}: {exc}).") from None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise CheckpointError(
+            f"{_describe(index_path)}: 'weight_map' should map tensor names to shard file names, found "
+            f"{type(weight_map).__name__}."
+        )
     state: dict[str, torch.Tensor] = {}
     for shard in sorted(set(weight_map.values())):
         part = load_file(folder / shard)
@@ -156,22 +232,36 @@ def flatten_tensors(obj: Mapping[str, object], prefix: str = "") -> dict[str, to
     return out
 
 
-def convert_to_safetensors(src: str | os.PathLike, dst: str | os.PathLike) -> int:
-    """Convert a weights-only pickle to safetensors, verify it bit for bit, return the tensor count."""
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bit-for-bit equality (torch.equal calls NaN unequal to itself)."""
+    return a.shape == b.shape and torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
+
+
+def convert_to_safetensors(src: str | os.PathLike, dst: str | os.PathLike, allow_globals: Sequence[str] = ()) -> int:
+    """Convert a weights-only pickle to safetensors, verify it bit for bit, return the tensor count.
+
+    ``allow_globals``: objects the pickle may additionally build (named in the loaders' refusal message,
+    e.g. a training checkpoint's 'argparse.Namespace'); they are dropped, only tensors are written.
+    """
     from safetensors.torch import load_file as st_load
     from safetensors.torch import save_file
 
     src, dst = Path(src), Path(dst)
     if dst.suffix != SAFETENSORS_SUFFIX:
         raise CheckpointError(f"output {_describe(dst)} must end in .safetensors.")
-    tensors = flatten_tensors(load_file(src))
+    tensors = flatten_tensors(load_file(src, allow_globals=allow_globals))
     if not tensors:
         raise CheckpointError(f"{_describe(src)} holds no tensors.")
     # safetensors refuses shared storage; contiguous copies are what the loaders expect anyway.
     tensors = {k: v.detach().contiguous().clone() for k, v in tensors.items()}
-    save_file(tensors, str(dst), metadata={"format": "pt", "converted_from": src.name})
+    if not dst.parent.is_dir():
+        raise CheckpointError(f"cannot write {_describe(dst)}: its folder does not exist.")
+    try:
+        save_file(tensors, str(dst), metadata={"format": "pt", "converted_from": src.name})
+    except Exception as exc:  # disk full, permissions, a folder of that name ...
+        raise CheckpointError(f"cannot write {_describe(dst)} ({type(exc).__name__}: {exc}).") from None
     back = st_load(str(dst))
     for key, value in tensors.items():
-        if key not in back or back[key].dtype != value.dtype or not torch.equal(back[key], value):
+        if key not in back or back[key].dtype != value.dtype or not _same_bits(back[key], value):
             raise CheckpointError(f"verification of {_describe(dst)} failed at tensor '{key}'.")
     return len(tensors)

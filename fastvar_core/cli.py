@@ -1,7 +1,9 @@
 """Command line: generate images, convert checkpoints, run the demo and the benchmark.
 
-Errors caused by inputs print one line and exit with status 2 (a traceback only with --debug);
-Ctrl-C stops sampling within one scale, frees every cache and exits with status 130.
+Errors caused by inputs print one line and exit with status 2 (a traceback only with --debug); any
+other failure prints one line too and exits with status 1; warnings (e.g. a prompt truncated to the
+encoder's limit) print one line each. Ctrl-C stops sampling within one scale, frees every cache and
+exits with status 130.
 """
 
 from __future__ import annotations
@@ -10,9 +12,10 @@ import argparse
 import logging
 import sys
 import time
+import warnings
 from pathlib import Path
 
-from .errors import FastVARError
+from .errors import ConfigError, FastVARError
 
 
 def _progress_bar(label: str):
@@ -31,26 +34,46 @@ def _progress_bar(label: str):
     return callback
 
 
+def check_output(out: Path) -> None:
+    """Refuse an output path that cannot be written, before any model is loaded."""
+    from PIL import Image
+
+    if out.is_dir():
+        raise ConfigError(f"--out '{out}' is a folder; expected an image file name such as '{out / 'fastvar.png'}'")
+    if out.suffix.lower() not in Image.registered_extensions():
+        raise ConfigError(f"--out '{out}' has no image suffix PIL can write (found {out.suffix or 'none'!r}); use .png")
+
+
 def save_images(images, out: Path) -> list[Path]:
     """Write (B, H, W, 3) floats in [0, 1] as PNG; several images get _0, _1, ... suffixes."""
     import numpy as np
     from PIL import Image
 
-    out.parent.mkdir(parents=True, exist_ok=True)
     paths = []
-    for i, img in enumerate(images):
-        path = out if len(images) == 1 else out.with_name(f"{out.stem}_{i}{out.suffix}")
-        array = (img.clamp(0, 1).numpy() * 255).round().astype(np.uint8)
-        Image.fromarray(array).save(path)
-        paths.append(path)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        for i, img in enumerate(images):
+            path = out if len(images) == 1 else out.with_name(f"{out.stem}_{i}{out.suffix}")
+            array = (img.clamp(0, 1).numpy() * 255).round().astype(np.uint8)
+            Image.fromarray(array).save(path)
+            paths.append(path)
+    except OSError as exc:
+        raise ConfigError(f"cannot write the image to '{out}' ({type(exc).__name__}: {exc})") from None
     return paths
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
-    from .pipeline import Pipeline
+    from .pipeline import Pipeline, check_batch, check_image_size
+    from .sampling import check_seed
 
+    # Cheap checks first: a typo should not cost a multi-GB model load.
+    check_batch(args.batch)
+    check_seed(args.seed)
+    if args.width is not None and args.height is not None and args.family == "infinity":
+        check_image_size(args.width, args.height)
+    check_output(Path(args.out))
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
     pipe = Pipeline.load(args.family, args.model, args.vae, args.text_encoder, tokenizer=args.tokenizer,
                          device=args.device, dtype=dtype)
@@ -76,7 +99,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_convert(args: argparse.Namespace) -> int:
     from .checkpoint import convert_to_safetensors
 
-    count = convert_to_safetensors(args.src, args.dst)
+    count = convert_to_safetensors(args.src, args.dst, allow_globals=args.allow_global or ())
     print(f"wrote {args.dst}: {count} tensors, verified identical to {args.src}")
     return 0
 
@@ -121,6 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
     conv = sub.add_parser("convert", help="convert an official pickle checkpoint to safetensors (verified)")
     conv.add_argument("src")
     conv.add_argument("dst")
+    conv.add_argument("--allow-global", action="append", metavar="MODULE.NAME",
+                      help="let the pickle build this object (only for a file you trust; named in the loaders' "
+                           "refusal message, e.g. argparse.Namespace); repeatable")
     conv.set_defaults(func=cmd_convert)
     e2e = sub.add_parser("e2e-models", help="lay the tiny official-format checkpoints out like ComfyUI's models/")
     e2e.add_argument("dest")
@@ -131,6 +157,12 @@ def build_parser() -> argparse.ArgumentParser:
     dem = sub.add_parser("demo", help="generate with real weights if present, else FastVAR vs baseline on random weights")
     demo.add_arguments(dem)
     dem.set_defaults(func=demo.main)
+
+    from . import bench
+
+    ben = sub.add_parser("bench", help="time and memory of baseline vs pruning configs on random-weight real shapes")
+    bench.add_arguments(ben)
+    ben.set_defaults(func=bench.main)
     return parser
 
 
@@ -138,6 +170,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.debug else logging.WARNING, format="%(message)s")
+    formatwarning = warnings.formatwarning
+    if not args.debug:  # one line per warning (e.g. a truncated prompt), no source excerpt
+        warnings.formatwarning = lambda message, category, *rest, **kw: f"\nwarning: {message}\n"
     try:
         return args.func(args)
     except FastVARError as exc:
@@ -148,3 +183,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted: sampling stopped and its caches were freed", file=sys.stderr)
         return 130
+    except Exception as exc:  # a bug or an unforeseen input: still one line, the traceback with --debug
+        if args.debug:
+            raise
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else "no detail"
+        print(f"\nerror: unexpected {type(exc).__name__}: {detail} (rerun with --debug for the traceback and "
+              f"report it)", file=sys.stderr)
+        return 1
+    finally:
+        warnings.formatwarning = formatwarning

@@ -3,6 +3,9 @@
 Counts multiply-adds as 2 FLOPs and covers the matrix products that dominate (projections, attention
 scores and mixing, FFN, output head, HART's residual diffusion head); norms, RoPE and sampling are
 ignored. Used by the web UI's schedule chart, the "speed target" preset and the benchmark.
+
+Costs are per image and CFG row by default; ``guided=True`` counts both classifier-free-guidance rows
+of an image, so that a config's ``cfg_cutoff`` (one row at the late scales) shows in the totals.
 """
 
 from __future__ import annotations
@@ -37,7 +40,8 @@ class ScaleCost:
     tokens: int
     skipped: bool
     forwarded: list[int]  # tokens through each layer's sub-layers
-    flops: dict[str, float] = field(default_factory=dict)
+    flops: dict[str, float] = field(default_factory=dict)  # summed over ``rows``
+    rows: int = 1  # CFG rows that ran this scale (2 when guided, 1 after a cfg_cutoff)
 
     @property
     def total_flops(self) -> float:
@@ -72,14 +76,20 @@ class CostReport:
                     "skipped": s.skipped,
                     "forwarded_mean": sum(s.forwarded) / len(s.forwarded) if s.forwarded else 0,
                     "flops": s.total_flops,
+                    "rows": s.rows,
                 }
                 for s in self.scales
             ],
         }
 
 
-def estimate(arch: ArchSpec, scales: list[tuple[int, int]], config: PruningConfig | None = None) -> CostReport:
-    """Cost of generating one image row over ``scales`` with ``config`` (None = no pruning)."""
+def estimate(arch: ArchSpec, scales: list[tuple[int, int]], config: PruningConfig | None = None, *,
+             guided: bool = False) -> CostReport:
+    """Cost of generating one image row over ``scales`` with ``config`` (None = no pruning).
+
+    ``guided``: count both CFG rows (the unconditional one only before ``config.cfg_cutoff``).
+    Keys a scale leaves out of the KV cache (``config.kv_ratios``) are not attended to by later scales.
+    """
     config = config or PruningConfig(name="off")
     c, f, d = arch.width, arch.ffn_hidden, arch.depth
     kv_len = [arch.prefix_tokens] * d  # self-attention keys each layer holds so far
@@ -99,8 +109,8 @@ def estimate(arch: ArchSpec, scales: list[tuple[int, int]], config: PruningConfi
         for layer in range(d):
             k = pruned_keep if config.prunes_layer(layer) else n
             forwarded.append(k)
-            kv_len[layer] += k
-            flops["attention"] += 8 * k * c * c + 4 * k * kv_len[layer] * c
+            flops["attention"] += 8 * k * c * c + 4 * k * (kv_len[layer] + k) * c
+            kv_len[layer] += config.kv_kept(si, k)
             if arch.text_tokens:
                 flops["cross_attention"] += 4 * k * c * c + 4 * k * arch.text_tokens * c
                 if si == 0:
@@ -109,11 +119,17 @@ def estimate(arch: ArchSpec, scales: list[tuple[int, int]], config: PruningConfi
         flops["head"] = 2.0 * h * w * c * arch.head_outputs + 2.0 * h * w * arch.token_channels * c
         if si == last:
             flops["head"] += arch.last_scale_flops_per_token * h * w
-        report.append(ScaleCost(si, (h, w), h * w, False, forwarded, flops))
+        rows = 2 if guided and config.guides(si) else 1
+        report.append(ScaleCost(si, (h, w), h * w, False, forwarded, {k: v * rows for k, v in flops.items()}, rows))
     kv_bytes = 2 * sum(kv_len) * c * arch.dtype_bytes
     return CostReport(report, kv_bytes)
 
 
-def predicted_speedup(arch: ArchSpec, scales: list[tuple[int, int]], config: PruningConfig) -> float:
-    """FLOP ratio baseline / pruned: the ideal speedup of the transformer and heads."""
-    return estimate(arch, scales).total_flops / estimate(arch, scales, config).total_flops
+def predicted_speedup(arch: ArchSpec, scales: list[tuple[int, int]], config: PruningConfig, *,
+                      guided: bool = False) -> float:
+    """FLOP ratio baseline / pruned: the ideal speedup of the transformer and heads.
+
+    ``guided``: both CFG rows counted (needed for configs with a ``cfg_cutoff``; same ratio otherwise).
+    """
+    base = estimate(arch, scales, guided=guided).total_flops
+    return base / estimate(arch, scales, config, guided=guided).total_flops

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -41,6 +42,36 @@ def check_sampling_args(batch_size: int, top_k: int, top_p: float, tau: Sequence
     for i, t in enumerate(tau):
         if t <= 0:
             raise ConfigError(f"tau[{i}] = {t} must be > 0 (it divides the logits)")
+
+
+MAX_SEED = 2**64 - 1  # torch generators take 64-bit seeds (ComfyUI's seed widget goes this far)
+
+
+def check_seed(seed: int) -> int:
+    """The seed as an int in 0..2**64-1, or ConfigError (torch would wrap negatives, fail beyond 64 bits)."""
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed <= MAX_SEED:
+        raise ConfigError(f"seed must be an integer in 0..{MAX_SEED}, got {seed!r}")
+    return int(seed)
+
+
+FLOAT16_HINT = "a text encoder run in float16 can overflow: use bfloat16 or float32"
+
+
+def check_finite(tensor: torch.Tensor, what: str, hint: str = FLOAT16_HINT) -> None:
+    """ConfigError when ``tensor`` holds NaN or Inf, naming ``what`` and the first bad index."""
+    bad = ~torch.isfinite(tensor)
+    if bad.any():
+        index = tuple(int(i) for i in bad.nonzero()[0])
+        raise ConfigError(f"{what} contains NaN or Inf (first at index {index}), expected finite values; {hint}")
+
+
+def check_logits(logits: torch.Tensor, scale: int, dtype: torch.dtype) -> None:
+    """ConfigError instead of torch.multinomial's bare error when a scale's logits are not finite."""
+    if not bool(torch.isfinite(logits).all()):
+        raise ConfigError(
+            f"scale {scale}: the model produced NaN or Inf logits (weights in {dtype}); the weights may be corrupt, "
+            f"or float16 overflowed: use bfloat16 or float32"
+        )
 
 
 @dataclass

@@ -153,13 +153,24 @@ def nearest_template(width: int, height: int) -> float:
     return min(INFINITY_TEMPLATE_ORDER, key=lambda t: abs(t - ratio))
 
 
+# Snapping may change the requested aspect ratio by at most this factor (1:3 .. 3:1 plus 25 %).
+MAX_ASPECT_SNAP = 1.25
+
+
 def infinity_schedule_for_size(width: int, height: int, budget: str | None = None) -> ScaleSchedule:
     """Snap a requested image size to the nearest official template and pixel budget.
 
     The template is chosen by aspect ratio; the budget (if not given) by the closest pixel count on a
-    log scale among the official budgets and 2K.
+    log scale among the official budgets and 2K. A ratio no template comes close to is refused.
     """
     template = nearest_template(width, height)
+    ratio = height / width
+    if max(ratio / template, template / ratio) > MAX_ASPECT_SNAP:
+        raise ConfigError(
+            f"aspect ratio {width}x{height} (height/width {ratio:.3g}) is outside Infinity's templates, which "
+            f"range from height/width 0.333 (3:1) to 3.0 (1:3); the nearest, {template}, would change the shape "
+            f"by more than {MAX_ASPECT_SNAP - 1:.0%}"
+        )
     if budget is None:
         want = math.log(width * height)
         candidates = [*INFINITY_BUDGETS, "2K"]

@@ -174,6 +174,9 @@ class FastVARSampler:
                batch_size, negative=None, pruning=None):
         from ..fastvar_core import attention
 
+        from ..fastvar_core.pipeline import check_batch
+
+        check_batch(batch_size)
         same_family("the conditioning", model.family, positive.family, "use the text encoder of the model's family")
         schedule = pick_schedule(model, width, height, aspect_ratio, pixel_budget)
         spec = pruning or PruningSpec(mode="off")

@@ -13,6 +13,7 @@ and appends only their keys/values to the cache (hart.md §6.3-6.5).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
@@ -21,6 +22,8 @@ import torch.nn.functional as F
 from ..attention import attention
 from ..cost import ArchSpec
 from ..errors import ConfigError
+from ..kvcache import KVBuffer
+from ..linear import use_fast_linears
 from ..pruning.run import PruningRun
 from .config import HARTConfig
 from .diffusion import ResidualDiffusion, TimestepEmbedder
@@ -83,10 +86,13 @@ def rope_image(positions: torch.Tensor, head_dim: int) -> tuple[torch.Tensor, to
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x (B, H, L, hd), cos/sin (B, L, hd): x*cos + rotate_half(x)*sin."""
+    """x (B, H, L, hd), cos/sin (B, L, hd): x*cos + rotate_half(x)*sin, rotate_half(x) = [-x2, x1]."""
     half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos[:, None] + rotated * sin[:, None]
+    cos, sin = cos[:, None], sin[:, None]
+    out = x * cos
+    out[..., :half].sub_(x[..., half:] * sin[..., :half])  # x1 cos - x2 sin
+    out[..., half:].add_(x[..., :half] * sin[..., half:])  # x2 cos + x1 sin
+    return out
 
 
 # ------------------------------------------------------------------------------------------------
@@ -94,25 +100,33 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class KVCache:
-    """Keys (after RoPE) and values of every layer, (B, H, T, hd), grown scale by scale."""
+    """Keys (after RoPE) and values of every layer, one :class:`KVBuffer` each, grown scale by scale.
 
-    def __init__(self, depth: int):
-        self.k: list[torch.Tensor | None] = [None] * depth
-        self.v: list[torch.Tensor | None] = [None] * depth
+    ``capacity``: token slots per layer (``PruningRun.kv_capacity``); None lets the buffers grow.
+    """
+
+    def __init__(self, depth: int, capacity: Sequence[int] | None = None):
+        self.layers = [KVBuffer(None if capacity is None else capacity[i]) for i in range(depth)]
         self.store = True  # False at the last scale: nothing attends to it afterwards
 
-    def extend(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys/values to attend to: the cached ones plus the new ones (stored unless ``store`` is off)."""
-        if self.k[layer] is not None:
-            k = torch.cat([self.k[layer], k], dim=2)
-            v = torch.cat([self.v[layer], v], dim=2)
-        if self.store:
-            self.k[layer], self.v[layer] = k, v
-        return k, v
+    @property
+    def k(self) -> list[torch.Tensor | None]:
+        """Held keys per layer, (B, H, T, hd) or None."""
+        return [layer.k for layer in self.layers]
+
+    @property
+    def v(self) -> list[torch.Tensor | None]:
+        return [layer.v for layer in self.layers]
+
+    def extend(self, layer: int, k: torch.Tensor, v: torch.Tensor, keep: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys/values to attend to: the cached ones plus the new ones, of which ``keep`` (None: all) are
+        stored unless ``store`` is off."""
+        keep = (k.shape[2] if keep is None else keep) if self.store else 0
+        return self.layers[layer].extend(k, v, keep)
 
     def clear(self) -> None:
-        self.k = [None] * len(self.k)
-        self.v = [None] * len(self.v)
+        for layer in self.layers:
+            layer.clear()
 
 
 class Attention(nn.Module):
@@ -134,7 +148,9 @@ class Attention(nn.Module):
             self.scale_mul_1H11 = None
             self.scale = 0.25 / math.sqrt(self.head_dim)  # not 1/sqrt(hd) (hart.md §2.5)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache, layer: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache, layer: int,
+                keep: int | None = None) -> torch.Tensor:
+        """x (B, L, C) -> (B, L, C); ``keep`` of the L keys stay in the cache (None: all)."""
         B, L, C = x.shape
         bias = torch.cat([self.q_bias, self.zero_k_bias, self.v_bias])
         qkv = F.linear(x, self.qkv_proj.weight, bias).view(B, L, 3, self.num_heads, self.head_dim)
@@ -145,7 +161,7 @@ class Attention(nn.Module):
             k = F.normalize(k, dim=-1)
         cos, sin = cos.to(v.dtype), sin.to(v.dtype)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        k, v = cache.extend(layer, k, v)
+        k, v = cache.extend(layer, k, v, keep)
         out = attention(q, k, v, scale=self.scale)  # (B, H, L, hd)
         return self.proj(out.transpose(1, 2).reshape(B, L, C))
 
@@ -179,13 +195,14 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache, run: PruningRun) -> torch.Tensor:
         def attn_branch(xs: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
             # kept tokens keep their original positions: gather their cos/sin rows
-            return self.attn(self.ln_wo_grad(xs), _gather_rows(cos, idx), _gather_rows(sin, idx), cache, self.index)
+            return self.attn(self.ln_wo_grad(xs), _gather_rows(cos, idx), _gather_rows(sin, idx), cache, self.index,
+                             run.kv_keep(xs.shape[1]))
 
         def ffn_branch(xs: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
             return self.ffn(self.ln_wo_grad(xs))
 
-        x = x + run.sublayer(self.index, "attn", x, attn_branch)
-        return x + run.sublayer(self.index, "ffn", x, ffn_branch)
+        x = x + run.sublayer(self.index, "attn", x, attn_branch)  # a new tensor: the caller's x is left alone
+        return x.add_(run.sublayer(self.index, "ffn", x, ffn_branch))
 
 
 class HeadNorm(nn.Module):
@@ -223,6 +240,10 @@ class HARTTransformer(nn.Module):
         self.head = nn.Linear(C, cfg.vocab_size)
         self.decoder_norm = RMSNorm(C, cfg.norm_eps)
         self.diffloss = ResidualDiffusion(cfg.vae_channels, cfg.diff_width, C, cfg.diff_depth, cfg.num_sampling_steps)
+        # The diffusion head runs on the faster oneDNN kernels (fastvar_core.linear). The blocks keep
+        # PyTorch's default ones: another summation order moves HART's logits by ~1e-4 and flips
+        # near-tied draws of the official token sequences that the parity cases replay.
+        use_fast_linears(self.diffloss)
 
     @property
     def device(self) -> torch.device:

@@ -21,8 +21,9 @@ import torch
 from ..errors import ConfigError
 from ..pruning.config import PruningConfig
 from ..pruning.run import PruningRun
-from ..sampling import ProgressCallback, SampleResult, ScaleTimer, check_sampling_args
+from ..sampling import ProgressCallback, SampleResult, ScaleTimer, check_logits, check_sampling_args
 from ..schedules import ScaleSchedule
+from .diffusion import VAE_SCALE
 from .loader import check_text_width, check_vae_matches
 from .model import HARTTransformer, KVCache, image_positions, rope_context, rope_image
 
@@ -85,6 +86,34 @@ def _stats(f_hat: torch.Tensor) -> torch.Tensor:
     return torch.stack([flat.mean(1), flat.std(1), flat.abs().amax(1)], dim=1).cpu()
 
 
+def unguided_residual(diffloss, cond: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """The diffusion residual (N, Cvae) of N conditional rows without guidance (past a CFG cut-off).
+
+    The same iDDPM steps as ``ResidualDiffusion.sample`` on its unguided path, but for the given rows
+    only: one (N, Cvae) noise draw to start and one per step.
+    """
+    dtype, dev = diffloss.net.input_proj.weight.dtype, cond.device
+    gdev = generator.device if generator is not None else torch.device("cpu")
+
+    def randn() -> torch.Tensor:
+        return torch.randn(cond.shape[0], diffloss.channels, generator=generator, device=gdev).to(dev, torch.float32)
+
+    x = randn()
+    c_emb = diffloss.net.cond_embed(cond.to(dtype))
+    sch = diffloss.schedule
+    for step in reversed(range(sch.num_steps)):
+        t_emb = diffloss.net.time_embed(torch.full((1,), sch.timesteps[step], device=dev, dtype=torch.long))
+        out = diffloss.net(x.to(dtype), t_emb, c_emb).float()  # (N, 2 Cvae)
+        eps, var_v = out[:, : diffloss.channels], out[:, diffloss.channels:]
+        k = sch.step_constants(step)
+        frac = (var_v + 1) / 2
+        log_var = frac * k["max_log"] + (1 - frac) * k["min_log"]
+        x0 = (k["sqrt_recip_ac"] * x - k["sqrt_recipm1_ac"] * eps).clamp(-1, 1)
+        mean = k["coef_x0"] * x0 + k["coef_xt"] * x
+        x = mean + torch.exp(0.5 * log_var) * randn() if step > 0 else mean
+    return x * VAE_SCALE
+
+
 def check_hart_pruning(config: PruningConfig, schedule: ScaleSchedule, depth: int) -> PruningConfig:
     """HART specifics on top of the generic validation: scale 0 is the text context, no scale is skipped."""
     config.validate(schedule.num_scales, depth, can_skip_last=False)  # also refuses pruning scale 0
@@ -120,6 +149,7 @@ def sample_hart(
     return_logits: bool = False,
     logits_at: Sequence[int] = (),
     trace: bool = False,
+    time_pruning: dict[str, float] | None = None,
 ) -> SampleResult:
     """Generate HART latents for a batch of prompts; ``result.latent`` is f_hat (B, Cvae, H, W) for the VAE.
 
@@ -132,6 +162,9 @@ def sample_hart(
     ``result.extras``: logits_lse, logits_max, logits_argmax, logits_chosen (B, N), plus the full logits
     at the flat positions ``logits_at`` as logits_sel (B, P, V). ``trace`` adds f_hat_stats (B, S, 3),
     next_inputs (B, N - 1, Cvae), f_hat_pre_last, diff_out (B, h*w, Cvae) and diff_cond_stats (3,).
+    A ``pruning`` config with a ``cfg_cutoff`` runs only the conditional rows from that scale on (logits
+    and the diffusion residual unguided). ``time_pruning``: a dict to which the wall seconds of pruned
+    sub-layers are added (``select``, ``branch``, ``restore``; CUDA synchronised: for measurements).
     """
     cfg_model = model.config
     check_vae_matches(model, vae)
@@ -159,8 +192,9 @@ def sample_hart(
     generator.manual_seed(int(seed))
     diff_gen = diffusion_generator if diffusion_generator is not None else generator
 
-    run = PruningRun(pruning, schedule.scales, cfg_model.depth, record=record_kept)
-    cache = KVCache(cfg_model.depth)
+    run = PruningRun(pruning, schedule.scales, cfg_model.depth, record=record_kept, timing=time_pruning is not None)
+    tokens_run = [cond.context.shape[1], *schedule.tokens_per_scale[1:]]  # scale 0 runs the text tokens
+    cache = KVCache(cfg_model.depth, [run.kv_capacity(layer, tokens_run, range(S - 1)) for layer in range(cfg_model.depth)])
     timer = ScaleTimer(device)
     tokens: dict[int, torch.Tensor] = {}
     extras: dict[str, torch.Tensor] = {}
@@ -188,14 +222,17 @@ def sample_hart(
                     ratio = si / (S - 1)  # the last scale reuses the previous ratio (official behaviour)
                 run.begin_scale(si)
                 cache.store = not last
+                guided = pruning.guides(si)  # past a CFG cut-off only the conditional rows run
+                rows = 2 * B if guided else B
                 if si == 0:
                     cos, sin = rope_context(pos_ids, cfg_model.head_dim)
                 else:
-                    cos, sin = rope_image(image_positions(pn, grid, offset), cfg_model.head_dim)
-                x = model.forward_blocks(x, cos, sin, cache, run)  # (2B, l, C)
-                logits = model.logits(x, head_scale, head_shift)  # (2B, l, V) float32
+                    cos, sin = rope_image(image_positions(pn, grid, offset[:rows]), cfg_model.head_dim)
+                x = model.forward_blocks(x, cos, sin, cache, run)  # (rows, l, C)
+                logits = model.logits(x, head_scale[:rows], head_shift[:rows])  # (rows, l, V) float32
                 t = cfg * ratio
-                logits = (1 + t) * logits[:B] - t * logits[B:]
+                if guided:
+                    logits = (1 + t) * logits[:B] - t * logits[B:]
                 if si == 0:
                     logits = logits[:, -1:]  # the 1x1 token is predicted from the last text position
 
@@ -210,6 +247,7 @@ def sample_hart(
                         if offsets[si] <= p < offsets[si] + pn * pn:
                             sel[p] = logits[:, p - offsets[si]].float().cpu()
                 if teacher_tokens is None:
+                    check_logits(logits, si, model.head.weight.dtype)
                     filter_logits_(logits, official_top_k(si) if top_k is None else top_k, top_p)
                     idx = sample_tokens(logits, generator)
                 if return_logits:
@@ -230,12 +268,17 @@ def sample_hart(
                     if trace:
                         traced["next"].append(nxt.cpu())
                     x = model.word_embed(nxt.to(dtype)) + levels[si + 1]
-                    x = torch.cat([x, x])  # (2B, pn'^2, C)
+                    if pruning.guides(si + 1):
+                        x = torch.cat([x, x])  # (2B, pn'^2, C)
                 else:
                     # residual diffusion conditioned on hidden + embedding of the hard codes (hart.md §3.5)
                     discrete = model.word_embed(vae.embed(idx.to(codebook.device)).to(device, dtype))
-                    z = model.decoder_norm(x + torch.cat([discrete, discrete]))  # (2B, l, C)
-                    resid = model.diffloss.sample(z.flatten(0, 1), t, diff_gen).view(B, -1, h.shape[-1])
+                    z = model.decoder_norm(x + discrete.repeat(rows // B, 1, 1))  # (rows, l, C)
+                    if guided:
+                        resid = model.diffloss.sample(z.flatten(0, 1), t, diff_gen)
+                    else:
+                        resid = unguided_residual(model.diffloss, z.flatten(0, 1), diff_gen)
+                    resid = resid.view(B, -1, h.shape[-1])
                     if trace:
                         extras["f_hat_pre_last"] = f_hat.cpu()
                         extras["diff_out"] = resid.float().cpu()
@@ -251,6 +294,9 @@ def sample_hart(
     finally:
         run.close()
         cache.clear()
+        if time_pruning is not None:
+            for part, seconds in run.seconds.items():
+                time_pruning[part] = time_pruning.get(part, 0.0) + seconds
 
     if return_logits:
         for name, parts in logit_stats.items():

@@ -56,6 +56,9 @@ def unwrap_container(obj: Mapping[str, object], source: str) -> dict[str, torch.
             )
         obj = inner
     state = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    flat = "trainer.gpt_fsdp."  # a training checkpoint converted to safetensors (nested keys flattened)
+    if any(k.startswith(flat) for k in state):
+        state = {k[len(flat):]: v for k, v in state.items() if k.startswith(flat)}
     if any(k.startswith("module.") for k in state) and all(k.startswith("module.") for k in state):
         state = {k[len("module."):]: v for k, v in state.items()}  # DDP/FSDP wrapper prefix
     return state

@@ -21,9 +21,11 @@ import torch.nn.functional as F
 
 from ..attention import VarlenKV, attention, varlen_cross_attention
 from ..cost import ArchSpec
+from ..kvcache import KVBuffer
+from ..linear import linear, use_fast_linears
 from ..pruning.run import PruningRun
 from .config import NORM_EPS, TEXT_MAXLEN, InfinityConfig
-from .rope import ScaleRope, apply_rope
+from .rope import ScaleRope
 
 # Cosine attention clamps the learned log-scale at ln(100), evaluated in float32 as the official code does.
 MAX_LOG_SCALE = torch.log(torch.tensor(100.0)).item()
@@ -37,23 +39,18 @@ def ada_layer_norm(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) ->
     return x.mul(scale.add(1)).add_(shift)
 
 
-class KVCache:
-    """Self-attention keys/values of the previous scales of one layer, (B, H, N, hd) each."""
+class KVCache(KVBuffer):
+    """Self-attention keys/values of the previous scales of one layer (see :class:`KVBuffer`)."""
 
-    def __init__(self) -> None:
-        self.k: torch.Tensor | None = None
-        self.v: torch.Tensor | None = None
 
-    def extend(self, k: torch.Tensor, v: torch.Tensor, store: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys/values to attend to: cache + this scale's; keep them for later scales if ``store``."""
-        if self.k is not None:
-            k, v = torch.cat((self.k, k), dim=2), torch.cat((self.v, v), dim=2)
-        if store:
-            self.k, self.v = k, v
-        return k, v
-
-    def clear(self) -> None:
-        self.k = self.v = None
+def rotate_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """:func:`rope.apply_rope` with fewer temporaries (same float32 values): x (B, H, L, hd) -> contiguous."""
+    a, b = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # (B, H, L, hd/2) each, strided
+    out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
+    even, odd = out.unflatten(-1, (-1, 2)).unbind(-1)
+    torch.mul(a, cos, out=even).sub_(b * sin)  # a cos - b sin
+    torch.mul(a, sin, out=odd).add_(b * cos)  # a sin + b cos
+    return out
 
 
 class SelfAttention(nn.Module):
@@ -69,17 +66,18 @@ class SelfAttention(nn.Module):
         self.scale_mul_1H11 = nn.Parameter(torch.zeros(1, num_heads, 1, 1))  # log of per-head q scale
         self.proj = nn.Linear(embed_dim, embed_dim)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache, store: bool) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache, keep: int) -> torch.Tensor:
+        """x (B, L, C) -> (B, L, C); ``keep``: how many of the L keys stay in ``cache`` (KVCache.extend)."""
         B, L, C = x.shape
         w = self.mat_qkv.weight
         bias = torch.cat((self.q_bias, self.zero_k_bias, self.v_bias)).to(w.dtype)
-        qkv = F.linear(x.to(w.dtype), w, bias).view(B, L, 3, self.num_heads, self.head_dim)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, L, hd) each
+        qkv = linear(x.to(w.dtype), w, bias).view(B, L, 3, self.num_heads, self.head_dim)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, L, hd) each, views of qkv
         q_scale = self.scale_mul_1H11.float().clamp_max(MAX_LOG_SCALE).exp()  # (1, H, 1, 1)
-        q = F.normalize(q.float(), dim=-1, eps=1e-12).mul(q_scale)
+        q = F.normalize(q.float(), dim=-1, eps=1e-12).mul_(q_scale)
         k = F.normalize(k.float(), dim=-1, eps=1e-12)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        k, v = cache.extend(k.to(w.dtype), v.contiguous(), store)
+        q, k = rotate_pairs(q, cos, sin), rotate_pairs(k, cos, sin)
+        k, v = cache.extend(k.to(w.dtype), v, keep)
         out = attention(q.to(w.dtype), k, v, scale=1.0)  # (B, H, L, hd); the learned q scale is the temperature
         return self.proj(out.transpose(1, 2).reshape(B, L, C))
 
@@ -100,7 +98,7 @@ class CrossAttention(nn.Module):
         """Project the text memory (N, C) once per generation -> packed keys/values (N, H, hd)."""
         w = self.mat_kv.weight
         bias = torch.cat((self.zero_k_bias, self.v_bias)).to(w.dtype)
-        kv = F.linear(ca_kv.to(w.dtype), w, bias).view(-1, 2, self.num_heads, self.head_dim)
+        kv = linear(ca_kv.to(w.dtype), w, bias).view(-1, 2, self.num_heads, self.head_dim)
         k, v = kv.unbind(1)
         return VarlenKV(k.contiguous(), v.contiguous(), cu_seqlens, max_seqlen)
 
@@ -112,14 +110,16 @@ class CrossAttention(nn.Module):
 
 
 class FFN(nn.Module):
+    """fc2(GELU-tanh(fc1(x))), the activation fused into fc1's product where oneDNN runs it."""
+
     def __init__(self, embed_dim: int, hidden: int):
         super().__init__()
         self.fc1 = nn.Linear(embed_dim, hidden)
-        self.act = nn.GELU(approximate="tanh")
         self.fc2 = nn.Linear(hidden, embed_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x.to(self.fc1.weight.dtype))))
+        hidden = linear(x.to(self.fc1.weight.dtype), self.fc1.weight, self.fc1.bias, activation="gelu_tanh")
+        return self.fc2(hidden)
 
 
 class Block(nn.Module):
@@ -142,18 +142,18 @@ class Block(nn.Module):
 
         def sa_branch(xs: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
             cos, sin = rope.select(idx)  # kept tokens rotate at their original positions
-            return self.sa(ada_layer_norm(xs, scale1, shift1), cos, sin, cache, store_kv).float().mul_(gamma1)
+            keep = run.kv_keep(xs.shape[1]) if store_kv else 0
+            return self.sa(ada_layer_norm(xs, scale1, shift1), cos, sin, cache, keep).float().mul_(gamma1)
 
         def ca_branch(xs: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
             return self.ca(self.ca_norm(xs.float()), text_kv).float()  # ca_gamma = 1 in released models
 
         def ffn_branch(xs: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
-            return self.ffn(ada_layer_norm(xs, scale2, shift2)).float().mul(gamma2)
+            return self.ffn(ada_layer_norm(xs, scale2, shift2)).float().mul_(gamma2)
 
-        x = x + run.sublayer(layer, "sa", x, sa_branch)
-        x = x + run.sublayer(layer, "ca", x, ca_branch)
-        x = x + run.sublayer(layer, "ffn", x, ffn_branch)
-        return x
+        x = x + run.sublayer(layer, "sa", x, sa_branch)  # a new tensor: the caller's x is left alone
+        x.add_(run.sublayer(layer, "ca", x, ca_branch))
+        return x.add_(run.sublayer(layer, "ffn", x, ffn_branch))
 
 
 class RMSNorm(nn.Module):
@@ -192,7 +192,7 @@ class _PoolAttention(nn.Module):
     def forward(self, kv: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int) -> torch.Tensor:
         """kv (N, Ct5) packed text features -> (B, C) pooled vector per sequence."""
         bias = torch.cat((self.zero_k_bias, self.v_bias))
-        k, v = F.linear(kv, self.mat_kv.weight, bias).view(-1, 2, self.num_heads, self.head_dim).unbind(1)
+        k, v = linear(kv, self.mat_kv.weight, bias).view(-1, 2, self.num_heads, self.head_dim).unbind(1)
         batch = cu_seqlens.numel() - 1
         q = self.mat_q.expand(batch, -1, -1).unsqueeze(2)  # (B, Hp, 1, dh)
         out = varlen_cross_attention(q, VarlenKV(k.contiguous(), v.contiguous(), cu_seqlens, max_seqlen),
@@ -223,6 +223,21 @@ class TextContext:
     def rows(self) -> int:
         return self.cond.shape[0]
 
+    def conditional(self) -> TextContext:
+        """The conditional rows [0, B) only (past a CFG cut-off)."""
+        if self.rows == self.batch:
+            return self
+        return TextContext(self.cond[: self.batch], self.ada[: self.batch],
+                           [leading_rows(kv, self.batch) for kv in self.ca_kv], self.batch)
+
+
+def leading_rows(kv: VarlenKV, rows: int) -> VarlenKV:
+    """The text keys/values of the first ``rows`` sequences (packed and padded forms share storage)."""
+    k_pad, v_pad, mask = kv.padded()
+    end = int(kv.cu_seqlens[rows])
+    return VarlenKV(kv.k[:end], kv.v[:end], kv.cu_seqlens[: rows + 1], kv.max_seqlen,
+                    _padded=(k_pad[:rows], v_pad[:rows], mask[:rows]))
+
 
 class InfinityTransformer(nn.Module):
     """The Infinity bitwise next-scale transformer (text-to-image)."""
@@ -242,6 +257,7 @@ class InfinityTransformer(nn.Module):
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.depth))
         self.head_nm = AdaLNBeforeHead(C)
         self.head = nn.Linear(C, 2 * config.bits)
+        use_fast_linears(self)
 
     # ----- precision -----
     @property

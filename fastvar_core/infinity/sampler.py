@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from ..errors import ConfigError, IncompatibleModelsError
 from ..pruning.config import PruningConfig
 from ..pruning.run import PruningRun
-from ..sampling import ProgressCallback, SampleResult, ScaleTimer, check_sampling_args, per_scale
+from ..sampling import ProgressCallback, SampleResult, ScaleTimer, check_logits, check_sampling_args, per_scale
 from ..schedules import ScaleSchedule
 from .config import TEXT_MAXLEN
 from .model import InfinityTransformer, KVCache
@@ -105,6 +105,7 @@ def sample_infinity(
     teacher_bits: Sequence[torch.Tensor] | Mapping[int, torch.Tensor] | None = None,
     return_logits: bool = False,
     generator_device: str | torch.device = "cpu",
+    time_pruning: dict[str, float] | None = None,
 ) -> SampleResult:
     """Generate the latent (summed codes, (B, d_v, H, W)) for the prompts in ``cond``.
 
@@ -114,6 +115,8 @@ def sample_infinity(
     the sampled ones (the draw still happens, as in the reference). ``return_logits`` stores the
     post-CFG logits of every executed scale in ``extras['logits.SS']``. ``callback(step, total, preview)``
     runs after every executed scale; raising from it stops sampling with every cache released.
+    ``time_pruning``: a dict to which the wall seconds of pruned sub-layers are added, split into
+    ``select``, ``branch`` and ``restore`` (CUDA is synchronised around each part: for measurements only).
     """
     config = model.config
     lens = [int(n) for n in cond.lens]
@@ -134,9 +137,11 @@ def sample_infinity(
 
     device = model.pos_start.device
     pruning = pruning if pruning is not None else PruningConfig(name="off")
-    run = PruningRun(pruning, schedule.scales, config.depth, record=record_kept)
+    run = PruningRun(pruning, schedule.scales, config.depth, record=record_kept,
+                     timing=time_pruning is not None)
     executed = [si for si in range(S) if not run.is_skipped(si)]
-    caches = [KVCache() for _ in range(config.depth)]
+    # one buffer per layer, sized for every stored scale; the final executed scale's keys are not kept
+    caches = [KVCache(run.kv_capacity(layer, schedule.tokens_per_scale, executed[:-1])) for layer in range(config.depth)]
     generator = torch.Generator(device=generator_device).manual_seed(int(seed))
     timer = ScaleTimer(device)
     vae_scales = [(2 * h, 2 * w) if config.patchify else (h, w) for h, w in schedule.scales]
@@ -144,12 +149,15 @@ def sample_infinity(
     tokens: dict[int, torch.Tensor] = {}
     extras: dict[str, torch.Tensor] = {}
     try:
-        ctx = model.encode_text(cond.kv_compact, lens, negative=negative, guidance=guidance)
+        full_ctx = model.encode_text(cond.kv_compact, lens, negative=negative, guidance=guidance)
         summed = None  # (B, d_v, 1, H, W) accumulated codes
         for step, si in enumerate(executed, start=1):
             timer.start()
             h, w = schedule.scales[si]
             run.begin_scale(si)
+            # past the config's CFG cut-off only the conditional rows run (their logits, unguided)
+            guided = guidance and pruning.guides(si)
+            ctx = full_ctx if guided else full_ctx.conditional()
             if si == 0:
                 x = model.start_tokens(ctx)  # (bs, 1, C)
             else:
@@ -160,13 +168,14 @@ def sample_infinity(
             rope = ScaleRope.build((h, w), schedule.rope_grid, config.head_dim, device)
             hidden = model.forward_scale(x, si, ctx, rope, run, caches, store_kv=si != executed[-1])
 
-            if guidance and cfgs[si] != 1:
+            if guided and cfgs[si] != 1:
                 logits = model.get_logits(hidden, ctx.cond).mul(1 / taus[si])
                 logits = cfgs[si] * logits[:B] + (1 - cfgs[si]) * logits[B:]
             else:
                 logits = model.get_logits(hidden[:B], ctx.cond[:B]).mul(1 / taus[si])  # (B, L, 2d)
             if return_logits:
                 extras[f"logits.{si:02d}"] = logits.detach().clone()
+            check_logits(logits, si, model.block_dtype)
             bits = sample_bits(logits, top_k, top_p, generator).view(B, h, w, -1)  # (B, h, w, d)
             forced = _teacher(teacher_bits, si)
             if forced is not None:
@@ -187,6 +196,9 @@ def sample_infinity(
         run.close()
         for cache in caches:
             cache.clear()
+        if time_pruning is not None:
+            for part, seconds in run.seconds.items():
+                time_pruning[part] = time_pruning.get(part, 0.0) + seconds
     return SampleResult(
         family="infinity", latent=latent, schedule=schedule, pruning=pruning, executed_scales=executed,
         scale_seconds=timer.seconds, kept=run.kept, tokens=tokens, extras=extras,

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from ..checkpoint import load_file
+from ..checkpoint import load_file, prefer_safetensors
 from ..errors import CheckpointError, ConfigError
 from ..hf_utils import check_prompts, dtype_kwargs, quiet_transformers
 
@@ -283,6 +283,7 @@ def _check_keys(state: dict[str, torch.Tensor], model: nn.Module, source: Path) 
 def _build_t5_from_file(file: Path, config_folder: Path, dtype: torch.dtype):
     from transformers import T5Config, T5EncoderModel
 
+    file = prefer_safetensors(file)
     state = _filter_t5_encoder_keys(dict(load_file(file)), file)
     cfg_json = _read_config_json(config_folder)
     if cfg_json is not None:

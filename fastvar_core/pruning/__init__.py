@@ -1,14 +1,16 @@
 """FastVAR cached token pruning, model agnostic: config, presets, token selection/restoration, run state."""
 
 from .config import PruningConfig
-from .presets import PRESET_NAMES, make_preset, preset_layers
+from .presets import ACCELERATED_PRESETS, PRESET_NAMES, accelerate, make_preset, preset_layers
 from .run import PruningRun
 from .tokens import gather_tokens, pivotal_scores, resize_token_map, restore_tokens, select_pivotal
 
 __all__ = [
+    "ACCELERATED_PRESETS",
     "PRESET_NAMES",
     "PruningConfig",
     "PruningRun",
+    "accelerate",
     "gather_tokens",
     "make_preset",
     "pivotal_scores",

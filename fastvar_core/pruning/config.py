@@ -19,18 +19,30 @@ class PruningConfig:
     interpolated to the final size, as the official Infinity code does).
     ``cache_scale`` is the scale whose sub-layer outputs refill the pruned slots (FastVAR's cached
     step). ``layers`` is the half-open range ``[start, stop)`` of transformer layers that prune.
+
+    Two optional accelerations beyond the paper (off unless set; see ``presets.accelerate``):
+    ``cfg_cutoff`` is the first scale from which the unconditional classifier-free-guidance branch is
+    no longer run (that scale and every later one use the conditional logits only, as with cfg = 1).
+    ``kv_ratios`` maps a scale index to the fraction of its keys/values that later scales do not
+    attend to: ``floor(L * ratio)`` of the scale's L self-attention tokens are left out of the KV cache
+    (those farthest from the scale's mean key stay); the scale itself still attends to all of them.
     """
 
     ratios: dict[int, float] = field(default_factory=dict)
     cache_scale: int | None = None
     layers: tuple[int, int] = (0, 0)
     name: str = "custom"
+    cfg_cutoff: int | None = None
+    kv_ratios: dict[int, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.ratios = {int(k): float(v) for k, v in self.ratios.items()}
+        self.kv_ratios = {int(k): float(v) for k, v in self.kv_ratios.items()}
         self.layers = (int(self.layers[0]), int(self.layers[1]))
         if self.cache_scale is not None:
             self.cache_scale = int(self.cache_scale)
+        if self.cfg_cutoff is not None:
+            self.cfg_cutoff = int(self.cfg_cutoff)
 
     # ----- queries used by samplers and the engine -----
     @property
@@ -52,6 +64,19 @@ class PruningConfig:
 
     def prunes_layer(self, layer: int) -> bool:
         return self.layers[0] <= layer < self.layers[1]
+
+    def guides(self, scale: int) -> bool:
+        """Whether ``scale`` runs the unconditional CFG branch (when the sampler guides at all)."""
+        return self.cfg_cutoff is None or scale < self.cfg_cutoff
+
+    def kv_kept(self, scale: int, num_tokens: int) -> int:
+        """Of ``num_tokens`` self-attention tokens of ``scale``, how many stay in the KV cache."""
+        return num_tokens - int(num_tokens * self.kv_ratios.get(scale, 0.0))
+
+    @property
+    def accelerated(self) -> bool:
+        """Whether an acceleration beyond the paper (CFG cut-off, KV budget) is on."""
+        return self.cfg_cutoff is not None or any(r > 0 for r in self.kv_ratios.values())
 
     @property
     def pruned_scales(self) -> list[int]:
@@ -84,6 +109,21 @@ class PruningConfig:
             raise ConfigError(
                 f"pruning.layers = [{start}, {stop}) is outside the model's layers; allowed: 0 <= start <= stop <= {depth}"
             )
+        if self.cfg_cutoff is not None and not 1 <= self.cfg_cutoff < num_scales:
+            raise ConfigError(
+                f"pruning.cfg_cutoff = {self.cfg_cutoff} is not a scale index that can stop guidance; "
+                f"allowed: 1..{num_scales - 1} (scale 0 always runs both branches), or null for guidance throughout"
+            )
+        for scale, ratio in sorted(self.kv_ratios.items()):
+            if not 0 <= scale < num_scales:
+                raise ConfigError(
+                    f"pruning.kv_ratios: scale index {scale} does not exist; this schedule has scales 0..{num_scales - 1}"
+                )
+            if not (math.isfinite(ratio) and 0.0 <= ratio < 1.0):
+                raise ConfigError(
+                    f"pruning.kv_ratios[{scale}] = {ratio!r} is outside [0, 1) (the share of the scale's keys/values "
+                    f"left out of the KV cache)"
+                )
         if self.pruned_scales:
             first = min(self.pruned_scales + self.skipped_scales)
             if self.cache_scale is None:
@@ -104,31 +144,38 @@ class PruningConfig:
 
     # ----- serialisation -----
     def to_dict(self) -> dict:
-        return {
+        data = {
             "name": self.name,
             "ratios": {str(k): v for k, v in sorted(self.ratios.items())},
             "cache_scale": self.cache_scale,
             "layers": list(self.layers),
         }
+        if self.cfg_cutoff is not None:  # optional fields only when set: paper configs keep their JSON
+            data["cfg_cutoff"] = self.cfg_cutoff
+        if self.kv_ratios:
+            data["kv_ratios"] = {str(k): v for k, v in sorted(self.kv_ratios.items())}
+        return data
 
     @classmethod
     def from_dict(cls, data: dict) -> PruningConfig:
         if not isinstance(data, dict):
             raise ConfigError(f"a pruning config must be a JSON object, got {type(data).__name__}")
-        unknown = set(data) - {"name", "ratios", "cache_scale", "layers"}
+        unknown = set(data) - set(_FIELDS)
         if unknown:
             raise ConfigError(
-                f"pruning config has unknown field(s) {sorted(unknown)}; allowed: name, ratios, cache_scale, layers"
+                f"pruning config has unknown field(s) {sorted(unknown)}; allowed: {', '.join(_FIELDS)}"
             )
-        try:
-            ratios = {int(k): float(v) for k, v in dict(data.get("ratios", {})).items()}
-        except (TypeError, ValueError) as exc:
-            raise ConfigError(f"pruning.ratios must map scale indices to numbers ({exc})") from None
+        ratios = _scale_map(data, "ratios")
+        kv_ratios = _scale_map(data, "kv_ratios")
         layers = data.get("layers", [0, 0])
         if not (isinstance(layers, (list, tuple)) and len(layers) == 2):
             raise ConfigError(f"pruning.layers must be [start, stop], got {layers!r}")
         cache = data.get("cache_scale")
-        return cls(ratios=ratios, cache_scale=cache, layers=tuple(layers), name=str(data.get("name", "custom")))
+        cutoff = data.get("cfg_cutoff")
+        if cutoff is not None and (isinstance(cutoff, bool) or not isinstance(cutoff, int)):
+            raise ConfigError(f"pruning.cfg_cutoff must be a scale index or null, got {cutoff!r}")
+        return cls(ratios=ratios, cache_scale=cache, layers=tuple(layers), name=str(data.get("name", "custom")),
+                   cfg_cutoff=cutoff, kv_ratios=kv_ratios)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
@@ -140,6 +187,16 @@ class PruningConfig:
         except json.JSONDecodeError as exc:
             raise ConfigError(f"pruning config is not valid JSON: {exc}") from None
         return cls.from_dict(data)
+
+
+_FIELDS = ("name", "ratios", "cache_scale", "layers", "cfg_cutoff", "kv_ratios")
+
+
+def _scale_map(data: dict, key: str) -> dict[int, float]:
+    try:
+        return {int(k): float(v) for k, v in dict(data.get(key) or {}).items()}
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"pruning.{key} must map scale indices to numbers ({exc})") from None
 
 
 OFF = PruningConfig(name="off")

@@ -15,15 +15,28 @@ HART ``2k``  is ``paper`` for the extended schedule (the appended scale drops 75
 
 Schedules too short for a preset's tail (e.g. Infinity 0.06M) get only the entries that fit after a
 cache scale of at least index 1.
+
+``fast`` (beyond the paper, both families) is ``paper`` -- or ``2k`` on a schedule longer than the
+family's 1024 px one -- plus the two optional accelerations of :func:`accelerate`: the last two executed
+scales run without the unconditional CFG branch (as SkipVAR and StageVAR do), and the two executed
+scales before the last keep only half of their keys/values for later scales (a KV budget for late
+scales, as ScaleKV and HACK do). Both trade some fidelity to the guided, full-cache output for speed
+and memory; ``off``, ``paper`` and ``2k`` never use them.
 """
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 from ..errors import ConfigError
 from .config import PruningConfig
 
 FAMILIES = ("infinity", "hart")
-PRESET_NAMES = ("off", "paper", "2k")
+PRESET_NAMES = ("off", "paper", "2k")  # FastVAR as published
+ACCELERATED_PRESETS = ("fast",)  # FastVAR plus the optional accelerations beyond the paper
+# Scales of each family's 1024 px schedule; longer schedules are 2K ones (``fast`` then builds on ``2k``).
+_SCALES_1024 = {"infinity": 13, "hart": 14}
+FAST_KV_RATIO = 0.5
 
 # (offset from the end -> ratio), cache offset from the end
 _TAILS: dict[tuple[str, str], tuple[dict[int, float], int]] = {
@@ -47,8 +60,16 @@ def make_preset(family: str, name: str, num_scales: int, depth: int) -> PruningC
     """Build a named preset for a schedule of ``num_scales`` scales and a model of ``depth`` layers."""
     if family not in FAMILIES:
         raise ConfigError(f"model family {family!r} is unknown; allowed: {list(FAMILIES)}")
-    if name not in PRESET_NAMES:
-        raise ConfigError(f"pruning preset {name!r} is unknown; allowed: {list(PRESET_NAMES)}")
+    if name not in PRESET_NAMES + ACCELERATED_PRESETS:
+        raise ConfigError(
+            f"pruning preset {name!r} is unknown; allowed: {list(PRESET_NAMES)} (FastVAR as published) "
+            f"or {list(ACCELERATED_PRESETS)} (with the accelerations beyond the paper)"
+        )
+    if name == "fast":
+        base = "2k" if num_scales > _SCALES_1024[family] else "paper"
+        fast = accelerate(make_preset(family, base, num_scales, depth), num_scales)
+        fast.name = "fast"
+        return fast
     if name == "off":
         return PruningConfig(name="off")
     tail, cache_offset = _TAILS[(family, name)]
@@ -57,3 +78,17 @@ def make_preset(family: str, name: str, num_scales: int, depth: int) -> PruningC
     if cache < 1 or not ratios:
         return PruningConfig(name=name)  # too few scales: nothing worth pruning
     return PruningConfig(ratios=ratios, cache_scale=cache, layers=preset_layers(family, depth), name=name)
+
+
+def accelerate(config: PruningConfig, num_scales: int) -> PruningConfig:
+    """``config`` plus the accelerations beyond the paper, placed relative to its last executed scale.
+
+    The last two executed scales drop the unconditional CFG branch (``cfg_cutoff``); the two executed
+    scales before the last one leave half of their keys/values out of the KV cache (``kv_ratios``).
+    Schedules with fewer than four executed scales are returned unchanged.
+    """
+    executed = [s for s in range(num_scales) if not config.skips(s)]
+    if len(executed) < 4:
+        return replace(config)
+    return replace(config, name=f"{config.name}+fast", cfg_cutoff=executed[-2],
+                   kv_ratios={executed[-3]: FAST_KV_RATIO, executed[-2]: FAST_KV_RATIO})

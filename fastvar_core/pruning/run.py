@@ -9,6 +9,7 @@ generations and can silently reuse another image's features.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 
 import torch
@@ -32,6 +33,7 @@ class PruningRun:
         depth: int,
         *,
         record: bool = False,
+        timing: bool = False,
     ) -> None:
         self.config = config if config is not None else PruningConfig(name="off")
         self.scales = [tuple(s) for s in scales]
@@ -39,6 +41,10 @@ class PruningRun:
         self.record = record
         self.config.validate(len(self.scales), depth)
         self.kept: dict[tuple[int, int, str], torch.Tensor] = {}  # (scale, layer, sublayer) -> (B, K) int32
+        # timing=True: wall seconds of pruned sub-layers, split into token selection, the branch on the
+        # kept tokens and restoration (CUDA is synchronised around each part, so only for measurements)
+        self.timing = timing
+        self.seconds = {"select": 0.0, "branch": 0.0, "restore": 0.0}
         self._cache: dict[tuple[int, str], torch.Tensor] = {}
         self._scale = -1
         self._keep = 0
@@ -65,6 +71,30 @@ class PruningRun:
     def prunes(self, layer: int) -> bool:
         return self.prunes_now and self.config.prunes_layer(layer)
 
+    def forwarded(self, scale: int, layer: int, num_tokens: int) -> int:
+        """Tokens of an executed ``scale`` (``num_tokens`` in all) that go through ``layer``'s sub-layers."""
+        ratio = self.config.ratio(scale)
+        if 0 < ratio < 1 and self.config.prunes_layer(layer):
+            return self.config.kept_tokens(scale, num_tokens)
+        return num_tokens
+
+    def kv_keep(self, num_tokens: int) -> int:
+        """Of the current scale's ``num_tokens`` self-attention tokens, how many stay in the KV cache."""
+        return self.config.kv_kept(self._scale, num_tokens)
+
+    def kv_capacity(self, layer: int, tokens: Sequence[int], stored: Sequence[int]) -> int:
+        """KV-cache slots ``layer`` needs when the scales ``stored`` (with ``tokens[s]`` tokens) keep keys.
+
+        Pruned layers keep only their kept tokens, a KV budget fewer still; while a budgeted scale runs,
+        all its keys sit in the cache for a moment, so the capacity covers that too.
+        """
+        held, need = 0, 0
+        for scale in stored:
+            n = self.forwarded(scale, layer, tokens[scale])
+            need = max(need, held + n)
+            held += self.config.kv_kept(scale, n)
+        return need
+
     # ----- the hook every sub-layer goes through -----
     def sublayer(self, layer: int, name: str, x: torch.Tensor, branch: Branch) -> torch.Tensor:
         """Run a residual branch on x (B, L, C) with FastVAR and return its output for all L tokens."""
@@ -73,7 +103,10 @@ class PruningRun:
             if self._scale == self.config.cache_scale and self.config.prunes_layer(layer):
                 self._cache[(layer, name)] = out
             return out
+        t0 = self._clock(x)
         cached = self._cache.get((layer, name))
+        if cached is not None and cached.shape[0] > x.shape[0] and not self.config.guides(self._scale):
+            cached = cached[: x.shape[0]]  # past the CFG cut-off only the leading, conditional rows run
         if cached is None or cached.shape[0] != x.shape[0]:
             found = "nothing" if cached is None else f"{cached.shape[0]} rows"
             raise ConfigError(
@@ -84,8 +117,30 @@ class PruningRun:
         idx = select_pivotal(x, self._keep)  # (B, K)
         if self.record:
             self.kept[(self._scale, layer, name)] = idx.to("cpu", torch.int32)
-        out_kept = branch(gather_tokens(x, idx), idx)  # (B, K, C)
-        return restore_tokens(cached, self.scales[self.config.cache_scale], self.scales[self._scale], out_kept, idx)
+        kept = gather_tokens(x, idx)
+        t1 = self._clock(x)
+        out_kept = branch(kept, idx)  # (B, K, C)
+        t2 = self._clock(x)
+        out = restore_tokens(cached, self.scales[self.config.cache_scale], self.scales[self._scale], out_kept, idx)
+        if self.timing:
+            t3 = self._clock(x)
+            self.seconds["select"] += t1 - t0
+            self.seconds["branch"] += t2 - t1
+            self.seconds["restore"] += t3 - t2
+        return out
+
+    def _clock(self, x: torch.Tensor) -> float:
+        if not self.timing:
+            return 0.0
+        if x.device.type == "cuda":
+            torch.cuda.synchronize(x.device)
+        return time.perf_counter()
+
+    @property
+    def overhead_share(self) -> float:
+        """Selection + restoration as a share of the pruned sub-layers' time (needs ``timing=True``)."""
+        total = sum(self.seconds.values())
+        return (self.seconds["select"] + self.seconds["restore"]) / total if total else 0.0
 
     # ----- lifetime -----
     def close(self) -> None:

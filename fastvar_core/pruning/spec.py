@@ -6,12 +6,12 @@ image size: a preset name, a target speedup, or per-scale ratios counted from th
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from ..errors import ConfigError
 from .config import PruningConfig
-from .presets import make_preset, preset_layers
+from .presets import accelerate, make_preset, preset_layers
 
 if TYPE_CHECKING:
     from ..cost import ArchSpec
@@ -33,6 +33,7 @@ class PruningSpec:
     layer_start: int | None = None  # None: the family's preset range
     layer_stop: int | None = None
     speed_target: float = 2.0
+    accelerate: bool = False  # add the accelerations beyond the paper (CFG cut-off, KV budget) to the mode
 
     def check(self) -> None:
         """Validation that needs no schedule (the node's VALIDATE_INPUTS)."""
@@ -61,6 +62,9 @@ class PruningSpec:
         if self.mode in ("off", "paper", "2k"):
             config = make_preset(family, self.mode, n, depth)
         elif self.mode == "custom":
+            if self.cache_from_end > n:
+                raise ConfigError(f"cache_from_end = {self.cache_from_end}, but this schedule has only {n} scales; "
+                                  f"allowed: 2..{n}")
             ratios = {n - 1 - k: r for k, r in enumerate(self.tail_ratios) if r > 0 and n - 1 - k > 0}
             cache = n - self.cache_from_end if ratios else None
             config = PruningConfig(ratios, cache, self._layers(family, depth), name="custom")
@@ -69,7 +73,9 @@ class PruningSpec:
                 raise ConfigError("a speed target needs the model's architecture to be resolved")
             config = self._solve_target(family, scales, depth, arch)
         if config.layers != (0, 0) and (self.layer_start is not None or self.layer_stop is not None):
-            config = PruningConfig(config.ratios, config.cache_scale, self._layers(family, depth), config.name)
+            config = replace(config, layers=self._layers(family, depth))
+        if self.accelerate:
+            config = accelerate(config, n)
         return config.validate(n, depth, can_skip_last=can_skip_last)
 
     def _layers(self, family: str, depth: int) -> tuple[int, int]:

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 def pivotal_scores(x: torch.Tensor) -> torch.Tensor:
     """Squared L2 distance of every token to its token map's mean, per row. (B, L, C) -> (B, L) float32."""
     xf = x.float()
-    return (xf - xf.mean(dim=1, keepdim=True)).square().sum(dim=-1)
+    return (xf - xf.mean(dim=1, keepdim=True)).square_().sum(dim=-1)
 
 
 def select_pivotal(x: torch.Tensor, keep: int) -> torch.Tensor:

@@ -1,0 +1,571 @@
+"""`python -m fastvar_core bench`: where a generation's time goes, and how close FastVAR gets to its FLOP limit.
+
+Random-weight models of the released architectures (randomized.py; widths, heads and text widths of
+Infinity-2B, Infinity-8B and HART-0.7B, any of them overridable, depth reducible) run the real samplers
+and VAE decoders in one process, the baseline against each pruning config. Every config gets a warm-up
+run (stopped before its last scale), then the configs take turns for N rounds, so slow load drifts of a
+shared machine hit all of them alike; medians are reported. Per scale and in total: tokens forwarded and
+FLOPs (cost model), wall time; per run: peak memory (CUDA max-allocated; on the CPU the peak resident
+set size, heap trimmed before each run), the measured speedup next to the cost model's FLOP-ratio
+ideal, and the share of the pruned sub-layers' time spent selecting and restoring tokens. The decoder
+runs once per model and resolution (its work does not depend on pruning). Writes JSON and a PNG chart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+from .cost import estimate
+from .errors import ConfigError
+from .linear import onednn_available, set_onednn
+from .measure import PeakMemory, current_rss
+from .pruning import ACCELERATED_PRESETS, PRESET_NAMES, PruningConfig, make_preset
+from .randomized import SHAPES, ModelShape, build_transformer, build_vae, random_conditioning
+from .schedules import HART_PATCH_NUMS_1024, ScaleSchedule, hart_schedule, infinity_schedule
+
+# Resolution names and the schedule each family runs for them (HART: its 1024 px schedule, its first nine
+# scales for 256 px, and 2K = the 1024 px schedule plus a 128x128 scale, zero-shot like Infinity's 2K).
+INFINITY_BUDGETS = {"256": "0.06M", "512": "0.25M", "768": "0.60M", "1024": "1M", "2K": "2K"}
+HART_PATCH_NUMS = {"256": HART_PATCH_NUMS_1024[:9], "1024": HART_PATCH_NUMS_1024, "2K": HART_PATCH_NUMS_1024 + (128,)}
+RESOLUTIONS = tuple(INFINITY_BUDGETS)
+GUIDANCE = {"infinity": {"cfg": 3.0, "tau": 0.5}, "hart": {"cfg": 4.5}}
+QUICK = {"models": "infinity-2b,hart-0.7b", "resolutions": "256", "width": 256, "heads": 2, "depth": 4,
+         "text_channels": 256, "repeats": 3, "warmup": 1}
+
+
+def bench_schedule(family: str, resolution: str) -> ScaleSchedule | None:
+    """The 1:1 schedule a family runs at ``resolution`` (None: the family has no such schedule)."""
+    if family == "infinity":
+        return infinity_schedule(1.0, INFINITY_BUDGETS[resolution]) if resolution in INFINITY_BUDGETS else None
+    return hart_schedule(HART_PATCH_NUMS[resolution]) if resolution in HART_PATCH_NUMS else None
+
+
+def default_presets(resolution: str) -> list[str]:
+    """off, the paper's setting for the size (``2k`` at 2K) and ``fast``."""
+    return ["off", "2k" if resolution == "2K" else "paper", "fast"]
+
+
+# ------------------------------------------------------------------------------------------------ running
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def release_memory(device: torch.device) -> None:
+    """Free what earlier runs left behind, so that each run's peak is its own."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    elif sys.platform.startswith("linux"):
+        try:  # glibc keeps freed heap pages mapped; give them back so the resident size shows live memory
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):
+            pass
+
+
+class _WarmedUp(Exception):
+    pass
+
+
+@dataclass
+class Case:
+    """One model at one resolution, with everything its runs share."""
+
+    key: str
+    shape: ModelShape
+    resolution: str
+    schedule: ScaleSchedule
+    model: torch.nn.Module
+    vae: torch.nn.Module
+    cond: object
+    device: torch.device
+    batch: int
+
+    @property
+    def family(self) -> str:
+        return self.shape.family
+
+    def arch(self):
+        if self.family == "infinity":
+            return self.model.arch_spec(text_tokens=self.cond.max_seqlen)
+        return self.model.arch_spec()
+
+    def sample(self, config: PruningConfig, seed: int, time_pruning: dict | None = None, callback=None):
+        if self.family == "infinity":
+            from .infinity import sample_infinity
+
+            return sample_infinity(self.model, self.cond, self.schedule, seed=seed, pruning=config,
+                                   time_pruning=time_pruning, callback=callback, **GUIDANCE["infinity"])
+        from .hart import sample_hart
+
+        return sample_hart(self.model, self.vae, self.cond, self.schedule, seed=seed, pruning=config,
+                           time_pruning=time_pruning, callback=callback, **GUIDANCE["hart"])
+
+    def warm_up(self, config: PruningConfig, seed: int) -> None:
+        """A run stopped before its last (most expensive) scale: first calls pay for allocator growth and
+        kernel set-up, which the measured runs should not."""
+
+        def stop(step: int, total: int, preview) -> None:
+            if step >= total - 1:
+                raise _WarmedUp
+
+        try:
+            self.sample(config, seed, callback=stop)
+        except _WarmedUp:
+            pass
+
+    def decode(self, latent: torch.Tensor) -> torch.Tensor:
+        tile = 64 if max(self.schedule.final_size) > 64 else None  # 2K: tiled, as the pipeline does
+        with torch.inference_mode():
+            return self.vae.to_image(latent, tile=tile)
+
+
+def run_once(case: Case, config: PruningConfig, seed: int, timing: bool) -> dict:
+    """One timed generation (text projection, transformer, logits, sampling; no decode)."""
+    release_memory(case.device)
+    parts = {} if timing else None
+    rss_before = current_rss() if case.device.type == "cpu" else 0
+    with PeakMemory(case.device) as mem:
+        _sync(case.device)
+        t0 = time.perf_counter()
+        result = case.sample(config, seed, parts)
+        _sync(case.device)
+        seconds = time.perf_counter() - t0
+    return {"seconds": seconds, "scale_seconds": dict(result.scale_seconds), "peak_bytes": mem.peak_bytes,
+            "peak_above_start_bytes": max(mem.peak_bytes - rss_before, 0) if rss_before else None,
+            "pruning_seconds": parts, "latent": result.latent}
+
+
+def measure_case(case: Case, presets: list[str], repeats: int, warmup: int, seed: int, log) -> list[dict]:
+    """Warm-up runs, then ``repeats`` rounds over all presets; one result dict per preset."""
+    configs = {name: make_preset(case.family, name, case.schedule.num_scales, case.shape.depth) for name in presets}
+    for config in configs.values():
+        for _ in range(warmup):
+            case.warm_up(config, seed)
+    timing_inline = case.device.type != "cuda"  # CPU timing costs nothing; on CUDA it synchronises
+    runs: dict[str, list[dict]] = {name: [] for name in presets}
+    load = [os.getloadavg()[0] if hasattr(os, "getloadavg") else None]
+    for round_ in range(repeats):
+        for name, config in configs.items():
+            run = run_once(case, config, seed, timing=timing_inline)
+            log(f"  round {round_ + 1}/{repeats} {name:6} {run['seconds']:8.2f} s  peak {run['peak_bytes'] / 2**30:6.2f} GiB")
+            if round_ < repeats - 1:
+                run.pop("latent")
+            runs[name].append(run)
+    load.append(os.getloadavg()[0] if hasattr(os, "getloadavg") else None)
+    if not timing_inline:  # one extra, synchronised run per pruned config for the overhead share
+        for name, config in configs.items():
+            if config.pruned_scales:
+                runs[name][-1]["pruning_seconds"] = run_once(case, config, seed, timing=True)["pruning_seconds"]
+
+    # The decoder's work depends on the latent's size only, not on pruning: decode once per case.
+    latent = runs[presets[0]][-1].pop("latent")
+    for name in presets[1:]:
+        runs[name][-1].pop("latent")
+    release_memory(case.device)
+    with PeakMemory(case.device) as mem:
+        _sync(case.device)
+        t0 = time.perf_counter()
+        case.decode(latent)
+        _sync(case.device)
+        decode_s = time.perf_counter() - t0
+    del latent
+    arch = case.arch()
+    scales = list(case.schedule.scales)
+    guided = True  # both families guide by default (cfg != 1)
+    base_cost = estimate(arch, scales, guided=guided)
+    results = []
+    for name, config in configs.items():
+        cost = estimate(arch, scales, config, guided=guided)
+        results.append(_summarise(case, name, config, runs[name], cost, base_cost, decode_s, mem.peak_bytes, load))
+    base = next((r for r in results if r["pruning"] == "off"), None)
+    for r in results:
+        r["speedup"] = base["median_s"] / r["median_s"] if base else None
+        r["efficiency"] = r["speedup"] / r["ideal_speedup"] if base else None
+        r["baseline_peak_bytes"] = base["peak_bytes"] if base else None
+        r["peak_reduction"] = 1 - r["peak_bytes"] / base["peak_bytes"] if base else None
+    return results
+
+
+def _summarise(case, name, config, runs, cost, base_cost, decode_s, decode_peak, load) -> dict:
+    times = [r["seconds"] for r in runs]
+    parts: dict[str, float] = {}
+    for r in runs:
+        for k, v in (r["pruning_seconds"] or {}).items():
+            parts[k] = parts.get(k, 0.0) + v
+    total = sum(parts.values())
+    per_scale = []
+    for sc in cost.scales:
+        secs = [r["scale_seconds"][sc.scale] for r in runs if sc.scale in r["scale_seconds"]]
+        forwarded = sum(sc.forwarded) / len(sc.forwarded) if sc.forwarded else 0.0
+        per_scale.append({
+            "scale": sc.scale, "hw": list(sc.hw), "tokens": sc.tokens, "skipped": sc.skipped, "rows": sc.rows,
+            "tokens_forwarded": forwarded * sc.rows * case.batch, "flops": sc.total_flops * case.batch,
+            "seconds": statistics.median(secs) if secs else 0.0,
+        })
+    peaks = [r["peak_bytes"] for r in runs]
+    above = [r["peak_above_start_bytes"] for r in runs if r["peak_above_start_bytes"] is not None]
+    shape = case.shape
+    return {
+        "model": case.key, "model_name": shape.name, "family": case.family, "resolution": case.resolution,
+        "image_size": list(case.schedule.image_size), "pruning": name, "config": config.to_dict(),
+        "shape": {"depth": shape.depth, "width": shape.width, "heads": shape.heads,
+                  "text_channels": shape.text_channels, "ffn_hidden": case.model.config.ffn_hidden},
+        "batch": case.batch, "repeats": len(runs), "times_s": times, "median_s": statistics.median(times),
+        "decode_s": decode_s, "decode_peak_bytes": decode_peak,
+        "ideal_speedup": base_cost.total_flops / cost.total_flops,
+        "flops": cost.total_flops * case.batch, "baseline_flops": base_cost.total_flops * case.batch,
+        "tokens_forwarded": sum(s["tokens_forwarded"] for s in per_scale),
+        "overhead_share": (parts["select"] + parts["restore"]) / total if total else None,
+        "pruning_seconds": parts or None,
+        "peak_bytes": int(statistics.median(peaks)),
+        "peak_above_start_bytes": int(statistics.median(above)) if above else None,
+        "load_average": load, "scales": per_scale,
+    }
+
+
+# ------------------------------------------------------------------------------------------------ set-up
+
+
+def machine_info(device: torch.device, onednn: bool) -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    info = {"cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "onednn_linear": onednn and onednn_available() and device.type == "cpu",
+            "torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform(),
+            "device": str(device)}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def _available_bytes() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def _check_fits(shape: ModelShape, device: torch.device, dtype: torch.dtype) -> None:
+    """Refuse a model whose weights alone would not fit in the machine's free memory."""
+    c, d = shape.width, shape.depth
+    per_layer = 12 * c * c if shape.family == "hart" else 16 * c * c  # attention (+ cross-attention) and FFN
+    params = d * per_layer + 4 * c * shape.text_channels
+    need = params * torch.finfo(dtype).bits // 8
+    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else _available_bytes()
+    if free is not None and need > 0.8 * free:
+        raise ConfigError(
+            f"{shape.name} at depth {d} (width {c}) needs about {need / 2**30:.1f} GiB of weights, but only "
+            f"{free / 2**30:.1f} GiB are free on {device}: pass --depth N (e.g. --depth {max(1, int(d * 0.6 * free / need))})"
+        )
+
+
+def build_cases(args: argparse.Namespace, device: torch.device, dtype: torch.dtype, log):
+    """Yield one Case per model x resolution (the model is built once per model)."""
+    for key in args.models:
+        if key not in SHAPES:
+            raise ConfigError(f"--models: {key!r} is unknown; allowed: {sorted(SHAPES)}")
+        shape = SHAPES[key].with_overrides(depth=args.depth, width=args.width, heads=args.heads,
+                                           text_channels=args.text_channels)
+        if args.vae_base:
+            if args.vae_base % 32:
+                raise ConfigError(f"--vae-base {args.vae_base} must be a multiple of 32 (the VAE's GroupNorm groups)")
+            shape = replace(shape, vae_base=args.vae_base)
+        if shape.family == "infinity" and (shape.text_channels < 128 or shape.width % (shape.text_channels // 128)):
+            raise ConfigError(f"--text-channels {shape.text_channels}: Infinity pools the text with text_channels/128 "
+                              f"heads, so it must be >= 128 with the width ({shape.width}) divisible by that count")
+        _check_fits(shape, device, dtype)
+        model = build_transformer(shape, seed=args.seed, device=device)
+        if dtype != torch.float32:
+            model = model.set_block_dtype(dtype) if shape.family == "infinity" else model.to(dtype)
+        vae = build_vae(shape, device=device)
+        cond = random_conditioning(shape, batch=args.batch, device=device)
+        log(f"{shape.name}: width {shape.width}, {shape.heads} heads, depth {shape.depth}, text width "
+            f"{shape.text_channels}, ffn {model.config.ffn_hidden}, {dtype}, {device}")
+        for resolution in args.resolutions:
+            schedule = bench_schedule(shape.family, resolution)
+            if schedule is None:
+                log(f"  {resolution}: no {shape.family} schedule at this size, skipped")
+                continue
+            yield Case(key, shape, resolution, schedule, model, vae, cond, device, args.batch)
+        del model, vae
+        release_memory(device)
+
+
+# ------------------------------------------------------------------------------------------------ report
+
+
+def _gib(n) -> str:
+    return "-" if n is None else f"{n / 2**30:.2f}"
+
+
+def print_table(results: list[dict], out=sys.stdout) -> None:
+    cases = {}
+    for r in results:
+        cases.setdefault((r["model_name"], r["resolution"]), []).append(r)
+    for (name, res), rows in cases.items():
+        r0 = rows[0]
+        s = r0["shape"]
+        print(f"\n{name} (width {s['width']}, {s['heads']} heads, depth {s['depth']}, text {s['text_channels']}) "
+              f"at {res} ({r0['image_size'][1]}x{r0['image_size'][0]}), batch {r0['batch']}, median of "
+              f"{r0['repeats']}:", file=out)
+        print(f"{'pruning':8} {'tokens':>8} {'TFLOP':>8} {'ideal':>7} {'sample s':>9} {'speedup':>8} {'of ideal':>8} "
+              f"{'overhead':>8} {'decode s':>8} {'peak GiB':>8} {'vs off':>7}", file=out)
+        for r in rows:
+            sp = "-" if r["speedup"] is None else f"{r['speedup']:.2f}x"
+            eff = "-" if r["efficiency"] is None else f"{r['efficiency']:.0%}"
+            ov = "-" if r["overhead_share"] is None else f"{r['overhead_share']:.1%}"
+            red = "-" if r["peak_reduction"] is None else f"{-r['peak_reduction']:+.0%}"
+            print(f"{r['pruning']:8} {r['tokens_forwarded']:>8.0f} {r['flops'] / 1e12:>8.2f} {r['ideal_speedup']:>6.2f}x "
+                  f"{r['median_s']:>9.2f} {sp:>8} {eff:>8} {ov:>8} {r['decode_s']:>8.2f} {_gib(r['peak_bytes']):>8} "
+                  f"{red:>7}", file=out)
+        print("per scale, seconds (tokens forwarded per layer and CFG row):", file=out)
+        print("  " + f"{'scale':>5} {'size':>9} " + " ".join(f"{r['pruning']:>15}" for r in rows), file=out)
+        for i, sc in enumerate(r0["scales"]):
+            cells = []
+            for r in rows:
+                x = r["scales"][i]
+                fwd = x["tokens_forwarded"] / max(x["rows"] * r["batch"], 1)
+                cells.append(f"{'skipped':>15}" if x["skipped"] else f"{x['seconds']:>7.2f} ({fwd:>5.0f})")
+            print("  " + f"{sc['scale']:>5} {sc['hw'][0]:>4}x{sc['hw'][1]:<4} " + " ".join(cells), file=out)
+
+
+def cost_curves(results: list[dict], cases_arch: dict) -> dict:
+    """Analytic cost (TFLOP per image, both CFG rows) vs resolution for each benchmarked model."""
+    curves = {}
+    for (key, family), arch in cases_arch.items():
+        xs = [r for r in RESOLUTIONS if bench_schedule(family, r) is not None]
+        series = {"off": [], "FastVAR": [], "fast": []}
+        for res in xs:
+            sched = bench_schedule(family, res)
+            n, depth = sched.num_scales, arch.depth
+            fastvar = make_preset(family, "2k" if res == "2K" else "paper", n, depth)
+            for label, cfg in (("off", None), ("FastVAR", fastvar), ("fast", make_preset(family, "fast", n, depth))):
+                series[label].append(estimate(arch, list(sched.scales), cfg, guided=True).total_flops / 1e12)
+        curves[key] = {"resolutions": xs, "tflops": series}
+    return curves
+
+
+def write_plot(results: list[dict], curves: dict, path: Path) -> None:
+    """PNG: per-scale time bars for every model x resolution, and analytic cost vs resolution."""
+    from PIL import Image, ImageDraw
+
+    cases = {}
+    for r in results:
+        cases.setdefault((r["model_name"], r["resolution"]), []).append(r)
+    panel_h, width = 300, 1100
+    height = panel_h * (len(cases) + len(curves)) + 20
+    img = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(img)
+    y = 10
+    for (name, res), rows in cases.items():
+        labels = [f"{sc['hw'][0]}" for sc in rows[0]["scales"]]
+        series = [(r["pruning"], [x["seconds"] for x in r["scales"]]) for r in rows]
+        _bar_panel(draw, (60, y, width - 20, y + panel_h - 40), f"{name} at {res}: seconds per scale (x = side of the "
+                   f"token map)", labels, series)
+        y += panel_h
+    for key, curve in curves.items():
+        _line_panel(draw, (60, y, width - 20, y + panel_h - 40), f"{key}: analytic TFLOP per image vs resolution "
+                    f"(both CFG rows; log scale)", curve["resolutions"], list(curve["tflops"].items()))
+        y += panel_h
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path)
+
+
+COLORS = ["#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3", "#937860"]
+
+
+def _font(size: int):
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1
+        return ImageFont.load_default()
+
+
+def _frame(draw, box, title, ymax, ticks, fmt, log=False, ymin=None):
+    x0, y0, x1, y1 = box
+    draw.text((x0, y0 - 2), title, fill="black", font=_font(14))
+    top = y0 + 22
+    draw.line([(x0, top), (x0, y1), (x1, y1)], fill="black")
+    for t in ticks:
+        yy = _ymap(t, top, y1, ymax, log, ymin)
+        draw.line([(x0 - 4, yy), (x1, yy)], fill="#e0e0e0")
+        draw.text((4, yy - 7), fmt(t), fill="black", font=_font(11))
+    return top
+
+
+def _ymap(v, top, bottom, ymax, log, ymin):
+    import math
+
+    if log:
+        lo, hi = math.log10(ymin), math.log10(ymax)
+        return bottom - (math.log10(max(v, ymin)) - lo) / (hi - lo) * (bottom - top)
+    return bottom - v / ymax * (bottom - top)
+
+
+def _legend(draw, x, y, names):
+    for i, name in enumerate(names):
+        draw.rectangle([x, y + 16 * i, x + 10, y + 16 * i + 10], fill=COLORS[i % len(COLORS)])
+        draw.text((x + 14, y + 16 * i - 2), name, fill="black", font=_font(12))
+
+
+def _bar_panel(draw, box, title, labels, series):
+    x0, y0, x1, y1 = box
+    ymax = max([max(v) for _, v in series] + [1e-6]) * 1.1
+    step = _nice_step(ymax / 5)
+    top = _frame(draw, box, title, ymax, [step * i for i in range(int(ymax / step) + 1)], lambda t: f"{t:.3g}s")
+    slot = (x1 - x0 - 120) / max(len(labels), 1)
+    bar = slot * 0.8 / max(len(series), 1)
+    for i, label in enumerate(labels):
+        left = x0 + 6 + i * slot
+        for j, (_, values) in enumerate(series):
+            v = values[i]
+            if v > 0:
+                draw.rectangle([left + j * bar, _ymap(v, top, y1, ymax, False, None), left + (j + 1) * bar - 1, y1],
+                               fill=COLORS[j % len(COLORS)])
+        draw.text((left, y1 + 4), label, fill="black", font=_font(11))
+    _legend(draw, x1 - 100, top, [name for name, _ in series])
+
+
+def _line_panel(draw, box, title, xlabels, series):
+    x0, y0, x1, y1 = box
+    values = [v for _, vs in series for v in vs if v > 0]
+    ymin, ymax = min(values) / 1.5, max(values) * 1.5
+    import math
+
+    ticks = [10.0**e for e in range(math.floor(math.log10(ymin)), math.ceil(math.log10(ymax)) + 1)]
+    ticks = [t for t in ticks if ymin <= t <= ymax] or [ymin, ymax]
+    top = _frame(draw, box, title, ymax, ticks, lambda t: f"{t:g}", log=True, ymin=ymin)
+    n = len(xlabels)
+    xs = [x0 + 30 + i * (x1 - x0 - 180) / max(n - 1, 1) for i in range(n)]
+    for j, (_, vs) in enumerate(series):
+        pts = [(xs[i], _ymap(v, top, y1, ymax, True, ymin)) for i, v in enumerate(vs)]
+        draw.line(pts, fill=COLORS[j % len(COLORS)], width=2)
+        for p in pts:
+            draw.ellipse([p[0] - 3, p[1] - 3, p[0] + 3, p[1] + 3], fill=COLORS[j % len(COLORS)])
+    for x, label in zip(xs, xlabels):
+        draw.text((x - 10, y1 + 4), f"{label}px" if label != "2K" else "2K", fill="black", font=_font(11))
+    _legend(draw, x1 - 100, top, [name for name, _ in series])
+
+
+def _nice_step(raw: float) -> float:
+    import math
+
+    exp = 10 ** math.floor(math.log10(raw)) if raw > 0 else 1
+    return next(m * exp for m in (1, 2, 5, 10) if m * exp >= raw)
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quick", action="store_true",
+                        help="small smoke run (< 2 min on 2 CPU cores): " + ", ".join(f"{k} {v}" for k, v in QUICK.items()))
+    parser.add_argument("--models", help=f"comma list of {sorted(SHAPES)} (default: all)")
+    parser.add_argument("--resolutions", help=f"comma list of {list(RESOLUTIONS)} (default: 1024,2K)")
+    parser.add_argument("--pruning", help="comma list of presets (default: off, paper -- 2k at 2K -- and fast); "
+                        f"allowed: {list(PRESET_NAMES + ACCELERATED_PRESETS)}")
+    parser.add_argument("--depth", type=int, help="layers (default: the released depth)")
+    parser.add_argument("--width", type=int, help="transformer width (default: the released one)")
+    parser.add_argument("--heads", type=int, help="attention heads (default: the released number)")
+    parser.add_argument("--text-channels", type=int, help="text feature width (default: the released one)")
+    parser.add_argument("--vae-base", type=int, help="VAE decoder base width (default: the released one)")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--repeats", type=int, help="measured rounds; the median is reported (default 3)")
+    parser.add_argument("--warmup", type=int, help="warm-up runs per config, each stopped before its last scale "
+                        "(default 1)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--no-onednn", action="store_true",
+                        help="CPU float32 dense layers on PyTorch's default kernel (MKL) instead of oneDNN")
+    parser.add_argument("--json", default="out/bench/bench.json", help="where to write the results")
+    parser.add_argument("--plot", default="out/bench/bench.png", help="where to write the chart")
+
+
+def _resolve_args(args: argparse.Namespace) -> argparse.Namespace:
+    quick = QUICK if args.quick else {}
+
+    def pick(name, default):
+        value = getattr(args, name)
+        return value if value is not None else quick.get(name, default)
+
+    args.models = [m.strip() for m in str(pick("models", ",".join(SHAPES))).split(",") if m.strip()]
+    args.resolutions = [r.strip() for r in str(pick("resolutions", "1024,2K")).split(",") if r.strip()]
+    for res in args.resolutions:
+        if res not in RESOLUTIONS:
+            raise ConfigError(f"--resolutions: {res!r} is unknown; allowed: {list(RESOLUTIONS)}")
+    args.presets = [p.strip() for p in args.pruning.split(",")] if args.pruning else None
+    for p in args.presets or []:
+        if p not in PRESET_NAMES + ACCELERATED_PRESETS:
+            raise ConfigError(f"--pruning: {p!r} is unknown; allowed: {list(PRESET_NAMES + ACCELERATED_PRESETS)}")
+    for name in ("depth", "width", "heads", "text_channels", "vae_base"):
+        setattr(args, name, pick(name, None))
+    args.repeats, args.warmup = pick("repeats", 3), pick("warmup", 1)
+    if args.repeats < 1 or args.warmup < 0 or args.batch < 1:
+        raise ConfigError(f"--repeats ({args.repeats}) and --batch ({args.batch}) must be >= 1, --warmup >= 0")
+    return args
+
+
+def main(args: argparse.Namespace) -> int:
+    args = _resolve_args(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    set_onednn(not args.no_onednn)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+
+    def log(msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
+
+    started = time.perf_counter()
+    results, arch_of = [], {}
+    info = machine_info(device, not args.no_onednn)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    log(f"bench on {info['cpu']} ({info['cpu_count']} cores, {info['torch_threads']} torch threads), {device}, "
+        f"load average {load:.2f}")
+    if device.type == "cpu" and load > 0.5:
+        log("the CPU is busy with other work: wall times will be noisy (threads wait for each other), use medians")
+    for case in build_cases(args, device, dtype, log):
+        presets = args.presets or default_presets(case.resolution)
+        log(f"{case.shape.name} at {case.resolution}: {case.schedule.describe()}; {', '.join(presets)}")
+        with torch.inference_mode():
+            results += measure_case(case, presets, args.repeats, args.warmup, args.seed, log)
+        arch_of[(case.key, case.family)] = case.arch()
+    print_table(results)
+    curves = cost_curves(results, arch_of)
+    report = {"machine": info, "elapsed_s": time.perf_counter() - started,
+              "load_average_end": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+              "settings": {k: v for k, v in vars(args).items() if k != "func"},
+              "results": results, "cost_curves": curves}
+    json_path = Path(args.json)
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(report, indent=1))
+    write_plot(results, curves, Path(args.plot))
+    log(f"\nwrote {json_path} and {args.plot} in {report['elapsed_s']:.0f} s")
+    return 0

@@ -1,0 +1,208 @@
+"""`bench --quick` on a tiny config writes well-formed JSON and a PNG; the numbers obey the cost model.
+
+Only a smoke run of a few seconds: real benchmarks never run inside the tests.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from PIL import Image
+
+from fastvar_core.cli import main
+from fastvar_core.cost import predicted_speedup
+from fastvar_core.pruning import make_preset
+from fastvar_core.randomized import SHAPES, build_transformer
+from fastvar_core.schedules import hart_schedule, infinity_schedule
+
+REQUIRED = {"model": str, "resolution": str, "pruning": str, "median_s": float, "decode_s": float, "speedup": float,
+            "ideal_speedup": float, "peak_bytes": int, "baseline_peak_bytes": int}
+TINY = ["--warmup", "0", "--repeats", "1", "--width", "64", "--heads", "1", "--depth", "4", "--text-channels", "128", "--vae-base", "32"]
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    argv = ["bench", "--quick", "--models", "infinity-2b,hart-0.7b", "--resolutions", "256", *TINY,
+            "--json", str(out / "bench.json"), "--plot", str(out / "bench.png")]
+    assert main(argv) == 0
+    return json.loads((out / "bench.json").read_text()), out / "bench.png"
+
+
+def test_json_has_one_result_per_model_resolution_and_config(report):
+    data, _ = report
+    rows = [(r["model"], r["resolution"], r["pruning"]) for r in data["results"]]
+    assert rows == [(m, "256", p) for m in ("infinity-2b", "hart-0.7b") for p in ("off", "paper", "fast")]
+    for r in data["results"]:
+        for key, kind in REQUIRED.items():
+            assert isinstance(r[key], kind), f"{key} = {r[key]!r} is not {kind.__name__}"
+        assert r["median_s"] > 0 and r["decode_s"] > 0 and r["peak_bytes"] > 0
+        assert r["baseline_peak_bytes"] == next(b["peak_bytes"] for b in data["results"]
+                                                if b["model"] == r["model"] and b["pruning"] == "off")
+        share = r["overhead_share"]
+        assert (share is None) == (r["pruning"] == "off") and (share is None or 0 < share < 1)
+    assert data["machine"]["cpu_count"] >= 1 and "torch" in data["machine"]
+
+
+def test_speedups_are_relative_to_the_baseline_and_ideal_matches_the_cost_model(report):
+    data, _ = report
+    models = {}
+    for r in data["results"]:
+        base = next(b for b in data["results"] if b["model"] == r["model"] and b["pruning"] == "off")
+        assert r["speedup"] == pytest.approx(base["median_s"] / r["median_s"])
+        shape = SHAPES[r["model"]].with_overrides(depth=4, width=64, heads=1, text_channels=128)
+        model = models.setdefault(r["model"], build_transformer(shape))
+        if shape.family == "infinity":
+            sched, arch = infinity_schedule(1.0, "0.06M"), model.arch_spec(text_tokens=24)
+        else:
+            sched, arch = hart_schedule((1, 2, 3, 4, 5, 7, 9, 12, 16)), model.arch_spec()
+        config = make_preset(shape.family, r["pruning"], sched.num_scales, 4)
+        assert r["config"] == config.to_dict()
+        assert r["ideal_speedup"] == pytest.approx(predicted_speedup(arch, list(sched.scales), config, guided=True))
+
+
+def test_per_scale_rows_follow_the_schedule_and_the_config(report):
+    data, _ = report
+    inf_fast = next(r for r in data["results"] if r["model"] == "infinity-2b" and r["pruning"] == "fast")
+    assert [tuple(s["hw"]) for s in inf_fast["scales"]] == list(infinity_schedule(1.0, "0.06M").scales)
+    config = inf_fast["config"]  # 0.06M, 7 scales: prune 3 and 4, skip 5 and 6, no CFG from 3 on
+    assert [s["skipped"] for s in inf_fast["scales"]] == [False] * 5 + [True] * 2
+    assert [s["rows"] for s in inf_fast["scales"]][:5] == [2, 2, 2, 1, 1] and config["cfg_cutoff"] == 3
+    assert all(s["seconds"] == 0 for s in inf_fast["scales"][5:])
+    # tokens forwarded at scale 3 (6x6 = 36, 40 % dropped in layer 3 of 4): (36 * 3 + 22) / 4 per row, 1 row
+    assert inf_fast["scales"][3]["tokens_forwarded"] == pytest.approx((36 * 3 + 22) / 4)
+
+
+def test_plot_is_a_png(report):
+    _, png = report
+    with Image.open(png) as img:
+        assert img.format == "PNG" and img.size[0] > 500 and img.size[1] > 500
+
+
+# ---------------------------------------------------------------- speed work and accelerations the bench measures
+
+
+def test_self_attention_runs_a_fused_kernel_without_a_score_matrix():
+    """At every scale the attention goes through SDPA's fused CPU kernel; no (L x L) product is formed."""
+    from torch.profiler import profile
+
+    from fastvar_core.infinity import sample_infinity
+    from fastvar_core.randomized import random_conditioning
+
+    shape = SHAPES["infinity-2b"].with_overrides(depth=4, width=64, heads=1, text_channels=128)
+    model, cond = build_transformer(shape), random_conditioning(shape, tokens=5)
+    sched = infinity_schedule(1.0, "0.06M")
+    with profile() as prof:
+        sample_infinity(model, cond, sched, pruning=make_preset("infinity", "paper", sched.num_scales, 4))
+    ops = {e.key: e.count for e in prof.key_averages()}
+    assert ops.get("aten::_scaled_dot_product_flash_attention_for_cpu", 0) >= 2 * 4 * 5  # SA + CA, 4 layers, 5 scales
+    assert not {"aten::bmm", "aten::baddbmm", "aten::_softmax_backward_data"} & set(ops)
+
+
+def test_kv_cache_is_written_in_place_and_keeps_the_most_distinct_keys():
+    import torch
+
+    from fastvar_core.kvcache import KVBuffer
+
+    cache = KVBuffer(capacity=6)
+    k1, v1 = torch.randn(2, 1, 2, 4), torch.randn(2, 1, 2, 4)
+    keys, _ = cache.extend(k1, v1, keep=2)
+    buffer = cache._k
+    assert torch.equal(keys, k1) and keys.data_ptr() == buffer.data_ptr()
+    k2 = torch.zeros(2, 1, 3, 4)
+    k2[0, 0, 1] = 5.0  # row 0: token 1 is far from the scale's mean key
+    k2[1, 0, 2] = -5.0  # row 1: token 2
+    keys, values = cache.extend(k2, k2 + 1, keep=1)
+    assert keys.shape == (2, 1, 5, 4) and cache._k is buffer  # attends to all 5, no reallocation
+    assert cache.length == 3 and torch.equal(cache.k[:, :, :2], k1)
+    assert torch.equal(cache.k[0, 0, 2], k2[0, 0, 1]) and torch.equal(cache.k[1, 0, 2], k2[1, 0, 2])
+    assert torch.equal(cache.v[1, 0, 2], k2[1, 0, 2] + 1)  # values follow their keys
+    final, _ = cache.extend(torch.ones(2, 1, 4, 4), torch.ones(2, 1, 4, 4), keep=0)  # last scale: not stored
+    assert final.shape == (2, 1, 7, 4) and cache.length == 3
+    cache.clear()
+    assert cache.k is None and cache.v is None
+
+
+def test_cfg_cutoff_equals_unguided_logits_from_that_scale_with_half_the_rows():
+    import torch
+
+    from fastvar_core.infinity import sample_infinity
+    from fastvar_core.pruning import PruningConfig
+    from fastvar_core.randomized import random_conditioning
+
+    shape = SHAPES["infinity-2b"].with_overrides(depth=2, width=64, heads=1, text_channels=128)
+    model, cond = build_transformer(shape), random_conditioning(shape, batch=2, tokens=5)
+    sched = infinity_schedule(1.0, "0.06M")
+    cut = PruningConfig(cfg_cutoff=5)
+    rows = []
+    original = model.forward_scale
+    model.forward_scale = lambda x, *a, **k: rows.append(x.shape[0]) or original(x, *a, **k)
+    dropped = sample_infinity(model, cond, sched, cfg=3.0, pruning=cut, return_logits=True)
+    assert rows == [4] * 5 + [2] * 2
+    del model.forward_scale
+    guided_then_plain = sample_infinity(model, cond, sched, cfg=[3.0] * 5 + [1.0] * 2, return_logits=True)
+    for si in range(7):
+        torch.testing.assert_close(dropped.extras[f"logits.{si:02d}"], guided_then_plain.extras[f"logits.{si:02d}"],
+                                   atol=1e-4, rtol=1e-4)
+
+
+def test_cost_model_counts_cfg_rows_and_the_kv_budget():
+    from fastvar_core.cost import ArchSpec, estimate
+    from fastvar_core.pruning import PruningConfig
+
+    arch = ArchSpec(depth=1, width=4, ffn_hidden=8)
+    scales = [(1, 1), (2, 2), (2, 2)]
+    plain = estimate(arch, scales, guided=True)
+    assert [s.rows for s in plain.scales] == [2, 2, 2]
+    # scale 1 keeps 4 - floor(4 * 0.5) = 2 of its keys: scale 2 attends to 1 + 2 + 4 keys instead of 1 + 4 + 4
+    budget = estimate(arch, scales, PruningConfig(cfg_cutoff=2, kv_ratios={1: 0.5}), guided=True)
+    assert [s.rows for s in budget.scales] == [2, 2, 1]
+    assert plain.scales[2].flops["attention"] == 2 * (8 * 4 * 16 + 4 * 4 * 9 * 4)
+    assert budget.scales[2].flops["attention"] == 1 * (8 * 4 * 16 + 4 * 4 * 7 * 4)
+    assert budget.scales[1].flops == plain.scales[1].flops
+
+
+def test_fast_preset_and_accelerated_configs_round_trip_and_validate():
+    from fastvar_core.errors import ConfigError
+    from fastvar_core.pruning import PruningConfig, PruningSpec
+
+    fast = make_preset("infinity", "fast", 13, 32)
+    assert (fast.cfg_cutoff, fast.kv_ratios) == (9, {8: 0.5, 9: 0.5})  # the pruned 32x32 and 40x40 run unguided
+    assert fast.ratios == make_preset("infinity", "paper", 13, 32).ratios
+    assert PruningConfig.from_json(fast.to_json()) == fast
+    assert "cfg_cutoff" not in make_preset("infinity", "paper", 13, 32).to_dict()  # paper JSON unchanged
+    two_k = make_preset("infinity", "fast", 15, 32)
+    assert two_k.ratios == make_preset("infinity", "2k", 15, 32).ratios and two_k.cfg_cutoff == 12
+    assert PruningSpec(mode="2k", accelerate=True).resolve("infinity", list(infinity_schedule(1.0, "2K").scales), 32) \
+        .kv_ratios == two_k.kv_ratios
+    with pytest.raises(ConfigError, match="pruning.cfg_cutoff = 0 .*allowed: 1..12"):
+        PruningConfig(cfg_cutoff=0).validate(13, 32)
+    with pytest.raises(ConfigError, match=r"pruning.kv_ratios\[3\] = 1.0 is outside \[0, 1\)"):
+        PruningConfig(kv_ratios={3: 1.0}).validate(13, 32)
+    with pytest.raises(ConfigError, match="pruning.cfg_cutoff must be a scale index"):
+        PruningConfig.from_dict({"cfg_cutoff": "late"})
+
+
+def test_hart_fast_matches_paper_before_its_cutoff_and_runs_one_row_after():
+    import torch
+
+    from fastvar_core.hart import sample_hart
+    from fastvar_core.randomized import build_vae, random_conditioning
+
+    shape = SHAPES["hart-0.7b"].with_overrides(depth=2, width=64, heads=1, text_channels=32)
+    from dataclasses import replace
+
+    model, vae = build_transformer(shape), build_vae(replace(shape, vae_base=32))
+    cond = random_conditioning(shape, batch=1, tokens=4)
+    sched = hart_schedule((1, 2, 3, 4, 5, 6))
+    paper = sample_hart(model, vae, cond, sched, pruning=make_preset("hart", "paper", 6, 2))
+    fast_cfg = make_preset("hart", "fast", 6, 2)
+    assert fast_cfg.cfg_cutoff == 4 and fast_cfg.kv_ratios == {3: 0.5, 4: 0.5}
+    rows = []
+    original = model.forward_blocks
+    model.forward_blocks = lambda x, *a, **k: rows.append(x.shape[0]) or original(x, *a, **k)
+    fast = sample_hart(model, vae, cond, sched, pruning=fast_cfg)
+    assert rows == [2, 2, 2, 2, 1, 1]
+    assert all(torch.equal(paper.tokens[s], fast.tokens[s]) for s in range(4))
+    assert fast.latent.shape == paper.latent.shape and torch.isfinite(fast.latent).all()
