@@ -129,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--height", type=int)
     gen.add_argument("--budget", choices=["0.06M", "0.25M", "0.60M", "1M", "2K"], help="Infinity pixel budget")
     gen.add_argument("--preset", choices=["2k"], help="2k: zero-shot 2K schedule (Infinity)")
-    gen.add_argument("--pruning", default="paper", help="off, paper, 2k or a JSON file (default: paper)")
+    gen.add_argument("--pruning", default="paper", help="off, paper, 2k, fast or a JSON file (default: paper)")
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--cfg", type=float)
     gen.add_argument("--tau", type=float)

@@ -64,17 +64,17 @@ def default_device() -> torch.device:
 
 def resolve_pruning(spec: str | os.PathLike | PruningConfig | None, family: str, schedule: ScaleSchedule,
                     depth: int) -> PruningConfig:
-    """A PruningConfig from a preset name (off, paper, 2k), a JSON file path, or a config; validated."""
+    """A PruningConfig from a preset name (off, paper, 2k, fast), a JSON file path, or a config; validated."""
     if spec is None:
         spec = "off"
     if isinstance(spec, PruningConfig):
         config = spec
-    elif str(spec) in ("off", "paper", "2k"):
+    elif str(spec) in ("off", "paper", "2k", "fast"):
         config = make_preset(family, str(spec), schedule.num_scales, depth)
     else:
         path = Path(spec)
         if not path.is_file():
-            raise ConfigError(f"pruning must be off, paper, 2k or a JSON file; '{spec}' is none of these")
+            raise ConfigError(f"pruning must be off, paper, 2k, fast or a JSON file; '{spec}' is none of these")
         try:
             return PruningConfig.from_json(path.read_text()).validate(
                 schedule.num_scales, depth, can_skip_last=family != "hart")

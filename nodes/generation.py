@@ -78,7 +78,7 @@ class FastVARPruning:
             for k in range(1, TAIL_SLIDERS + 1)
         }
         return {"required": {
-            "preset": (["off", "paper", "2k", "speed target", "custom"], {"default": "paper", "tooltip": "off: no pruning. paper: the official FastVAR setting. 2k: for the zero-shot 2K schedule. speed target: ratios chosen by the cost model. custom: the sliders below."}),
+            "preset": (["off", "paper", "2k", "speed target", "custom", "fast"], {"default": "paper", "tooltip": "off: no pruning. paper: the official FastVAR setting. 2k: for the zero-shot 2K schedule. speed target: ratios chosen by the cost model. custom: the sliders below. fast: paper (2k on 2K schedules) plus two accelerations beyond the paper: no unconditional CFG branch at the last two scales and half the KV cache of the two scales before (trades some guidance fidelity for speed)."}),
             "speed_target": ("FLOAT", {"default": 2.0, "min": 1.0, "max": 10.0, "step": 0.1, "tooltip": "speed target only: desired speedup of the transformer; the latest scales are pruned first."}),
             **sliders,
             "cache_from_end": ("INT", {"default": 5, "min": 2, "max": 12, "tooltip": "custom only: which scale (counted from the end) refills the pruned tokens; must come before every pruned scale."}),

@@ -269,8 +269,8 @@ ERROR_CASES = {
     "pruning_names_missing_scale": (
         lambda d: infinity_args(d / "o.png", "--pruning", str(d / "pruning.json")),
         "pruning file '{d}/pruning.json': pruning.ratios: scale index 9 does not exist; this schedule has scales 0..6"),
-    "pruning_neither_preset_nor_file": (lambda d: infinity_args(d / "o.png", "--pruning", "fast"),
-                                        "pruning must be off, paper, 2k or a JSON file; 'fast' is none of these"),
+    "pruning_neither_preset_nor_file": (lambda d: infinity_args(d / "o.png", "--pruning", "fastest"),
+                                        "pruning must be off, paper, 2k, fast or a JSON file; 'fastest' is none of these"),
     "batch_zero": (lambda d: infinity_args(d / "o.png", "--batch", "0"),
                    "batch size must be an integer >= 1 (images per prompt), got 0"),
     "seed_beyond_64_bits": (lambda d: infinity_args(d / "o.png", "--seed", str(2**64)),

@@ -53,7 +53,7 @@ def test_sampler_latent_is_its_own_type():
 
 def test_pruning_sliders():
     types = MAPPINGS["FastVAR_Pruning"].INPUT_TYPES()["required"]
-    assert types["preset"][0] == ["off", "paper", "2k", "speed target", "custom"]
+    assert types["preset"][0] == ["off", "paper", "2k", "speed target", "custom", "fast"]
     for k in range(1, 7):
         options = types[f"last_{k}_drop"][1]
         assert (options["min"], options["max"], options["step"], options["display"]) == (0, 100, 5, "slider")

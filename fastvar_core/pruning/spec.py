@@ -16,7 +16,7 @@ from .presets import accelerate, make_preset, preset_layers
 if TYPE_CHECKING:
     from ..cost import ArchSpec
 
-MODES = ("off", "paper", "2k", "speed target", "custom")
+MODES = ("off", "paper", "2k", "speed target", "custom", "fast")
 # How strongly each late scale is pruned relative to the last one when aiming at a speed target: the
 # paper's sensitivity study finds the latest scales the most tolerant.
 _TARGET_WEIGHTS = (1.0, 0.85, 0.7, 0.55)
@@ -59,7 +59,7 @@ class PruningSpec:
         """The concrete, validated config for a schedule and model."""
         self.check()
         n = len(scales)
-        if self.mode in ("off", "paper", "2k"):
+        if self.mode in ("off", "paper", "2k", "fast"):
             config = make_preset(family, self.mode, n, depth)
         elif self.mode == "custom":
             if self.cache_from_end > n:
