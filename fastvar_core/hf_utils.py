@@ -7,6 +7,7 @@ import re
 from collections.abc import Sequence
 
 import torch
+import torch.nn as nn
 
 from .errors import ConfigError
 
@@ -50,3 +51,26 @@ def check_prompts(prompts: str | Sequence[str]) -> list[str]:
         if not isinstance(p, str):
             raise ConfigError(f"prompt {i} is a {type(p).__name__}, expected a string.")
     return prompts
+
+
+class HFTextEncoder(nn.Module):
+    """A frozen transformers text model plus its tokenizer; subclasses add the family's encoding."""
+
+    def __init__(self, model: nn.Module, tokenizer, source: str = ""):
+        super().__init__()
+        self.model = model.eval().requires_grad_(False)
+        self.tokenizer = tokenizer
+        self.source = source
+
+    @property
+    def width(self) -> int:
+        """Feature width (hidden size: 2048 for flan-t5-xl, 1536 for Qwen2-1.5B)."""
+        return int(self.model.config.hidden_size)
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.get_input_embeddings().weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.get_input_embeddings().weight.dtype

@@ -18,10 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn as nn
 
 from ..errors import CheckpointError, ConfigError
-from ..hf_utils import check_prompts, dtype_kwargs, quiet_transformers
+from ..hf_utils import HFTextEncoder, check_prompts, dtype_kwargs, quiet_transformers
 
 HART_MAX_TOKENS = 300  # --max_token_length of every HART entry point (hart.md §3.1)
 
@@ -164,27 +163,8 @@ def _check_qwen_folder(folder: Path) -> None:
 # ------------------------------------------------------------------------------------------------
 
 
-class QwenTextEncoder(nn.Module):
+class QwenTextEncoder(HFTextEncoder):
     """Qwen2 decoder (no LM head) + tokenizer producing :class:`HARTTextConditioning`."""
-
-    def __init__(self, model: nn.Module, tokenizer, source: str = ""):
-        super().__init__()
-        self.model = model.eval().requires_grad_(False)
-        self.tokenizer = tokenizer
-        self.source = source
-
-    @property
-    def width(self) -> int:
-        """Context width C_ctx (hidden size; 1536 for Qwen2-1.5B)."""
-        return int(self.model.config.hidden_size)
-
-    @property
-    def device(self) -> torch.device:
-        return self.model.embed_tokens.weight.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.model.embed_tokens.weight.dtype
 
     def tokenize(self, prompts: Sequence[str], max_tokens: int = HART_MAX_TOKENS) -> torch.Tensor:
         """HART's tokenization: (B, max_tokens) int64 ids, right-padded; warns on truncation."""

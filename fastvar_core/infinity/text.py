@@ -25,7 +25,7 @@ import torch.nn as nn
 
 from ..checkpoint import load_file, prefer_safetensors
 from ..errors import CheckpointError, ConfigError
-from ..hf_utils import check_prompts, dtype_kwargs, quiet_transformers
+from ..hf_utils import HFTextEncoder, check_prompts, dtype_kwargs, quiet_transformers
 
 T5_MAX_LENGTH = 512  # tokenizer limit used by Infinity for training and inference (infinity.md §5)
 
@@ -335,27 +335,8 @@ def _build_t5_from_folder(folder: Path, dtype: torch.dtype):
 # ------------------------------------------------------------------------------------------------
 
 
-class T5TextEncoder(nn.Module):
+class T5TextEncoder(HFTextEncoder):
     """flan-t5-xl encoder + tokenizer producing :class:`InfinityTextConditioning`."""
-
-    def __init__(self, model: nn.Module, tokenizer, source: str = ""):
-        super().__init__()
-        self.model = model.eval().requires_grad_(False)
-        self.tokenizer = tokenizer
-        self.source = source
-
-    @property
-    def width(self) -> int:
-        """Feature width C_text (d_model; 2048 for flan-t5-xl)."""
-        return int(self.model.config.d_model)
-
-    @property
-    def device(self) -> torch.device:
-        return self.model.shared.weight.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.model.shared.weight.dtype
 
     def tokenize(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Infinity's tokenization: ids and attention mask, both (B, 512) int64; warns on truncation."""
