@@ -310,8 +310,8 @@ def test_spec_checks_without_a_schedule():
         PruningSpec(mode="custom", tail_ratios=(0.5, 0.5, 0.5), cache_from_end=2).check()
     with pytest.raises(ConfigError, match="pruned layers start 9 is after stop 3"):
         PruningSpec(mode="paper", layer_start=9, layer_stop=3).check()
-    with pytest.raises(ConfigError, match="pruning mode 'fast' is unknown"):
-        PruningSpec(mode="fast").check()
+    with pytest.raises(ConfigError, match="pruning mode 'fastest' is unknown"):
+        PruningSpec(mode="fastest").check()
 
 
 def test_spec_speed_target_reaches_the_target_favouring_late_scales():
