@@ -134,24 +134,78 @@ class Case:
             return self.vae.to_image(latent, tile=tile)
 
 
+def _cpu_seconds() -> tuple[float, float] | None:
+    """(CPU seconds used by the whole machine, by this process) so far; None where /proc is missing."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    busy = sum(fields) - fields[3] - fields[4]  # all but idle and iowait (steal counts: a vCPU taken away)
+    usage = os.times()
+    return busy / os.sysconf("SC_CLK_TCK"), usage.user + usage.system
+
+
+def wait_for_quiet(share: float, window: float = 10.0, timeout: float = 1800.0) -> None:
+    """Return once other processes used less than ``share`` of the CPU over ``window`` seconds (or after
+    ``timeout``): the retry of a disturbed run should not be disturbed in the same way."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        before = _cpu_seconds()
+        time.sleep(window)
+        after = _cpu_seconds()
+        if before is None or after is None:
+            return
+        if (after[0] - before[0]) - (after[1] - before[1]) < share * window * (os.cpu_count() or 1):
+            return
+
+
 def run_once(case: Case, config: PruningConfig, seed: int, timing: bool) -> dict:
-    """One timed generation (text projection, transformer, logits, sampling; no decode)."""
+    """One timed generation (text projection, transformer, logits, sampling; no decode).
+
+    ``foreign_cpu`` is the share of the machine's CPU time that other processes took during the run: on
+    a shared machine, threads that wait for a descheduled sibling make wall times meaningless.
+    """
     release_memory(case.device)
     parts = {} if timing else None
     rss_before = current_rss() if case.device.type == "cpu" else 0
+    cpu0 = _cpu_seconds()
+    peaks: list[int] = []  # peak memory of each executed scale, read after it (the sampler's callback)
     with PeakMemory(case.device) as mem:
         _sync(case.device)
         t0 = time.perf_counter()
-        result = case.sample(config, seed, parts)
+        result = case.sample(config, seed, parts, callback=lambda step, total, preview: peaks.append(_take_peak(mem)))
         _sync(case.device)
         seconds = time.perf_counter() - t0
-    return {"seconds": seconds, "scale_seconds": dict(result.scale_seconds), "peak_bytes": mem.peak_bytes,
-            "peak_above_start_bytes": max(mem.peak_bytes - rss_before, 0) if rss_before else None,
-            "pruning_seconds": parts, "latent": result.latent}
+    cpu1 = _cpu_seconds()
+    foreign = None
+    if cpu0 and cpu1:
+        foreign = max((cpu1[0] - cpu0[0]) - (cpu1[1] - cpu0[1]), 0.0) / (seconds * (os.cpu_count() or 1))
+    peak = max([mem.peak_bytes, *peaks])
+    return {"seconds": seconds, "scale_seconds": dict(result.scale_seconds), "peak_bytes": peak,
+            "scale_peak_bytes": dict(zip(sorted(result.scale_seconds), peaks)),
+            "peak_above_start_bytes": max(peak - rss_before, 0) if rss_before else None,
+            "foreign_cpu": foreign, "pruning_seconds": parts, "latent": result.latent}
 
 
-def measure_case(case: Case, presets: list[str], repeats: int, warmup: int, seed: int, log) -> list[dict]:
-    """Warm-up runs, then ``repeats`` rounds over all presets; one result dict per preset."""
+def _take_peak(mem: PeakMemory) -> int:
+    """The peak since the last call (CUDA max-allocated, or the polled resident size), then reset it."""
+    if mem.device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(mem.device)
+        torch.cuda.reset_peak_memory_stats(mem.device)
+        return peak
+    now = current_rss()
+    peak, mem.peak_bytes = max(mem.peak_bytes, now), now
+    return peak
+
+
+def measure_case(case: Case, presets: list[str], repeats: int, warmup: int, seed: int, log,
+                 quiet_retries: int = 0, quiet_share: float = 0.05) -> list[dict]:
+    """Warm-up runs, then ``repeats`` rounds over all presets; one result dict per preset.
+
+    With ``quiet_retries`` a run during which other processes took more than ``quiet_share`` of the
+    machine's CPU is run again (at most that many times; the quietest attempt is kept).
+    """
     configs = {name: make_preset(case.family, name, case.schedule.num_scales, case.shape.depth) for name in presets}
     for config in configs.values():
         for _ in range(warmup):
@@ -162,7 +216,17 @@ def measure_case(case: Case, presets: list[str], repeats: int, warmup: int, seed
     for round_ in range(repeats):
         for name, config in configs.items():
             run = run_once(case, config, seed, timing=timing_inline)
-            log(f"  round {round_ + 1}/{repeats} {name:6} {run['seconds']:8.2f} s  peak {run['peak_bytes'] / 2**30:6.2f} GiB")
+            for _ in range(quiet_retries):
+                if run["foreign_cpu"] is None or run["foreign_cpu"] <= quiet_share:
+                    break
+                log(f"  round {round_ + 1}/{repeats} {name:6} {run['seconds']:8.2f} s: other processes took "
+                    f"{run['foreign_cpu']:.0%} of the CPU; waiting for a quiet machine to run it again")
+                wait_for_quiet(quiet_share)
+                again = run_once(case, config, seed, timing=timing_inline)
+                run = again if again["foreign_cpu"] < run["foreign_cpu"] else run
+            foreign = "" if run["foreign_cpu"] is None else f"  others {run['foreign_cpu']:.0%} of the CPU"
+            log(f"  round {round_ + 1}/{repeats} {name:6} {run['seconds']:8.2f} s  peak "
+                f"{run['peak_bytes'] / 2**30:6.2f} GiB{foreign}")
             if round_ < repeats - 1:
                 run.pop("latent")
             runs[name].append(run)
@@ -212,10 +276,12 @@ def _summarise(case, name, config, runs, cost, base_cost, decode_s, decode_peak,
     for sc in cost.scales:
         secs = [r["scale_seconds"][sc.scale] for r in runs if sc.scale in r["scale_seconds"]]
         forwarded = sum(sc.forwarded) / len(sc.forwarded) if sc.forwarded else 0.0
+        peaks = [r["scale_peak_bytes"][sc.scale] for r in runs if sc.scale in r["scale_peak_bytes"]]
         per_scale.append({
             "scale": sc.scale, "hw": list(sc.hw), "tokens": sc.tokens, "skipped": sc.skipped, "rows": sc.rows,
             "tokens_forwarded": forwarded * sc.rows * case.batch, "flops": sc.total_flops * case.batch,
             "seconds": statistics.median(secs) if secs else 0.0,
+            "peak_bytes": int(statistics.median(peaks)) if peaks else None,
         })
     peaks = [r["peak_bytes"] for r in runs]
     above = [r["peak_above_start_bytes"] for r in runs if r["peak_above_start_bytes"] is not None]
@@ -226,6 +292,7 @@ def _summarise(case, name, config, runs, cost, base_cost, decode_s, decode_peak,
         "shape": {"depth": shape.depth, "width": shape.width, "heads": shape.heads,
                   "text_channels": shape.text_channels, "ffn_hidden": case.model.config.ffn_hidden},
         "batch": case.batch, "repeats": len(runs), "times_s": times, "median_s": statistics.median(times),
+        "foreign_cpu": [r["foreign_cpu"] for r in runs],
         "decode_s": decode_s, "decode_peak_bytes": decode_peak,
         "ideal_speedup": base_cost.total_flops / cost.total_flops,
         "flops": cost.total_flops * case.batch, "baseline_flops": base_cost.total_flops * case.batch,
@@ -341,14 +408,15 @@ def print_table(results: list[dict], out=sys.stdout) -> None:
             print(f"{r['pruning']:8} {r['tokens_forwarded']:>8.0f} {r['flops'] / 1e12:>8.2f} {r['ideal_speedup']:>6.2f}x "
                   f"{r['median_s']:>9.2f} {sp:>8} {eff:>8} {ov:>8} {r['decode_s']:>8.2f} {_gib(r['peak_bytes']):>8} "
                   f"{red:>7}", file=out)
-        print("per scale, seconds (tokens forwarded per layer and CFG row):", file=out)
-        print("  " + f"{'scale':>5} {'size':>9} " + " ".join(f"{r['pruning']:>15}" for r in rows), file=out)
+        print("per scale: seconds, tokens forwarded per layer and CFG row, CFG rows, peak GiB", file=out)
+        print("  " + f"{'scale':>5} {'size':>9} " + " ".join(f"{r['pruning']:>24}" for r in rows), file=out)
         for i, sc in enumerate(r0["scales"]):
             cells = []
             for r in rows:
                 x = r["scales"][i]
                 fwd = x["tokens_forwarded"] / max(x["rows"] * r["batch"], 1)
-                cells.append(f"{'skipped':>15}" if x["skipped"] else f"{x['seconds']:>7.2f} ({fwd:>5.0f})")
+                cells.append(f"{'skipped':>24}" if x["skipped"] else
+                             f"{x['seconds']:>7.2f} {fwd:>6.0f} {x['rows']:>2} {_gib(x['peak_bytes']):>6}")
             print("  " + f"{sc['scale']:>5} {sc['hw'][0]:>4}x{sc['hw'][1]:<4} " + " ".join(cells), file=out)
 
 
@@ -498,6 +566,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, help="measured rounds; the median is reported (default 3)")
     parser.add_argument("--warmup", type=int, help="warm-up runs per config, each stopped before its last scale "
                         "(default 1)")
+    parser.add_argument("--quiet-retries", type=int, default=0,
+                        help="run again (up to N times, each after waiting for a quiet machine) a run during which "
+                        "other processes took over 5%% of the CPU")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
@@ -555,7 +626,7 @@ def main(args: argparse.Namespace) -> int:
         presets = args.presets or default_presets(case.resolution)
         log(f"{case.shape.name} at {case.resolution}: {case.schedule.describe()}; {', '.join(presets)}")
         with torch.inference_mode():
-            results += measure_case(case, presets, args.repeats, args.warmup, args.seed, log)
+            results += measure_case(case, presets, args.repeats, args.warmup, args.seed, log, args.quiet_retries)
         arch_of[(case.key, case.family)] = case.arch()
     print_table(results)
     curves = cost_curves(results, arch_of)

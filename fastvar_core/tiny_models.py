@@ -77,7 +77,8 @@ def write_tiny_d56_vae(path: Path, seed: int = 1) -> None:
 def lay_out(dest: str | os.PathLike) -> list[Path]:
     """Write every model file the shipped workflows name under ``dest``; return what was written."""
     shared, dest = shared_dir(), Path(dest)
-    inf, hart, models = shared / "parity" / "infinity" / "checkpoints", shared / "parity" / "hart" / "checkpoint", shared / "models"
+    inf = shared / "parity" / "infinity" / "checkpoints"
+    hart, models = shared / "parity" / "hart" / "checkpoint", shared / "models"
     plan = [
         (inf / "infinity_tiny.pth", dest / "infinity" / "infinity_2b_reg.pth"),
         (inf / "infinity_vae_d32_tiny.pth", dest / "vae" / "infinity_vae_d32reg.pth"),

@@ -25,6 +25,7 @@ from ..errors import ConfigError
 from ..kvcache import KVBuffer
 from ..linear import use_fast_linears
 from ..pruning.run import PruningRun
+from ..pruning.tokens import gather_tokens
 from .config import HARTConfig
 from .diffusion import ResidualDiffusion, TimestepEmbedder
 
@@ -179,7 +180,7 @@ class SwiGLU(nn.Module):
 
 def _gather_rows(t: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
     """t (B, L, D), idx (B, K) -> (B, K, D); idx None -> t."""
-    return t if idx is None else t.gather(1, idx[..., None].expand(-1, -1, t.shape[-1]))
+    return t if idx is None else gather_tokens(t, idx)
 
 
 class Block(nn.Module):
