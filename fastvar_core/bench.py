@@ -36,9 +36,9 @@ from .randomized import SHAPES, ModelShape, build_transformer, build_vae, random
 from .schedules import HART_PATCH_NUMS_1024, ScaleSchedule, hart_schedule, infinity_schedule
 
 # Resolution names and the schedule each family runs for them (HART: its 1024 px schedule, its first nine
-# scales for 256 px, and 2K = the 1024 px schedule plus a 128x128 scale, zero-shot like Infinity's 2K).
+# scales for 256 px (cost curve only), and its zero-shot 2K schedule: the 1024 px one plus two scales).
 INFINITY_BUDGETS = {"256": "0.06M", "512": "0.25M", "768": "0.60M", "1024": "1M", "2K": "2K"}
-HART_PATCH_NUMS = {"256": HART_PATCH_NUMS_1024[:9], "1024": HART_PATCH_NUMS_1024, "2K": HART_PATCH_NUMS_1024 + (128,)}
+HART_PATCH_NUMS = {"256": HART_PATCH_NUMS_1024[:9], "1024": HART_PATCH_NUMS_1024, "2K": HART_PATCH_NUMS_1024}
 RESOLUTIONS = tuple(INFINITY_BUDGETS)
 GUIDANCE = {"infinity": {"cfg": 3.0, "tau": 0.5}, "hart": {"cfg": 4.5}}
 QUICK = {"models": "infinity-2b,hart-0.7b", "resolutions": "256", "width": 256, "heads": 2, "depth": 4,
@@ -49,7 +49,9 @@ def bench_schedule(family: str, resolution: str) -> ScaleSchedule | None:
     """The 1:1 schedule a family runs at ``resolution`` (None: the family has no such schedule)."""
     if family == "infinity":
         return infinity_schedule(1.0, INFINITY_BUDGETS[resolution]) if resolution in INFINITY_BUDGETS else None
-    return hart_schedule(HART_PATCH_NUMS[resolution]) if resolution in HART_PATCH_NUMS else None
+    if resolution not in HART_PATCH_NUMS:
+        return None
+    return hart_schedule(HART_PATCH_NUMS[resolution], budget="2K" if resolution == "2K" else "1M")
 
 
 def default_presets(resolution: str) -> list[str]:

@@ -19,7 +19,14 @@ import torch
 from .errors import ConfigError, IncompatibleModelsError
 from .pruning import PruningConfig, make_preset
 from .sampling import ProgressCallback, SampleResult, check_finite, check_seed
-from .schedules import ScaleSchedule, hart_schedule, infinity_schedule, infinity_schedule_for_size
+from .schedules import (
+    ScaleSchedule,
+    hart_schedule,
+    hart_schedule_for_size,
+    infinity_schedule,
+    infinity_schedule_for_size,
+    snap_template,
+)
 
 FAMILIES = ("infinity", "hart")
 # A requested size snaps to the nearest aspect template; one further than this factor away (beyond the
@@ -35,11 +42,11 @@ def check_batch(batch: int) -> int:
 
 
 def check_image_size(width: int, height: int) -> None:
-    """Positive pixel counts whose aspect ratio Infinity's templates can represent, or ConfigError."""
+    """Positive pixel counts whose aspect ratio the aspect templates can represent, or ConfigError."""
     for name, value in (("width", width), ("height", height)):
         if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
             raise ConfigError(f"{name} must be a positive number of pixels, got {value!r}")
-    infinity_schedule_for_size(width, height)
+    snap_template(width, height)
 
 
 def check_device(device: str | torch.device) -> torch.device:
@@ -144,20 +151,20 @@ class Pipeline:
         return self.model.config.depth
 
     def schedule(self, width: int | None = None, height: int | None = None, budget: str | None = None) -> ScaleSchedule:
-        """The schedule for a requested size (Infinity snaps to the nearest official template)."""
-        if self.family == "hart":
-            base = hart_schedule(tuple(self.model.config.patch_nums))
-            if budget not in (None, "1M") or (width, height) not in ((None, None), base.image_size[::-1]):
-                raise ConfigError(
-                    f"HART generates {base.image_size[1]}x{base.image_size[0]} only (square, its trained schedule); "
-                    f"got width={width}, height={height}, budget={budget}"
-                )
-            return base
+        """The schedule for a requested size, snapped to the nearest aspect template and size class.
+
+        Infinity: the official templates and budgets (0.06M .. 1M) or zero-shot 2K. HART: its trained
+        square 1M schedule, or zero-shot other aspect ratios and 2K (see ``hart_schedule``).
+        """
         if width is None and height is None:
+            if self.family == "hart":
+                return hart_schedule(tuple(self.model.config.patch_nums), 1.0, budget or "1M")
             return infinity_schedule(1.0, budget or "1M")
         if width is None or height is None:
             raise ConfigError(f"give both width and height, or neither; got width={width}, height={height}")
         check_image_size(width, height)
+        if self.family == "hart":
+            return hart_schedule_for_size(width, height, budget, tuple(self.model.config.patch_nums))
         return infinity_schedule_for_size(width, height, budget)
 
     def encode(self, prompts: list[str], negative: list[str] | None = None):

@@ -157,36 +157,94 @@ def nearest_template(width: int, height: int) -> float:
 MAX_ASPECT_SNAP = 1.25
 
 
+def snap_template(width: int, height: int) -> float:
+    """The aspect template (h/w) a requested size snaps to; a ratio no template comes close to is refused."""
+    template = nearest_template(width, height)
+    ratio = height / width
+    if max(ratio / template, template / ratio) > MAX_ASPECT_SNAP:
+        raise ConfigError(
+            f"aspect ratio {width}x{height} (height/width {ratio:.3g}) is outside the aspect templates, which "
+            f"range from height/width 0.333 (3:1) to 3.0 (1:3); the nearest, {template}, would change the shape "
+            f"by more than {MAX_ASPECT_SNAP - 1:.0%}"
+        )
+    return template
+
+
+def _closest_budget(make, budgets, width: int, height: int) -> str:
+    """The budget whose image has the pixel count closest to width x height on a log scale."""
+    want = math.log(width * height)
+    return min(budgets, key=lambda b: abs(math.log(math.prod(make(b).image_size)) - want))
+
+
 def infinity_schedule_for_size(width: int, height: int, budget: str | None = None) -> ScaleSchedule:
     """Snap a requested image size to the nearest official template and pixel budget.
 
     The template is chosen by aspect ratio; the budget (if not given) by the closest pixel count on a
     log scale among the official budgets and 2K. A ratio no template comes close to is refused.
     """
-    template = nearest_template(width, height)
-    ratio = height / width
-    if max(ratio / template, template / ratio) > MAX_ASPECT_SNAP:
-        raise ConfigError(
-            f"aspect ratio {width}x{height} (height/width {ratio:.3g}) is outside Infinity's templates, which "
-            f"range from height/width 0.333 (3:1) to 3.0 (1:3); the nearest, {template}, would change the shape "
-            f"by more than {MAX_ASPECT_SNAP - 1:.0%}"
-        )
+    template = snap_template(width, height)
     if budget is None:
-        want = math.log(width * height)
-        candidates = [*INFINITY_BUDGETS, "2K"]
-        budget = min(
-            candidates,
-            key=lambda b: abs(math.log(math.prod(infinity_schedule(template, b).image_size)) - want),
-        )
+        budget = _closest_budget(lambda b: infinity_schedule(template, b), [*INFINITY_BUDGETS, "2K"], width, height)
     return infinity_schedule(template, budget)
 
 
 HART_PATCH_NUMS_1024 = (1, 2, 3, 4, 5, 7, 9, 12, 16, 21, 27, 36, 48, 64)
 
 
-def hart_schedule(patch_nums: tuple[int, ...] = HART_PATCH_NUMS_1024) -> ScaleSchedule:
-    """HART's square schedule from its config's patch numbers."""
-    if not patch_nums or any(p <= 0 for p in patch_nums):
-        raise ConfigError(f"patch_nums must be positive integers, got {patch_nums!r}")
-    scales = tuple((p, p) for p in patch_nums)
-    return ScaleSchedule("hart", scales, scales[-1], 1.0, None)
+HART_BUDGETS = ("1M", "2K")  # the trained size class of the checkpoint's patch numbers, and zero-shot 2K
+# HART has no smaller size class: a request with under 1/this of the 1M class's pixels is refused, not enlarged.
+HART_MAX_AREA_SNAP = 2.0
+
+
+def _round_half_up(x: float) -> int:
+    return int(math.floor(x + 0.5))
+
+
+def hart_schedule(patch_nums: tuple[int, ...] = HART_PATCH_NUMS_1024, template: float = 1.0,
+                  budget: str = "1M") -> ScaleSchedule:
+    """HART's schedule from its config's patch numbers, for an aspect template (h/w) and pixel budget.
+
+    1M with template 1.0 is the trained square schedule (pn x pn per scale). Other templates are
+    zero-shot: the last map (H, W) keeps about pn_last^2 tokens at the template's ratio and every scale
+    scales its pn by H/pn_last and W/pn_last (the first stays 1x1: HART predicts it from the last text
+    position). 2K appends the same two-step tail as Infinity's (long side 128 tokens, 2048 px).
+    Positions are normalised to the last map, HART's rule (hart.md §2.5), so 2K extends the grid.
+    """
+    if not patch_nums or any(not isinstance(p, int) or p <= 0 for p in patch_nums) or patch_nums[0] != 1:
+        raise ConfigError(f"patch_nums must be positive integers starting at 1, got {patch_nums!r}")
+    if template not in INFINITY_TEMPLATES:
+        raise ConfigError(f"aspect template {template!r} is unknown; allowed: {list(INFINITY_TEMPLATE_ORDER)}")
+    if budget not in HART_BUDGETS:
+        raise ConfigError(
+            f"pixel budget {budget!r} is not available for HART, whose checkpoint is trained for one size class "
+            f"({patch_nums[-1] * VAE_STRIDE} px); allowed: {list(HART_BUDGETS)} (2K is zero-shot)"
+        )
+    last = patch_nums[-1]
+    if template == 1.0:
+        final = (last, last)
+    else:
+        final = (_round_half_up(last * math.sqrt(template)), _round_half_up(last / math.sqrt(template)))
+    scales = ((1, 1),) + tuple(
+        (max(1, _round_half_up(p * final[0] / last)), max(1, _round_half_up(p * final[1] / last)))
+        for p in patch_nums[1:]
+    )
+    if budget == "2K":
+        scales += _two_k_tail(scales[-1])
+    return ScaleSchedule("hart", scales, scales[-1], template, budget)
+
+
+def hart_schedule_for_size(width: int, height: int, budget: str | None = None,
+                           patch_nums: tuple[int, ...] = HART_PATCH_NUMS_1024) -> ScaleSchedule:
+    """Snap a requested size to an aspect template and to HART's 1M (trained) or 2K (zero-shot) class."""
+    template = snap_template(width, height)
+    if budget is None:
+        trained = hart_schedule(patch_nums, template, "1M")
+        if width * height < math.prod(trained.image_size) / HART_MAX_AREA_SNAP:
+            h, w = trained.image_size
+            raise ConfigError(
+                f"HART makes images of its trained size class ({w}x{h} at this aspect ratio) or zero-shot 2K; "
+                f"{width}x{height} is smaller than either by over {HART_MAX_AREA_SNAP:g}x in pixels: ask for about "
+                f"{w}x{h}, or use Infinity for small images"
+            )
+        budget = _closest_budget(lambda b: hart_schedule(patch_nums, template, b), HART_BUDGETS, width, height)
+    return hart_schedule(patch_nums, template, budget)

@@ -11,7 +11,8 @@ CHART_MODELS = {
     "Infinity-2B 1024px": ("infinity", INFINITY_2B, lambda: infinity_schedule(1.0, "1M")),
     "Infinity-2B 2K": ("infinity", INFINITY_2B, lambda: infinity_schedule(1.0, "2K")),
     "Infinity-8B 1024px": ("infinity", INFINITY_8B, lambda: infinity_schedule(1.0, "1M")),
-    "HART-0.7B 1024px": ("hart", HART_0_7B, hart_schedule),
+    "HART-0.7B 1024px": ("hart", HART_0_7B, lambda: hart_schedule()),
+    "HART-0.7B 2K": ("hart", HART_0_7B, lambda: hart_schedule(budget="2K")),
 }
 
 

@@ -84,7 +84,7 @@ class FastVARPruning:
             "cache_from_end": ("INT", {"default": 5, "min": 2, "max": 12, "tooltip": "custom only: which scale (counted from the end) refills the pruned tokens; must come before every pruned scale."}),
             "first_layer": ("INT", {"default": -1, "min": -1, "max": 128, "tooltip": "First transformer layer that prunes; -1 = the family's default (Infinity 3, HART 0)."}),
             "last_layer": ("INT", {"default": -1, "min": -1, "max": 128, "tooltip": "Last transformer layer that prunes; -1 = the family's default (Infinity-2B 27, HART all)."}),
-            "chart_for": (["Infinity-2B 1024px", "Infinity-2B 2K", "Infinity-8B 1024px", "HART-0.7B 1024px"], {"default": "Infinity-2B 1024px", "tooltip": "Only for the schedule chart on this node: which model and size it draws. The sampler applies the pruning to its own model and size."}),
+            "chart_for": (["Infinity-2B 1024px", "Infinity-2B 2K", "Infinity-8B 1024px", "HART-0.7B 1024px", "HART-0.7B 2K"], {"default": "Infinity-2B 1024px", "tooltip": "Only for the schedule chart on this node: which model and size it draws. The sampler applies the pruning to its own model and size."}),
         }}
 
     @staticmethod
@@ -121,11 +121,21 @@ BUDGETS = {"auto": None, "0.06M (256px)": "0.06M", "0.25M (512px)": "0.25M", "0.
 
 
 def pick_schedule(model, width, height, aspect_ratio, pixel_budget):
-    from ..fastvar_core.schedules import hart_schedule, infinity_schedule, infinity_schedule_for_size
+    from ..fastvar_core.schedules import (
+        hart_schedule,
+        hart_schedule_for_size,
+        infinity_schedule,
+        infinity_schedule_for_size,
+    )
 
-    if model.family == "hart":
-        return hart_schedule(tuple(model.module.config.patch_nums))
     budget = BUDGETS[pixel_budget]
+    if model.family == "hart":
+        patch_nums = tuple(model.module.config.patch_nums)
+        if aspect_ratio == "from width/height":
+            return hart_schedule_for_size(width, height, budget, patch_nums)
+        if budget is None:
+            return hart_schedule_for_size(*_size_for_aspect(aspect_ratio, width, height), None, patch_nums)
+        return hart_schedule(patch_nums, ASPECTS[aspect_ratio], budget)
     if aspect_ratio == "from width/height":
         return infinity_schedule_for_size(width, height, budget)
     if budget is None:
@@ -154,7 +164,7 @@ class FastVARSampler:
                 "model": (MODEL, {"tooltip": "From Load Infinity Model or Load HART Model."}),
                 "positive": (CONDITIONING, {"tooltip": "From FastVAR Text Encode."}),
                 "seed": ("INT", {"default": 0, "min": 0, "max": MAX_SEED, "control_after_generate": True, "tooltip": "Same seed, same settings: the same image."}),
-                "width": ("INT", {"default": 1024, "min": 64, "max": 4096, "step": 16, "tooltip": "Requested width; snapped to the nearest official template (HART: 1024 only)."}),
+                "width": ("INT", {"default": 1024, "min": 64, "max": 4096, "step": 16, "tooltip": "Requested width; snapped to the nearest aspect template and size class (HART: 1024 class or 2K)."}),
                 "height": ("INT", {"default": 1024, "min": 64, "max": 4096, "step": 16, "tooltip": "Requested height; snapped like the width."}),
                 "aspect_ratio": (["from width/height", *ASPECTS], {"default": "from width/height", "tooltip": "Width:height template; 'from width/height' picks the nearest one."}),
                 "pixel_budget": (list(BUDGETS), {"default": "auto", "tooltip": "Image size class; auto picks the closest to width x height. 2K is zero-shot (beyond the trained sizes)."}),

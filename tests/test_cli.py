@@ -108,7 +108,7 @@ def test_generate_hart(short_hart, tmp_path):
     out = tmp_path / "hart.png"
     proc = run_cli(hart_args(out, model=short_hart))
     assert proc.returncode == 0, proc.stderr
-    assert "schedule: hart  h/w=1.0: 6 scales, 128x128 px" in proc.stderr
+    assert "schedule: hart 1M h/w=1.0: 6 scales, 128x128 px" in proc.stderr
     assert pixels(out).shape == (128, 128, 3)
     assert f"-> {out}" in proc.stdout and "Traceback" not in proc.stderr
 
@@ -261,11 +261,12 @@ ERROR_CASES = {
     "zero_width": (lambda d: infinity_args(d / "o.png", "--width", "0", "--height", "256"),
                    "width must be a positive number of pixels, got 0"),
     "impossible_aspect_ratio": (lambda d: infinity_args(d / "o.png", "--width", "4096", "--height", "64"),
-                                "aspect ratio 4096x64 (height/width 0.0156) is outside Infinity's templates"),
+                                "aspect ratio 4096x64 (height/width 0.0156) is outside the aspect templates"),
     "width_without_height": (lambda d: infinity_args(d / "o.png", "--width", "256"),
                              "give both width and height, or neither; got width=256, height=None"),
-    "hart_other_size": (lambda d: hart_args(d / "o.png", "--width", "512", "--height", "512"),
-                        "HART generates 1024x1024 only (square, its trained schedule); got width=512"),
+    "hart_small_size": (lambda d: hart_args(d / "o.png", "--width", "512", "--height", "512"),
+                        "HART makes images of its trained size class (1024x1024 at this aspect ratio) or zero-shot 2K; "
+                        "512x512 is smaller than either"),
     "pruning_names_missing_scale": (
         lambda d: infinity_args(d / "o.png", "--pruning", str(d / "pruning.json")),
         "pruning file '{d}/pruning.json': pruning.ratios: scale index 9 does not exist; this schedule has scales 0..6"),

@@ -239,11 +239,19 @@ def test_context_rope_by_hand():
 
 def test_image_positions_by_hand():
     # pn = 3 on the 64 grid: (i, j) * 64 / 3, shifted by the last text position of each row (0 for uncond)
-    pos = image_positions(3, 64, torch.tensor([22, 0]))
+    pos = image_positions((3, 3), (64, 64), torch.tensor([22, 0]))
     assert pos.shape == (2, 9, 2)
     torch.testing.assert_close(pos[0, 5], torch.tensor([64 / 3 + 22, 128 / 3 + 22]))  # row 1, col 2
     torch.testing.assert_close(pos[1, 7], torch.tensor([128 / 3, 64 / 3]))  # row 2, col 1
     torch.testing.assert_close(pos[1, 0], torch.tensor([0.0, 0.0]))
+
+
+def test_image_positions_non_square_by_hand():
+    # a 2 x 4 map on a (45, 91) last map: rows at i * 45 / 2, columns at j * 91 / 4
+    pos = image_positions((2, 4), (45, 91), torch.tensor([3]))
+    assert pos.shape == (1, 8, 2)
+    torch.testing.assert_close(pos[0, 6], torch.tensor([22.5 + 3, 2 * 91 / 4 + 3]))  # row 1, col 2
+    torch.testing.assert_close(pos[0, 3], torch.tensor([3.0, 3 * 91 / 4 + 3]))  # row 0, col 3
 
 
 def test_image_rope_layout_and_rotation_by_hand():
@@ -342,7 +350,7 @@ def test_kv_cache_holds_only_kept_tokens(model, cond):
             if si == 0:
                 return model.forward_blocks(ctx + levels[0], *rope_context(pos, hd), cache, run)
             x = torch.randn(2, pns[si] ** 2, model.config.embed_dim, generator=gen) + levels[si]
-            return model.forward_blocks(x, *rope_image(image_positions(pns[si], pns[-1], pos[:, -1]), hd), cache, run)
+            return model.forward_blocks(x, *rope_image(image_positions((pns[si], pns[si]), (pns[-1], pns[-1]), pos[:, -1]), hd), cache, run)
 
         assert step(0, True).shape[1] == 300
         assert step(1, True).shape[1] == 4
@@ -373,3 +381,37 @@ def test_interrupt_releases_and_preview(model, vae, cond):
 def test_sampler_rejects_bad_teacher_tokens(model, vae, cond):
     with pytest.raises(ConfigError, match="teacher_tokens"):
         sample_hart(model, vae, cond, hart_schedule(model.config.patch_nums), teacher_tokens=torch.zeros(1, 10).long())
+
+
+# ---------------------------------------------------------------------------------------------
+# Zero-shot aspect ratios and 2K (schedules.hart_schedule)
+
+
+def test_non_square_schedule_samples_prunes_and_decodes(model, vae, cond):
+    sched = hart_schedule((1, 2, 3, 4, 6, 8), template=0.5)  # (1,1) (2,3) (2,4) (3,6) (5,8) (6,11)
+    assert sched.scales[1:] == ((2, 3), (2, 4), (3, 6), (5, 8), (6, 11))
+    config = PruningConfig(ratios={4: 0.5, 5: 0.75}, cache_scale=3, layers=(0, model.config.depth), name="t")
+    base = sample_hart(model, vae, cond, sched, seed=2)
+    pruned = sample_hart(model, vae, cond, sched, seed=2, pruning=config, record_kept=True)
+    for result in (base, pruned):
+        assert result.latent.shape == (1, model.config.vae_channels, 6, 11)
+        assert [tuple(t.shape) for t in result.tokens.values()] == [(1, h * w) for h, w in sched.scales]
+        assert torch.isfinite(result.latent).all()
+    kept = pruned.kept[(5, 0, "attn")]  # (rows, kept): 66 tokens, 75 % pruned -> 17 kept per CFG row
+    assert kept.shape == (2, 66 - int(66 * 0.75)) and int(kept.max()) < 66
+    # the scales before the first pruned one are untouched by pruning
+    assert all(torch.equal(base.tokens[si], pruned.tokens[si]) for si in range(4))
+    image = vae.to_image(pruned.latent)
+    assert image.shape == (1, 96, 176, 3) and 0.0 <= float(image.min()) <= float(image.max()) <= 1.0
+
+
+def test_schedules_longer_than_the_checkpoint(model, config_json):
+    # the release's continuous level embedding extends to 2K's 16 scales; a table-based one cannot
+    assert model.level_embedding(16).shape == (16, model.config.embed_dim)
+    from dataclasses import replace
+
+    from fastvar_core.hart.model import HARTTransformer
+
+    table = HARTTransformer(replace(model.config, use_timestep_embed=False))
+    with pytest.raises(ConfigError, match="level embedding for 14 scales, the schedule needs 16"):
+        table.level_embedding(16)

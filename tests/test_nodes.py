@@ -96,6 +96,9 @@ def test_schedule_chart_data():
     assert 4.0 < data["speedup"] < 4.5
     hart = routes.chart_from_query({"preset": "paper", "chart_for": "HART-0.7B 1024px"})
     assert 1.8 < hart["speedup"] < 2.1
+    hart_2k = routes.chart_from_query({"preset": "2k", "chart_for": "HART-0.7B 2K"})
+    assert [s["w"] for s in hart_2k["scales"]][-3:] == [64, 91, 128] and hart_2k["scales"][12]["cache"]
+    assert hart_2k["speedup"] > hart["speedup"]
     bad = routes.chart_from_query({"preset": "custom", "last_1_drop": "50", "cache_from_end": "1"})
     assert "cache scale 1 from the end" in bad["error"]
     assert "unknown chart model" in chart.schedule_chart("SDXL", None)["error"]
@@ -133,3 +136,18 @@ def test_family_mismatch_is_a_clear_error():
     objects = sys.modules[PACK.__name__ + ".nodes.objects"]
     with pytest.raises(Exception, match="the VAE is for HART, but the model is Infinity"):
         objects.same_family("the VAE", "infinity", "hart")
+
+
+def test_hart_sampler_sizes():
+    from types import SimpleNamespace
+
+    generation = sys.modules[PACK.__name__ + ".nodes.generation"]
+    hart = SimpleNamespace(family="hart", module=SimpleNamespace(config=SimpleNamespace(
+        patch_nums=[1, 2, 3, 4, 5, 7, 9, 12, 16, 21, 27, 36, 48, 64])))
+    pick = generation.pick_schedule
+    assert pick(hart, 1024, 1024, "from width/height", "auto").final_size == (64, 64)
+    assert pick(hart, 1440, 720, "from width/height", "auto").final_size == (45, 91)
+    assert pick(hart, 1024, 1024, "2:1", "1M (1024px)").image_size == (720, 1456)
+    assert pick(hart, 1024, 1024, "1:1", "2K (zero-shot)").image_size == (2048, 2048)
+    with pytest.raises(Exception, match="pixel budget '0.25M' is not available for HART"):
+        pick(hart, 512, 512, "1:1", "0.25M (512px)")

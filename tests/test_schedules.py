@@ -8,6 +8,7 @@ from fastvar_core.errors import ConfigError
 from fastvar_core.schedules import (
     INFINITY_TEMPLATE_ORDER,
     hart_schedule,
+    hart_schedule_for_size,
     infinity_schedule,
     infinity_schedule_for_size,
     nearest_template,
@@ -92,3 +93,59 @@ def test_hart_schedule():
     assert sched.total_tokens == 9451  # hart.md §2.1
     assert sched.image_size == (1024, 1024)
     assert sched.offsets()[13] == 5355  # parity/hart README flat layout
+
+
+# HART: the trained square schedule, zero-shot aspect ratios and 2K (README "Resolutions")
+
+
+def test_hart_trained_schedule_is_the_square_patch_list():
+    sched = hart_schedule()
+    assert sched.scales == tuple((p, p) for p in (1, 2, 3, 4, 5, 7, 9, 12, 16, 21, 27, 36, 48, 64))
+    assert sched.rope_grid == (64, 64)
+
+
+@pytest.mark.parametrize("template", INFINITY_TEMPLATE_ORDER)
+def test_hart_aspect_schedules_keep_the_token_count_and_ratio(template):
+    sched = hart_schedule(template=template)
+    h, w = sched.final_size
+    assert sched.scales[0] == (1, 1)  # HART predicts the first token from the last text position
+    assert sched.num_scales == 14
+    assert abs((h / w) / template - 1) < 0.04  # the requested shape
+    assert abs(h * w / 4096 - 1) < 0.03  # about the trained 64 x 64 tokens
+    for (h0, w0), (h1, w1) in zip(sched.scales, sched.scales[1:]):
+        assert h0 <= h1 and w0 <= w1  # maps only grow
+    assert sched.rope_grid == sched.final_size
+
+
+def test_hart_half_height_schedule_by_hand():
+    # 1:2 (h/w 0.5): H = 64 * sqrt(0.5) = 45.25 -> 45, W = 64 / sqrt(0.5) = 90.51 -> 91; pn 12 -> (8.4, 17.1)
+    sched = hart_schedule(template=0.5)
+    assert sched.final_size == (45, 91)
+    assert sched.image_size == (720, 1456)
+    assert sched.scales[7] == (8, 17)
+
+
+def test_hart_2k_schedule():
+    sched = hart_schedule(budget="2K")
+    assert sched.scales[:14] == hart_schedule().scales
+    assert sched.scales[14:] == ((91, 91), (128, 128))  # two steps of sqrt(2), as Infinity's 2K tail
+    assert sched.image_size == (2048, 2048)
+    assert sched.rope_grid == (128, 128)  # positions follow HART's rule: scaled to the last map
+    wide = hart_schedule(template=0.5, budget="2K")
+    assert max(wide.final_size) == 128 and wide.final_size[0] == round(45 * 128 / 91)
+
+
+def test_hart_size_snapping():
+    assert hart_schedule_for_size(1024, 1024).scales == hart_schedule().scales
+    assert hart_schedule_for_size(1440, 720).template == 0.5
+    assert hart_schedule_for_size(2048, 2048).budget == "2K"
+    assert hart_schedule_for_size(1024, 1024, "2K").final_size == (128, 128)
+    with pytest.raises(ConfigError, match=r"HART makes images of its trained size class \(1024x1024 at this aspect "
+                                          r"ratio\) or zero-shot 2K; 512x512 is smaller than either by over 2x"):
+        hart_schedule_for_size(512, 512)
+    with pytest.raises(ConfigError, match="aspect ratio 4096x64 .* is outside the aspect templates"):
+        hart_schedule_for_size(4096, 64)
+    with pytest.raises(ConfigError, match=r"pixel budget '0.60M' is not available for HART.* allowed: \['1M', '2K'\]"):
+        hart_schedule((1, 2, 4), budget="0.60M")
+    with pytest.raises(ConfigError, match="patch_nums must be positive integers starting at 1"):
+        hart_schedule((2, 4))

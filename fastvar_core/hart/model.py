@@ -61,15 +61,17 @@ def rope_context(position_ids: torch.Tensor, head_dim: int) -> tuple[torch.Tenso
     return emb.cos(), emb.sin()
 
 
-def image_positions(pn: int, grid: int, offset: torch.Tensor) -> torch.Tensor:
-    """(B, pn*pn, 2) float32 positions (row, col) of a pn x pn map, raster order.
+def image_positions(hw: tuple[int, int], grid: tuple[int, int], offset: torch.Tensor) -> torch.Tensor:
+    """(B, h*w, 2) float32 positions (row, col) of an h x w map, raster order.
 
-    Coordinates are scaled to the ``grid`` x ``grid`` last map as (i / pn) * grid in fp32, in this order
-    (the official rounding), then shifted by each row's last text position ``offset`` (B,).
+    Each axis is scaled to the last map's ``grid`` (H, W) as (i / h) * H in fp32, in this order (the
+    official rounding; upstream has only square maps, i / pn * 64 at 1024 px), then shifted by each
+    row's last text position ``offset`` (B,).
     """
-    ar = torch.arange(pn, device=offset.device)
-    ij = torch.stack(torch.meshgrid(ar, ar, indexing="ij"), dim=-1).reshape(-1, 2)  # (pn*pn, 2) int64
-    coords = ij / pn * grid  # float32
+    (h, w), (gh, gw) = hw, grid
+    rows = torch.arange(h, device=offset.device) / h * gh  # (h,) float32
+    cols = torch.arange(w, device=offset.device) / w * gw  # (w,) float32
+    coords = torch.stack(torch.meshgrid(rows, cols, indexing="ij"), dim=-1).reshape(-1, 2)  # (h*w, 2)
     return coords[None] + offset[:, None, None]
 
 

@@ -157,7 +157,7 @@ def sample_hart(
     (e.g. HARTTextConditioning). top_k None = the official 600 (scales 0-6) / 300 rule, 0 = off.
     ``seed`` seeds the token sampler's generator (the official ``g_seed``); the diffusion noise continues
     from it unless ``diffusion_generator`` is given. ``teacher_tokens`` (B, N) forces the code index at
-    every position of the flat scale-major layout (N = sum of pn^2) and embeds it without smoothing.
+    every position of the flat scale-major layout (N = sum of h*w) and embeds it without smoothing.
     ``return_logits`` adds per-position statistics of the guided logits (before top-k/top-p) to
     ``result.extras``: logits_lse, logits_max, logits_argmax, logits_chosen (B, N), plus the full logits
     at the flat positions ``logits_at`` as logits_sel (B, P, V). ``trace`` adds f_hat_stats (B, S, 3),
@@ -169,14 +169,14 @@ def sample_hart(
     cfg_model = model.config
     check_vae_matches(model, vae)
     check_text_width(model, cond)
-    if schedule.family != "hart" or any(h != w for h, w in schedule.scales) or schedule.scales[0] != (1, 1):
-        raise ConfigError(f"schedule {schedule.describe()!r} is not a square HART schedule starting at 1x1")
+    if schedule.family != "hart" or schedule.scales[0] != (1, 1):
+        raise ConfigError(f"schedule {schedule.describe()!r} is not a HART schedule starting at 1x1")
     if not math.isfinite(cfg):
         raise ConfigError(f"cfg = {cfg} is not a finite number")
     B = cond.context.shape[0]
     check_sampling_args(B, top_k or 0, top_p, [])
     S = schedule.num_scales
-    pns = [h for h, _ in schedule.scales]
+    scales = schedule.scales
     offsets = schedule.offsets()
     total = schedule.total_tokens
     if teacher_tokens is not None and tuple(teacher_tokens.shape) != (B, total):
@@ -211,11 +211,11 @@ def sample_hart(
             offset = pos_ids[:, -1]  # 2D RoPE shift: last text position per row (0 for unconditional rows)
             head_scale, head_shift = model.head_nm.modulation(cond_bd)
             levels = model.level_embedding(S)  # (S, C)
-            grid = schedule.rope_grid[0]
+            grid = schedule.rope_grid
             f_hat = torch.zeros(B, cfg_model.vae_channels, *schedule.final_size, device=device, dtype=torch.float32)
             x = cond_bd + levels[0]  # scale 0 input: the text tokens
             ratio = 0.0
-            for si, pn in enumerate(pns):
+            for si, (ph, pw) in enumerate(scales):
                 timer.start()
                 last = si == S - 1
                 if not last:
@@ -227,7 +227,7 @@ def sample_hart(
                 if si == 0:
                     cos, sin = rope_context(pos_ids, cfg_model.head_dim)
                 else:
-                    cos, sin = rope_image(image_positions(pn, grid, offset[:rows]), cfg_model.head_dim)
+                    cos, sin = rope_image(image_positions((ph, pw), grid, offset[:rows]), cfg_model.head_dim)
                 x = model.forward_blocks(x, cos, sin, cache, run)  # (rows, l, C)
                 logits = model.logits(x, head_scale[:rows], head_shift[:rows])  # (rows, l, V) float32
                 t = cfg * ratio
@@ -237,14 +237,14 @@ def sample_hart(
                     logits = logits[:, -1:]  # the 1x1 token is predicted from the last text position
 
                 if teacher_tokens is not None:
-                    idx = teacher_tokens[:, offsets[si]: offsets[si] + pn * pn].to(device)
+                    idx = teacher_tokens[:, offsets[si]: offsets[si] + ph * pw].to(device)
                 if return_logits:
                     logit_stats["lse"].append(logits.logsumexp(-1).cpu())
                     mx = logits.max(-1)
                     logit_stats["max"].append(mx.values.cpu())
                     logit_stats["argmax"].append(mx.indices.cpu())
                     for p in sel_wanted:
-                        if offsets[si] <= p < offsets[si] + pn * pn:
+                        if offsets[si] <= p < offsets[si] + ph * pw:
                             sel[p] = logits[:, p - offsets[si]].float().cpu()
                 if teacher_tokens is None:
                     check_logits(logits, si, model.head.weight.dtype)
@@ -262,14 +262,14 @@ def sample_hart(
                 h = h.to(device, torch.float32)
 
                 if not last:
-                    h_map = h.transpose(1, 2).reshape(B, -1, pn, pn)
+                    h_map = h.transpose(1, 2).reshape(B, -1, ph, pw)
                     f_hat = vae.accumulate(f_hat, h_map, si, S, schedule.final_size).float()
-                    nxt = vae.next_input(f_hat, pns[si + 1]).flatten(2).transpose(1, 2)  # (B, pn'^2, Cvae)
+                    nxt = vae.next_input(f_hat, scales[si + 1]).flatten(2).transpose(1, 2)  # (B, h'w', Cvae)
                     if trace:
                         traced["next"].append(nxt.cpu())
                     x = model.word_embed(nxt.to(dtype)) + levels[si + 1]
                     if pruning.guides(si + 1):
-                        x = torch.cat([x, x])  # (2B, pn'^2, C)
+                        x = torch.cat([x, x])  # (2B, h'w', C)
                 else:
                     # residual diffusion conditioned on hidden + embedding of the hard codes (hart.md §3.5)
                     discrete = model.word_embed(vae.embed(idx.to(codebook.device)).to(device, dtype))
@@ -284,7 +284,7 @@ def sample_hart(
                         extras["diff_out"] = resid.float().cpu()
                         zf = z.float()
                         extras["diff_cond_stats"] = torch.stack([zf.mean(), zf.std(), zf.abs().amax()]).cpu()
-                    final = (h + resid.float()).transpose(1, 2).reshape(B, -1, pn, pn)
+                    final = (h + resid.float()).transpose(1, 2).reshape(B, -1, ph, pw)
                     f_hat = vae.accumulate(f_hat, final, si, S, schedule.final_size).float()
                 if trace:
                     traced["stats"].append(_stats(f_hat))
