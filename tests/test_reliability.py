@@ -270,6 +270,8 @@ def test_sizes_within_the_templates_snap(inf_pipe, hart_pipe):
     assert inf_pipe.schedule(1024, 300).template == 0.333  # 3.4:1 snaps to 3:1 (within 25 %)
     assert inf_pipe.schedule(300, 1024).template == 3.0
     assert inf_pipe.schedule(256, 256).image_size == (256, 256)
+    assert hart_pipe.schedule(1440, 720).final_size == (45, 91)  # zero-shot 2:1
+    assert hart_pipe.schedule(budget="2K").image_size == (2048, 2048)
     with pytest.raises(ConfigError, match="HART makes images of its trained size class .* 512x512 is smaller"):
         hart_pipe.schedule(512, 512)
     with pytest.raises(ConfigError, match="pixel budget '0.25M' is not available for HART"):
