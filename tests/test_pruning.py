@@ -152,6 +152,28 @@ def test_scores_are_squared_distance_to_spatial_mean():
     torch.testing.assert_close(pivotal_scores(x).double(), expected, rtol=1e-6, atol=1e-6)
 
 
+def test_pivotal_scores_in_cpu_blocks_equal_one_pass():
+    # (2, 1000, 1024): 256-token blocks on the CPU; the same float32 arithmetic as one full-size pass
+    x = torch.randn(2, 1000, 1024, generator=torch.Generator().manual_seed(0))
+    one_pass = (x - x.mean(dim=1, keepdim=True)).square().sum(dim=-1)
+    assert torch.equal(pivotal_scores(x), one_pass)
+    half = x.to(torch.bfloat16)  # lower precision: scores still in float32
+    assert pivotal_scores(half).dtype == torch.float32
+    torch.testing.assert_close(pivotal_scores(half), (half.float() - half.float().mean(1, keepdim=True)).square().sum(-1))
+
+
+def test_restore_into_a_workspace():
+    gen = torch.Generator().manual_seed(1)
+    cached, kept_out = torch.randn(2, 9, 5, generator=gen), torch.randn(2, 4, 5, generator=gen)
+    idx = torch.stack([torch.randperm(20, generator=gen)[:4] for _ in range(2)])
+    fresh = restore_tokens(cached, (3, 3), (4, 5), kept_out, idx)
+    buffer = torch.full((2, 20, 5), float("nan"))
+    assert restore_tokens(cached, (3, 3), (4, 5), kept_out, idx, out=buffer) is buffer
+    assert torch.equal(buffer, fresh)
+    with pytest.raises(ValueError, match=r"out must be a contiguous \(2, 20, 5\) torch.float32 tensor"):
+        restore_tokens(cached, (3, 3), (4, 5), kept_out, idx, out=torch.empty(2, 21, 5))
+
+
 def test_area_resize_matches_adaptive_average_pooling():
     # 2x2 -> 3x3 upsampling with area mode averages one or two neighbours (infinity.md §7.3 step 4).
     grid = torch.tensor([[1.0, 2.0], [3.0, 4.0]])

@@ -46,6 +46,7 @@ class PruningRun:
         self.timing = timing
         self.seconds = {"select": 0.0, "branch": 0.0, "restore": 0.0}
         self._cache: dict[tuple[int, str], torch.Tensor] = {}
+        self._workspace: torch.Tensor | None = None  # the restored output of the latest pruned sub-layer
         self._scale = -1
         self._keep = 0
 
@@ -97,7 +98,11 @@ class PruningRun:
 
     # ----- the hook every sub-layer goes through -----
     def sublayer(self, layer: int, name: str, x: torch.Tensor, branch: Branch) -> torch.Tensor:
-        """Run a residual branch on x (B, L, C) with FastVAR and return its output for all L tokens."""
+        """Run a residual branch on x (B, L, C) with FastVAR and return its output for all L tokens.
+
+        At a pruned scale the output is a workspace that the next pruned sub-layer overwrites: add it to
+        the residual stream before calling again (both families do so at once).
+        """
         if not self.prunes(layer):
             out = branch(x, None)
             if self._scale == self.config.cache_scale and self.config.prunes_layer(layer):
@@ -121,13 +126,21 @@ class PruningRun:
         t1 = self._clock(x)
         out_kept = branch(kept, idx)  # (B, K, C)
         t2 = self._clock(x)
-        out = restore_tokens(cached, self.scales[self.config.cache_scale], self.scales[self._scale], out_kept, idx)
+        out = restore_tokens(cached, self.scales[self.config.cache_scale], self.scales[self._scale], out_kept, idx,
+                             out=self._restore_buffer(x.shape[0], x.shape[1], out_kept))
         if self.timing:
             t3 = self._clock(x)
             self.seconds["select"] += t1 - t0
             self.seconds["branch"] += t2 - t1
             self.seconds["restore"] += t3 - t2
         return out
+
+    def _restore_buffer(self, rows: int, length: int, like: torch.Tensor) -> torch.Tensor:
+        shape = (rows, length, like.shape[-1])
+        ws = self._workspace
+        if ws is None or tuple(ws.shape) != shape or ws.dtype != like.dtype or ws.device != like.device:
+            self._workspace = ws = torch.empty(shape, dtype=like.dtype, device=like.device)
+        return ws
 
     def _clock(self, x: torch.Tensor) -> float:
         if not self.timing:
@@ -146,6 +159,7 @@ class PruningRun:
     def close(self) -> None:
         """Release the restore cache (kept-index records stay for inspection)."""
         self._cache.clear()
+        self._workspace = None
         self._scale = -1
 
     def __enter__(self) -> PruningRun:
