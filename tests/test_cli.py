@@ -149,8 +149,11 @@ def test_ctrl_c_stops_a_real_process_within_one_scale(tmp_path):
     """SIGINT to `generate` (the full 14-scale HART run) once scale 2 is done: at most the scale in
     progress when the signal arrives finishes, then exit 130 with every cache freed."""
     out = tmp_path / "never.png"
+    # a runner started in the background (`cmd &`) ignores SIGINT, and so would the child: restore the
+    # default so that Python installs its Ctrl-C handler as in a terminal
     proc = subprocess.Popen([sys.executable, "-m", "fastvar_core", *hart_args(out)], cwd=ROOT, env=ENV,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     stderr = bytearray()
     seen = threading.Event()
 
