@@ -12,6 +12,7 @@ from ..fastvar_core.errors import ConfigError
 from ..fastvar_core.pruning import PruningSpec
 
 from . import compat
+from .chart import CHART_MODELS
 from .objects import CONDITIONING, LATENT, MODEL, PRUNING, TEXT_ENCODER, VAE, Conditioning, Latent, same_family
 
 MAX_SEED = 0xFFFFFFFFFFFFFFFF
@@ -84,7 +85,7 @@ class FastVARPruning:
             "cache_from_end": ("INT", {"default": 5, "min": 2, "max": 12, "tooltip": "custom only: which scale (counted from the end) refills the pruned tokens; must come before every pruned scale."}),
             "first_layer": ("INT", {"default": -1, "min": -1, "max": 128, "tooltip": "First transformer layer that prunes; -1 = the family's default (Infinity 3, HART 0)."}),
             "last_layer": ("INT", {"default": -1, "min": -1, "max": 128, "tooltip": "Last transformer layer that prunes; -1 = the family's default (Infinity-2B 27, HART all)."}),
-            "chart_for": (["Infinity-2B 1024px", "Infinity-2B 2K", "Infinity-8B 1024px", "HART-0.7B 1024px", "HART-0.7B 2K"], {"default": "Infinity-2B 1024px", "tooltip": "Only for the schedule chart on this node: which model and size it draws. The sampler applies the pruning to its own model and size."}),
+            "chart_for": (list(CHART_MODELS), {"default": "Infinity-2B 1024px", "tooltip": "Only for the schedule chart on this node: which model and size it draws. The sampler applies the pruning to its own model and size."}),
         }}
 
     @staticmethod
@@ -121,26 +122,24 @@ BUDGETS = {"auto": None, "0.06M (256px)": "0.06M", "0.25M (512px)": "0.25M", "0.
 
 
 def pick_schedule(model, width, height, aspect_ratio, pixel_budget):
-    from ..fastvar_core.schedules import (
-        hart_schedule,
-        hart_schedule_for_size,
-        infinity_schedule,
-        infinity_schedule_for_size,
-    )
+    from ..fastvar_core import schedules
 
-    budget = BUDGETS[pixel_budget]
     if model.family == "hart":
         patch_nums = tuple(model.module.config.patch_nums)
-        if aspect_ratio == "from width/height":
-            return hart_schedule_for_size(width, height, budget, patch_nums)
-        if budget is None:
-            return hart_schedule_for_size(*_size_for_aspect(aspect_ratio, width, height), None, patch_nums)
-        return hart_schedule(patch_nums, ASPECTS[aspect_ratio], budget)
+
+        def by_size(w, h, b):
+            return schedules.hart_schedule_for_size(w, h, b, patch_nums)
+
+        def by_template(t, b):
+            return schedules.hart_schedule(patch_nums, t, b)
+    else:
+        by_size, by_template = schedules.infinity_schedule_for_size, schedules.infinity_schedule
+    budget = BUDGETS[pixel_budget]
     if aspect_ratio == "from width/height":
-        return infinity_schedule_for_size(width, height, budget)
+        return by_size(width, height, budget)
     if budget is None:
-        return infinity_schedule_for_size(*_size_for_aspect(aspect_ratio, width, height))
-    return infinity_schedule(ASPECTS[aspect_ratio], budget)
+        return by_size(*_size_for_aspect(aspect_ratio, width, height), None)
+    return by_template(ASPECTS[aspect_ratio], budget)
 
 
 def _size_for_aspect(aspect: str, width: int, height: int) -> tuple[int, int]:
