@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.fastvar-installed
 ARGS ?=
 
-.PHONY: demo test test-fast bench bench-quick e2e-models clean-venv
+.PHONY: demo test test-fast parity-mutants parity-floor bench bench-quick e2e-models clean-venv
 
 $(STAMP): requirements.txt requirements-dev.txt
 	@test -x $(PY) || python3 -m venv $(VENV)
@@ -22,6 +22,14 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" $(ARGS)
+
+# The parity self-check (docs/parity.md): every injected fault must fail a parity test. Not part of `make test`.
+parity-mutants: $(STAMP)
+	$(PY) tools/parity_mutants.py $(ARGS)
+
+# The float noise floor of the sampled HART parity cases that the sampled-case tolerances come from.
+parity-floor: $(STAMP)
+	$(PY) tools/parity_floor.py $(ARGS)
 
 bench: $(STAMP)
 	$(PY) -m fastvar_core bench $(ARGS)

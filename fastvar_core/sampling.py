@@ -12,13 +12,48 @@ import torch
 
 from .errors import ConfigError
 from .pruning.config import PruningConfig
-from .pruning.run import kept_mask
+from .pruning.run import SelectObserver, kept_mask
 from .schedules import ScaleSchedule
 
 # callback(step, total_steps, preview) is called after every scale step; ``preview()`` returns a cheap
 # (B, h, w, 3) RGB rendering of the current latent in [0, 1]. Raising from it (e.g. SamplingInterrupted)
 # stops sampling within one scale; every cache of the run is released on the way out.
 ProgressCallback = Callable[[int, int, Callable[[], torch.Tensor]], None]
+
+
+# on_draw(scale, logits, drawn, generator_state) -> tokens or None: called after every token draw with
+# the filtered logits the draw used (B, N, V) float32, the drawn indices (B, N) and the sampler
+# generator's state from just before the draw. A returned (B, N) tensor replaces the drawn tokens for
+# the rest of the run (teacher forcing on a reference run, see docs/parity.md).
+DrawObserver = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], "torch.Tensor | None"]
+
+
+@dataclass
+class SamplingHooks:
+    """Observers of one sampling run, for tests and tools; generation itself never needs them."""
+
+    on_select: SelectObserver | None = None  # every pruned sub-layer (see PruningRun)
+    on_draw: DrawObserver | None = None  # every token draw
+
+
+def draw_tokens(logits: torch.Tensor, generator: torch.Generator, scale: int,
+                hooks: SamplingHooks | None) -> torch.Tensor:
+    """One ``torch.multinomial`` over softmax(logits) (B, N, V) -> (B, N) int64, drawn on the generator's device.
+
+    The single call per scale is the official RNG order. With ``hooks.on_draw`` the observer sees the
+    draw and may replace its outcome.
+    """
+    state = generator.get_state() if hooks is not None and hooks.on_draw is not None else None
+    probs = logits.softmax(dim=-1).flatten(0, 1)  # (B*N, V)
+    if probs.device != generator.device:
+        probs = probs.to(generator.device)  # reproducible draws from a CPU generator on any device
+    drawn = torch.multinomial(probs, 1, replacement=True, generator=generator).view(logits.shape[:-1])
+    drawn = drawn.to(logits.device)
+    if state is not None:
+        forced = hooks.on_draw(scale, logits, drawn, state)
+        if forced is not None:
+            drawn = forced.to(device=logits.device, dtype=torch.int64).view(drawn.shape)
+    return drawn
 
 
 def per_scale(value: float | Sequence[float], num_scales: int, name: str) -> list[float]:

@@ -21,7 +21,15 @@ import torch
 from ..errors import ConfigError
 from ..pruning.config import PruningConfig
 from ..pruning.run import PruningRun
-from ..sampling import ProgressCallback, SampleResult, ScaleTimer, check_logits, check_sampling_args
+from ..sampling import (
+    ProgressCallback,
+    SampleResult,
+    SamplingHooks,
+    ScaleTimer,
+    check_logits,
+    check_sampling_args,
+    draw_tokens,
+)
 from ..schedules import ScaleSchedule
 from .diffusion import VAE_SCALE
 from .loader import check_text_width, check_vae_matches
@@ -52,12 +60,6 @@ def filter_logits_(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tens
         remove[..., -1:] = False  # the most likely token always stays
         logits.masked_fill_(remove.scatter(-1, sorted_idx, remove), float("-inf"))
     return logits
-
-
-def sample_tokens(logits: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """One multinomial draw per token from softmax(logits) (B, l, V) -> (B, l) int64."""
-    probs = logits.softmax(dim=-1).flatten(0, 1)  # (B*l, V)
-    return torch.multinomial(probs, 1, replacement=True, generator=generator).view(logits.shape[:-1])
 
 
 def smooth_embedding(logits: torch.Tensor, ratio: float, codebook: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -150,6 +152,7 @@ def sample_hart(
     logits_at: Sequence[int] = (),
     trace: bool = False,
     time_pruning: dict[str, float] | None = None,
+    hooks: SamplingHooks | None = None,
 ) -> SampleResult:
     """Generate HART latents for a batch of prompts; ``result.latent`` is f_hat (B, Cvae, H, W) for the VAE.
 
@@ -165,6 +168,7 @@ def sample_hart(
     A ``pruning`` config with a ``cfg_cutoff`` runs only the conditional rows from that scale on (logits
     and the diffusion residual unguided). ``time_pruning``: a dict to which the wall seconds of pruned
     sub-layers are added (``select``, ``branch``, ``restore``; CUDA synchronised: for measurements).
+    ``hooks``: observers of pruning selections and token draws (tests, tools).
     """
     cfg_model = model.config
     check_vae_matches(model, vae)
@@ -192,7 +196,8 @@ def sample_hart(
     generator.manual_seed(int(seed))
     diff_gen = diffusion_generator if diffusion_generator is not None else generator
 
-    run = PruningRun(pruning, schedule.scales, cfg_model.depth, record=record_kept, timing=time_pruning is not None)
+    run = PruningRun(pruning, schedule.scales, cfg_model.depth, record=record_kept, timing=time_pruning is not None,
+                     on_select=hooks.on_select if hooks else None)
     tokens_run = [cond.context.shape[1], *schedule.tokens_per_scale[1:]]  # scale 0 runs the text tokens
     cache = KVCache(cfg_model.depth, [run.kv_capacity(layer, tokens_run, range(S - 1)) for layer in range(cfg_model.depth)])
     timer = ScaleTimer(device)
@@ -249,7 +254,7 @@ def sample_hart(
                 if teacher_tokens is None:
                     check_logits(logits, si, model.head.weight.dtype)
                     filter_logits_(logits, official_top_k(si) if top_k is None else top_k, top_p)
-                    idx = sample_tokens(logits, generator)
+                    idx = draw_tokens(logits, generator, si, hooks)
                 if return_logits:
                     # a sampled token is never masked, so the filtered logits still hold its guided value
                     logit_stats["chosen"].append(logits.gather(-1, idx[..., None])[..., 0].cpu())

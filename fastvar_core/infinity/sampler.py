@@ -19,7 +19,16 @@ import torch.nn.functional as F
 from ..errors import ConfigError, IncompatibleModelsError
 from ..pruning.config import PruningConfig
 from ..pruning.run import PruningRun
-from ..sampling import ProgressCallback, SampleResult, ScaleTimer, check_logits, check_sampling_args, per_scale
+from ..sampling import (
+    ProgressCallback,
+    SampleResult,
+    SamplingHooks,
+    ScaleTimer,
+    check_logits,
+    check_sampling_args,
+    draw_tokens,
+    per_scale,
+)
 from ..schedules import ScaleSchedule
 from .config import TEXT_MAXLEN
 from .model import InfinityTransformer, KVCache
@@ -43,15 +52,15 @@ def filter_bit_logits(pairs: torch.Tensor, top_k: int, top_p: float) -> torch.Te
     return pairs
 
 
-def sample_bits(logits: torch.Tensor, top_k: int, top_p: float, generator: torch.Generator) -> torch.Tensor:
-    """logits (B, L, 2d) -> bits (B, L, d) int64 with ONE multinomial draw over all B*L*d bits."""
+def sample_bits(logits: torch.Tensor, top_k: int, top_p: float, generator: torch.Generator,
+                scale: int = 0, hooks: SamplingHooks | None = None) -> torch.Tensor:
+    """logits (B, L, 2d) -> bits (B, L, d) int64 with ONE multinomial draw over all B*L*d bits.
+
+    ``hooks.on_draw`` sees the (B, L*d, 2) filtered bit logits of ``scale`` and the (B, L*d) draw.
+    """
     B, L, _ = logits.shape
     pairs = filter_bit_logits(logits.float().reshape(B, -1, 2).clone(), top_k, top_p)  # (B, L*d, 2)
-    probs = pairs.softmax(dim=-1).view(-1, 2)
-    if probs.device != generator.device:
-        probs = probs.to(generator.device)  # reproducible draws from a CPU generator on any device
-    bits = torch.multinomial(probs, num_samples=1, replacement=True, generator=generator)
-    return bits.view(B, L, -1).to(logits.device)
+    return draw_tokens(pairs, generator, scale, hooks).view(B, L, -1)
 
 
 def bits_to_codes(bits: torch.Tensor) -> torch.Tensor:
@@ -106,6 +115,7 @@ def sample_infinity(
     return_logits: bool = False,
     generator_device: str | torch.device = "cpu",
     time_pruning: dict[str, float] | None = None,
+    hooks: SamplingHooks | None = None,
 ) -> SampleResult:
     """Generate the latent (summed codes, (B, d_v, H, W)) for the prompts in ``cond``.
 
@@ -117,6 +127,7 @@ def sample_infinity(
     runs after every executed scale; raising from it stops sampling with every cache released.
     ``time_pruning``: a dict to which the wall seconds of pruned sub-layers are added, split into
     ``select``, ``branch`` and ``restore`` (CUDA is synchronised around each part: for measurements only).
+    ``hooks``: observers of pruning selections and token draws (tests, tools).
     """
     config = model.config
     lens = [int(n) for n in cond.lens]
@@ -138,7 +149,7 @@ def sample_infinity(
     device = model.pos_start.device
     pruning = pruning if pruning is not None else PruningConfig(name="off")
     run = PruningRun(pruning, schedule.scales, config.depth, record=record_kept,
-                     timing=time_pruning is not None)
+                     timing=time_pruning is not None, on_select=hooks.on_select if hooks else None)
     executed = [si for si in range(S) if not run.is_skipped(si)]
     # one buffer per layer, sized for every stored scale; the final executed scale's keys are not kept
     caches = [KVCache(run.kv_capacity(layer, schedule.tokens_per_scale, executed[:-1])) for layer in range(config.depth)]
@@ -176,7 +187,7 @@ def sample_infinity(
             if return_logits:
                 extras[f"logits.{si:02d}"] = logits.detach().clone()
             check_logits(logits, si, model.block_dtype)
-            bits = sample_bits(logits, top_k, top_p, generator).view(B, h, w, -1)  # (B, h, w, d)
+            bits = sample_bits(logits, top_k, top_p, generator, si, hooks).view(B, h, w, -1)  # (B, h, w, d)
             forced = _teacher(teacher_bits, si)
             if forced is not None:
                 bits = forced.to(device=device, dtype=torch.int64).view(B, h, w, -1)

@@ -16,11 +16,16 @@ import torch
 
 from ..errors import ConfigError
 from .config import PruningConfig
-from .tokens import gather_tokens, restore_tokens, select_pivotal
+from .tokens import gather_tokens, pivotal_scores, restore_tokens, top_tokens
 
 # branch(x, idx) -> output: x is the branch input for the tokens that go through, idx their indices in
 # the scale's row-major token map (None when every token goes through, in order).
 Branch = Callable[[torch.Tensor, "torch.Tensor | None"], torch.Tensor]
+
+# on_select(scale, layer, sublayer, scores, kept) -> kept or None: called at every pruned sub-layer with
+# the pivotal scores (B, L) float32 and the kept indices (B, K); a returned (B, K) index tensor replaces
+# the selection (teacher forcing on a reference run, see docs/parity.md).
+SelectObserver = Callable[[int, int, str, torch.Tensor, torch.Tensor], "torch.Tensor | None"]
 
 
 class PruningRun:
@@ -34,11 +39,13 @@ class PruningRun:
         *,
         record: bool = False,
         timing: bool = False,
+        on_select: SelectObserver | None = None,
     ) -> None:
         self.config = config if config is not None else PruningConfig(name="off")
         self.scales = [tuple(s) for s in scales]
         self.depth = depth
         self.record = record
+        self.on_select = on_select
         self.config.validate(len(self.scales), depth)
         self.kept: dict[tuple[int, int, str], torch.Tensor] = {}  # (scale, layer, sublayer) -> (B, K) int32
         # timing=True: wall seconds of pruned sub-layers, split into token selection, the branch on the
@@ -119,7 +126,12 @@ class PruningRun:
                 f"but scale {self._scale} needs {x.shape[0]} rows: the cache scale must run before pruned scales "
                 f"with the same batch"
             )
-        idx = select_pivotal(x, self._keep)  # (B, K)
+        scores = pivotal_scores(x)  # (B, L)
+        idx = top_tokens(scores, self._keep)  # (B, K)
+        if self.on_select is not None:
+            forced = self.on_select(self._scale, layer, name, scores, idx)
+            if forced is not None:
+                idx = forced.to(device=idx.device, dtype=idx.dtype)
         if self.record:
             self.kept[(self._scale, layer, name)] = idx.to("cpu", torch.int32)
         kept = gather_tokens(x, idx)

@@ -24,12 +24,17 @@ def pivotal_scores(x: torch.Tensor) -> torch.Tensor:
     return scores
 
 
-def select_pivotal(x: torch.Tensor, keep: int) -> torch.Tensor:
-    """Indices (B, keep) of the ``keep`` tokens of each row farthest from the row's spatial mean.
+def top_tokens(scores: torch.Tensor, keep: int) -> torch.Tensor:
+    """Indices (B, keep) of the ``keep`` highest scores (B, L) of each row.
 
     Order inside a row is unspecified (top-k without sorting): every consumer is permutation invariant.
     """
-    return pivotal_scores(x).topk(keep, dim=1, sorted=False).indices
+    return scores.topk(keep, dim=1, sorted=False).indices
+
+
+def select_pivotal(x: torch.Tensor, keep: int) -> torch.Tensor:
+    """Indices (B, keep) of the ``keep`` tokens of each row farthest from the row's spatial mean."""
+    return top_tokens(pivotal_scores(x), keep)
 
 
 def _flat_rows(idx: torch.Tensor, length: int) -> torch.Tensor:
