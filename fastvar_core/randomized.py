@@ -41,7 +41,7 @@ SHAPES = {
 
 
 def _ffn_hidden(shape: ModelShape) -> int:
-    if shape.family == "hart":  # SwiGLU width rule (hart.md §2.1)
+    if shape.family == "hart":  # SwiGLU width rule (docs/hart.md §2.1)
         return int((shape.width * 4 * 2 / 3 + 255) // 256 * 256)
     return round(shape.width * 4 / 256) * 256  # Infinity rule, half-to-even like Python's round
 

@@ -1,7 +1,7 @@
 """Scale schedules: which token-map sizes a next-scale-prediction model generates, in order.
 
 Infinity uses a dynamic-resolution table of aspect-ratio templates and pixel budgets
-(reference/infinity.md §4.1); HART uses one square list of patch numbers from its config.
+(docs/infinity.md §4.1); HART uses one square list of patch numbers from its config.
 A schedule knows its final latent size and, through the VAE stride, its image size.
 """
 
@@ -14,7 +14,7 @@ from .errors import ConfigError
 
 VAE_STRIDE = 16
 
-# Full 13-scale "1M" schedules, (h, w) per scale, for the templates whose h/w >= 1 (infinity.md §4.1).
+# Full 13-scale "1M" schedules, (h, w) per scale, for the templates whose h/w >= 1 (docs/infinity.md §4.1).
 # The inverse templates (h/w < 1) are the transposes.
 _TALL_TEMPLATES: dict[float, tuple[tuple[int, int], ...]] = {
     1.0: tuple((s, s) for s in (1, 2, 4, 6, 8, 12, 16, 20, 24, 32, 40, 48, 64)),
@@ -50,7 +50,7 @@ def _build_templates() -> dict[float, tuple[tuple[int, int], ...]]:
 
 
 INFINITY_TEMPLATES = _build_templates()
-# Official tie-breaking order of the templates (infinity.md §4.1).
+# Official tie-breaking order of the templates (docs/infinity.md §4.1).
 INFINITY_TEMPLATE_ORDER = (1.0, 1.25, 0.8, 1.333, 0.75, 1.5, 0.666, 1.75, 0.571, 2.0, 0.5, 2.5, 0.4, 3.0, 0.333)
 # Number of leading scales of the 13-scale table that make each official pixel budget.
 INFINITY_BUDGETS = {"0.06M": 7, "0.25M": 10, "0.60M": 12, "1M": 13}
@@ -208,7 +208,7 @@ def hart_schedule(patch_nums: tuple[int, ...] = HART_PATCH_NUMS_1024, template: 
     zero-shot: the last map (H, W) keeps about pn_last^2 tokens at the template's ratio and every scale
     scales its pn by H/pn_last and W/pn_last (the first stays 1x1: HART predicts it from the last text
     position). 2K appends the same two-step tail as Infinity's (long side 128 tokens, 2048 px).
-    Positions are normalised to the last map, HART's rule (hart.md §2.5), so 2K extends the grid.
+    Positions are normalised to the last map, HART's rule (docs/hart.md §2.5), so 2K extends the grid.
     """
     if not patch_nums or any(not isinstance(p, int) or p <= 0 for p in patch_nums) or patch_nums[0] != 1:
         raise ConfigError(f"patch_nums must be positive integers starting at 1, got {patch_nums!r}")

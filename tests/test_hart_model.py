@@ -1,6 +1,6 @@
 """HART transformer pieces: config detection, loader errors, RoPE / diffusion formulas, FastVAR wiring.
 
-Expected values come from the fact sheet (reference/hart.md) and the tiny official-format checkpoint
+Expected values come from the notes (docs/hart.md) and the tiny official-format checkpoint
 (parity/hart/checkpoint, config.json + build_info.json), computed by hand here, not by the code under test.
 """
 
@@ -84,7 +84,7 @@ def test_config_matches_config_json_and_weights(model, config_json):
 def test_ffn_width_of_the_release():
     from fastvar_core.hart.config import llama_ffn_hidden
 
-    assert llama_ffn_hidden(1536, 4.0) == 4096  # hart.md §2.1
+    assert llama_ffn_hidden(1536, 4.0) == 4096  # docs/hart.md §2.1
 
 
 @pytest.mark.parametrize(
@@ -214,7 +214,7 @@ def test_arch_spec(model):
 
 
 # ---------------------------------------------------------------------------------------------
-# Formulas (hart.md §2.5, §2.8, §3.5, §5.1)
+# Formulas (docs/hart.md §2.5, §2.6, §2.7, §3.5)
 
 
 def test_rmsnorm_by_hand():
@@ -284,12 +284,13 @@ def test_diffusion_schedule_matches_fact_sheet():
     beta = [4.128e-5, 0.05488, 0.14875, 0.24955, 0.36607, 0.51757, 0.73544, 0.99999995]
     abar = [0.99996, 0.94508, 0.80451, 0.60374, 0.38273, 0.18464, 0.048849, 2.43e-9]
     torch.testing.assert_close(s.betas, torch.tensor(beta, dtype=torch.float64), rtol=2e-4, atol=0)
-    torch.testing.assert_close(s.alphas_cumprod, torch.tensor(abar, dtype=torch.float64), rtol=1e-3, atol=0)  # sheet: 3 digits
+    # docs/hart.md §3.5 gives 3 digits
+    torch.testing.assert_close(s.alphas_cumprod, torch.tensor(abar, dtype=torch.float64), rtol=1e-3, atol=0)
 
 
 @pytest.mark.parametrize("guidance, first_rows", [(3.0, "half"), (1.0, "all")])
 def test_diffusion_rng_consumption_and_reproducibility(model, guidance, first_rows):
-    """One initial draw (N rows guided, 2N unguided), then eight (2N, Cvae) draws (hart.md §3.5, §3.7)."""
+    """One initial draw (N rows guided, 2N unguided), then eight (2N, Cvae) draws (docs/hart.md §3.5, §3.7)."""
     n2, c = 8, model.config.vae_channels
     cond = torch.randn(n2, model.config.embed_dim, generator=torch.Generator().manual_seed(3))
     g = torch.Generator().manual_seed(5)
@@ -314,7 +315,7 @@ def test_hart_paper_preset_on_the_1024_schedule():
     cfg = make_preset("hart", "paper", sched.num_scales, 24)
     assert cfg.ratios == {12: 0.5, 13: 0.75} and cfg.cache_scale == 11 and cfg.layers == (0, 24)
     assert sched.scales[11] == (36, 36)
-    assert cfg.kept_tokens(12, 48 * 48) == 1152 and cfg.kept_tokens(13, 64 * 64) == 1024  # hart.md §6.2
+    assert cfg.kept_tokens(12, 48 * 48) == 1152 and cfg.kept_tokens(13, 64 * 64) == 1024  # docs/fastvar.md §4.3
     check_hart_pruning(cfg, sched, 24)
 
 

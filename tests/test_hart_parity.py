@@ -8,7 +8,7 @@ a failure lists every mismatch with case, scale and quantity. Set FASTVAR_PARITY
 decode and compare the image of every case (see _decode_case).
 
 Attention kernel: the upstream cases were made with PyTorch SDPA (the official slow path), the
-FastVAR cases with the FastVAR copy's explicit matmul-softmax attention (hart.md §7). Each case runs
+FastVAR cases with the FastVAR copy's explicit matmul-softmax attention (docs/fastvar.md §5.2). Each case runs
 with the matching backend, which removes kernel rounding from the comparison.
 """
 

@@ -1,6 +1,6 @@
 """HART VAE (tokenizer): loading, Phi rule, multi-scale accumulation and decoding vs the official outputs.
 
-References: /work/shared/parity/hart (README.md "Tolerances"), hart.md §4.
+References: /work/shared/parity/hart (README.md "Tolerances"), docs/hart.md §4.
 """
 
 from __future__ import annotations
@@ -152,16 +152,16 @@ def test_phi_layout_mismatch_is_refused(tmp_path):
         load_hart_vae(folder)
 
 
-# ------------------------------------------------------------------ Phi selection rule (hart.md §4.3)
+# ------------------------------------------------------------------ Phi selection rule (docs/hart.md §4.3)
 
 
 def test_phi_ticks_k4():
-    # hart.md §4.3: 0.0833, 0.3611, 0.6389, 0.9167; README: linspace(1/12, 11/12, 4)
+    # docs/hart.md §4.3: 0.0833, 0.3611, 0.6389, 0.9167; README: linspace(1/12, 11/12, 4)
     assert phi_ticks(4) == pytest.approx([1 / 12, 13 / 36, 23 / 36, 11 / 12], abs=1e-12)
 
 
 def test_phi_index_table_k4_14_scales():
-    table = [0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3]  # hart.md §4.3, si = 0..12
+    table = [0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3]  # docs/hart.md §4.3, si = 0..12
     assert [phi_index(si, 14, 4) for si in range(13)] == table
 
 
@@ -210,7 +210,7 @@ def test_accumulate_teacher_forced(vae, case):
 
 
 def test_next_input_is_area_pooling(vae):
-    # hart.md §4.3: output cell i covers input cells floor(i*64/n) .. ceil((i+1)*64/n) - 1
+    # docs/hart.md §4.3: output cell i covers input cells floor(i*64/n) .. ceil((i+1)*64/n) - 1
     f = torch.randn(1, 2, 64, 64, generator=torch.Generator().manual_seed(0))
     out = vae.next_input(f, 27)
     for i, j in [(0, 0), (5, 11), (26, 26)]:

@@ -1,8 +1,9 @@
 """Infinity transformer: config detection, checkpoint loading rules and errors, RoPE positions,
 FastVAR preset, model/VAE/text compatibility checks, bit sampling details.
 
-Expected values come from the reference files (infinity_tiny.json, parity cases) and the fact sheet
-reference/infinity.md (§2.4 loader rules, §3.4 RoPE examples, §4.2 patchify, §4.3 top-p, §7 FastVAR).
+Expected values come from the reference files (infinity_tiny.json, parity cases) and the notes
+docs/infinity.md §2.4, §3.4, §4.2, §4.3 (loader rules, RoPE examples, patchify, top-p) and
+docs/fastvar.md §4.1 (FastVAR preset).
 """
 
 from __future__ import annotations
@@ -81,7 +82,7 @@ def test_config_detected_from_shapes_matches_reference_json(tiny_state):
 
 
 def test_config_names_and_patchify_of_released_shapes(tiny_state):
-    """Shapes of the released 2B / 8B (infinity.md §1.3, §2.2) give their names; d = 56 means patchify."""
+    """Shapes of the released 2B / 8B (docs/infinity.md §1.3, §2.2) give their names; d = 56 means patchify."""
     def fake(depth, C, H, d, chunks=8):
         state = {
             "word_embed.weight": torch.empty(C, d), "text_norm.weight": torch.empty(2048),
@@ -153,7 +154,7 @@ def test_accepts_container_plain_blocks_safetensors_shards_and_legacy(tmp_path, 
 
 
 def test_cfg_uncond_row_rules(tmp_path, tiny_state):
-    """§2.4: fewer rows are completed with the official init rows, more rows are truncated to 512."""
+    """docs/infinity.md §2.4: fewer rows are completed with the official init rows, more rows are truncated to 512."""
     Ct5 = TINY_JSON["text_channels"]
     short = dict(tiny_state, cfg_uncond=tiny_state["cfg_uncond"][:20].clone())
     torch.save(short, tmp_path / "short.pth")
@@ -224,7 +225,7 @@ def test_not_a_checkpoint(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------
-# RoPE (§3.4)
+# RoPE (docs/infinity.md §3.4)
 
 
 @pytest.mark.parametrize("n,expected", [
@@ -270,7 +271,7 @@ def test_rope_table_layout_and_gather():
 
 
 # ----------------------------------------------------------------------------------------------
-# FastVAR preset (§7.1, §7.2)
+# FastVAR preset (docs/fastvar.md §4.1, §4.4)
 
 
 def test_paper_preset_matches_official_selection_1x1_1M():
@@ -308,7 +309,7 @@ def test_vae_and_text_compatibility(tiny_model):
 
 
 def test_top_p_makes_confident_bits_deterministic():
-    """§4.3: top-p 0.97 removes a class with probability <= 0.03; top-k 900 is a no-op for 2 classes."""
+    """docs/infinity.md §4.3: top-p 0.97 removes a class with probability <= 0.03; top-k 900 is a no-op for 2 classes."""
     p_small = torch.tensor([0.02, 0.029, 0.2, 0.5])
     logit1 = torch.log(p_small / (1 - p_small))  # logits (0, logit1): P(bit = 1) = p_small
     logits = torch.stack([torch.zeros(4), logit1], dim=-1).reshape(1, 1, 8)  # (B, L, 2d), d = 4
@@ -319,7 +320,7 @@ def test_top_p_makes_confident_bits_deterministic():
 
 
 def test_unpatchify_bit_order():
-    """§4.2 step 7: bit k = 4c + 2a + b goes to VAE channel c at sub-pixel (2 row + a, 2 col + b)."""
+    """docs/infinity.md §4.2 step 10: bit k = 4c + 2a + b goes to VAE channel c at sub-pixel (2 row + a, 2 col + b)."""
     h, w, d_v = 2, 3, 5
     bits = torch.arange(h * w * 4 * d_v).view(1, h, w, 4 * d_v)
     out = unpatchify_bits(bits)

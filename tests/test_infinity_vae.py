@@ -2,7 +2,7 @@
 the official outputs, and tiled decoding.
 
 References: /work/shared/parity/README.md ("VAE" checkpoint section, "Tolerances"),
-infinity.md §6 (architecture, key names, parameter counts) and §4.2 step 8 (post-processing).
+docs/infinity.md §6, §6.5 (architecture, key names, parameter counts; post-processing).
 """
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ def test_tiny_config_detected_from_shapes(vae):
     assert cfg.base_ch == VAE_INFO["base_ch"]
     assert cfg.ch_mult == tuple(VAE_INFO["ch_mult"])
     assert cfg.patch_size == VAE_INFO["patch_size"]
-    # the JSON gives the encoder's 2 res-blocks per level; the decoder has one more (README, §6.1)
+    # the JSON gives the encoder's 2 res-blocks per level; the decoder has one more (README, docs/infinity.md §6.1)
     assert cfg.num_res_blocks == VAE_INFO["num_res_blocks"] + 1
     assert cfg.has_encoder
     text = str(cfg)
@@ -88,7 +88,7 @@ def test_parameters_are_the_official_decoder_keys(vae):
 
 
 def _official_decoder_shapes(d_v: int, ch_mult: tuple[int, ...], patch: int, base: int = 128) -> dict[str, tuple]:
-    """Decoder key -> shape as listed in infinity.md §6.2-6.3 (wrapped spelling), written from the fact sheet."""
+    """Decoder key -> shape as described in docs/infinity.md §6.2-6.3 (wrapped spelling), written from the notes."""
     shapes: dict[str, tuple] = {}
 
     def conv(name, cout, cin, k):
@@ -119,7 +119,7 @@ def _official_decoder_shapes(d_v: int, ch_mult: tuple[int, ...], patch: int, bas
     return shapes
 
 
-# name, d_v, ch_mult, patch, (decoder parameters, tensors) from infinity.md §6.2 where it gives them
+# name, d_v, ch_mult, patch, (decoder parameters, tensors) from docs/infinity.md §6.2 where it gives them
 RELEASED = [
     ("d32", 32, (1, 2, 4, 4, 4), 16, (65_092_355, 154)),
     ("d56_f8_14_patchify", 14, (1, 2, 4, 4), 8, (48_484_611, 128)),
@@ -205,7 +205,7 @@ def _assert_same_weights(a: InfinityVAE, b: InfinityVAE):
 
 
 def test_unwrapped_key_spelling_loads(vae, tmp_path):
-    # infinity.md §6.4: 'decoder.conv_in.weight' for 'decoder.conv_in.conv.weight', '...norm1.weight' for
+    # docs/infinity.md §6.4: 'decoder.conv_in.weight' for 'decoder.conv_in.conv.weight', '...norm1.weight' for
     # '...norm1.norm.weight', 'decoder.up.1.upsample.conv.weight' for '...upsample.conv.conv.weight'
     renamed = {re.sub(r"\.(conv|norm)\.(weight|bias)$", r".\2", k): v for k, v in _raw_vae().items()}
     assert "decoder.conv_in.weight" in renamed and "decoder.up.1.upsample.conv.weight" in renamed

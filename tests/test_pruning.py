@@ -68,10 +68,10 @@ def test_from_dict_rejects_unknown_fields():
 
 def test_kept_count_uses_official_rounding():
     cfg = PruningConfig(ratios={9: 0.4, 10: 0.5}, cache_scale=8, layers=(3, 28))
-    # Official FastVAR on Infinity: 32x32 keeps 615 of 1024, 40x40 keeps 800 of 1600 (infinity.md §7.1).
+    # Official FastVAR on Infinity: 32x32 keeps 615 of 1024, 40x40 keeps 800 of 1600 (docs/fastvar.md §5.1).
     assert cfg.kept_tokens(9, 1024) == 615
     assert cfg.kept_tokens(10, 1600) == 800
-    # HART: 48x48 keeps 1152, 64x64 keeps 1024 (hart.md §6.2).
+    # HART: 48x48 keeps 1152, 64x64 keeps 1024 (docs/fastvar.md §5.2).
     hart = PruningConfig(ratios={12: 0.5, 13: 0.75}, cache_scale=11, layers=(0, 24))
     assert hart.kept_tokens(12, 2304) == 1152
     assert hart.kept_tokens(13, 4096) == 1024
@@ -175,7 +175,7 @@ def test_restore_into_a_workspace():
 
 
 def test_area_resize_matches_adaptive_average_pooling():
-    # 2x2 -> 3x3 upsampling with area mode averages one or two neighbours (infinity.md §7.3 step 4).
+    # 2x2 -> 3x3 upsampling with area mode averages one or two neighbours (docs/fastvar.md §3.5).
     grid = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
     tokens = grid.reshape(1, 4, 1)
     out = resize_token_map(tokens, (2, 2), (3, 3)).reshape(3, 3)

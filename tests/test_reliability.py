@@ -147,7 +147,7 @@ def test_t5_single_file_prefers_the_safetensors_twin(tmp_path):
 
 
 def _training_container(tmp_path: Path) -> tuple[Path, dict[str, torch.Tensor]]:
-    """Infinity's training checkpoint layout (infinity.md §1.2): the model under trainer/gpt_fsdp plus
+    """Infinity's training checkpoint layout (docs/infinity.md §1.2): the model under trainer/gpt_fsdp plus
     the run's argparse.Namespace, which a weights-only load refuses."""
     state = torch.load(INF_PTH, map_location="cpu", weights_only=True)
     path = tmp_path / "ar-ckpt-giter050K.pth"

@@ -1,4 +1,4 @@
-"""Scale schedules against the official table (reference/infinity.md §4.1, hart.md §2.1)."""
+"""Scale schedules against the official table (docs/infinity.md §4.1, docs/hart.md §2.1)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from fastvar_core.schedules import (
     nearest_template,
 )
 
-# (template, image H x W at 1M, total tokens at 0.06M / 0.25M / 0.60M / 1M) copied from the fact sheet.
+# (template, image H x W at 1M, total tokens at 0.06M / 0.25M / 0.60M / 1M) copied from docs/infinity.md §4.1.
 OFFICIAL = [
     (1.0, (1024, 1024), (521, 2521, 6425, 10521)),
     (1.25, (1120, 896), (614, 2814, 6854, 10774)),
@@ -90,7 +90,7 @@ def test_bad_requests():
 
 def test_hart_schedule():
     sched = hart_schedule()
-    assert sched.total_tokens == 9451  # hart.md §2.1
+    assert sched.total_tokens == 9451  # docs/hart.md §2.1
     assert sched.image_size == (1024, 1024)
     assert sched.offsets()[13] == 5355  # parity/hart README flat layout
 

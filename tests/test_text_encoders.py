@@ -325,7 +325,7 @@ def test_qwen_features_reference_with_system_prompt(qwen):
 
 
 def test_hart_system_prompt_default(qwen):
-    # hart.md §3.2: 705 characters, ending in "User Prompt:" and one newline.
+    # docs/hart.md §3.2 step 4: 705 characters, ending in "User Prompt:" and one newline.
     assert len(HART_SYSTEM_PROMPT) == 705
     assert HART_SYSTEM_PROMPT.startswith('Given a user prompt, generate an "Enhanced prompt"')
     assert HART_SYSTEM_PROMPT.endswith('"Enhanced Prompt:".\n\nUser Prompt:\n')

@@ -1,9 +1,9 @@
 """HART transformer configuration: read ``llm/config.json`` and check it against the weights.
 
-Only the structure of the released text-to-image model is supported (hart.md §1.4, §2.2): llama
+Only the structure of the released text-to-image model is supported (docs/hart.md §1.3, §2.2): llama
 attention and SwiGLU FFN, ``disable_aln`` without a shared AdaLN table, no cross-attention, the
 iDDPM residual diffusion head. Every other size or flag is read from the file and validated against
-the tensor shapes (hart.md §2.3, §2.4), so a config that does not describe its weights is refused
+the tensor shapes (docs/hart.md §2.3, §2.4), so a config that does not describe its weights is refused
 before anything is built.
 """
 
@@ -18,7 +18,7 @@ from ..errors import CheckpointError
 
 MODEL_TYPE = "hart_transformer_t2i"
 VAE_MODEL_TYPE = "hart_autoencoder_with_disc"
-TIMESTEP_FEATURES = 256  # sinusoid width of the level and diffusion-time embeddings (hart.md §2.2 item 4)
+TIMESTEP_FEATURES = 256  # sinusoid width of the level and diffusion-time embeddings (docs/hart.md §2.2 item 4)
 
 # HARTForT2IConfig's code defaults, used for fields config.json leaves out (as transformers does).
 _DEFAULTS: dict[str, object] = {
@@ -102,7 +102,7 @@ class HARTConfig:
 
 
 def llama_ffn_hidden(embed_dim: int, mlp_ratio: float) -> int:
-    """SwiGLU width: 2/3 of C * mlp_ratio rounded up to a multiple of 256 (hart.md §2.1)."""
+    """SwiGLU width: 2/3 of C * mlp_ratio rounded up to a multiple of 256 (docs/hart.md §2.1)."""
     return int((embed_dim * mlp_ratio * 2) / 3 + 255) // 256 * 256
 
 

@@ -2,7 +2,7 @@
 
 At the last scale HART predicts, for every token, the continuous residual between the VAE latent and
 its discrete code with an 8-step diffusion conditioned on the transformer's hidden state
-(hart.md §2.8, §3.5). Module names follow the checkpoint keys (``diffloss.net.*``).
+(docs/hart.md §2.7, §3.5). Module names follow the checkpoint keys (``diffloss.net.*``).
 """
 
 from __future__ import annotations
@@ -16,12 +16,12 @@ import torch.nn as nn
 from ..errors import ConfigError
 from .config import TIMESTEP_FEATURES
 
-VAE_SCALE = 0.6  # the head models latent residuals divided by this (hart.md §2.8)
+VAE_SCALE = 0.6  # the head models latent residuals divided by this (docs/hart.md §2.7)
 TRAIN_STEPS = 1000
 
 
 def timestep_features(t: torch.Tensor, dim: int = TIMESTEP_FEATURES, max_period: float = 10000.0) -> torch.Tensor:
-    """Sinusoidal features (N,) -> (N, dim) float32, cosines first (hart.md §2.2 item 4)."""
+    """Sinusoidal features (N,) -> (N, dim) float32, cosines first (docs/hart.md §2.2 item 4)."""
     half = dim // 2
     freqs = torch.exp(-math.log(max_period) * torch.arange(0, half, dtype=torch.float32, device=t.device) / half)
     args = t[:, None].float() * freqs[None]
@@ -90,7 +90,7 @@ class SimpleMLPAdaLN(nn.Module):
 
 @dataclass(frozen=True)
 class RespacedSchedule:
-    """A 1000-step cosine schedule respaced to a few steps, float64 constants (hart.md §3.5).
+    """A 1000-step cosine schedule respaced to a few steps, float64 constants (docs/hart.md §3.5).
 
     Index n = 0..N-1 runs from the least to the most noisy kept step; ``timesteps[n]`` is the original
     timestep the network sees.
@@ -177,7 +177,7 @@ class ResidualDiffusion(nn.Module):
     ) -> torch.Tensor:
         """Residuals for the conditional rows: cond (2N, C) = [conditional; unconditional] -> (N, Cvae).
 
-        Reproduces the official draws exactly (hart.md §3.5): one (N, Cvae) initial noise shared by both
+        Reproduces the official draws exactly (docs/hart.md §3.5): one (N, Cvae) initial noise shared by both
         halves, then one (2N, Cvae) draw per step (also at the last step, where it is multiplied by 0),
         of which only the first half is used. Guidance acts on epsilon only, the variance comes from the
         conditional half; ``guidance == 1.0`` exactly takes the official unguided path (independent

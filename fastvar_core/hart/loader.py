@@ -1,6 +1,6 @@
 """Load the official HART transformer (``llm/`` folder) and check it against the VAE and text encoder.
 
-Layout (hart.md §1.1-1.3): ``llm/config.json`` + a transformers weight file (``model.safetensors`` or
+Layout (docs/hart.md §1.1-1.2): ``llm/config.json`` + a transformers weight file (``model.safetensors`` or
 ``pytorch_model.bin``) + ``ema_model.bin``, a flat weights-only state dict with the same keys, which
 the official scripts sample with. The training-only buffers ``attn_bias_for_masking`` (380 MB causal
 mask) and ``lvl_1L`` (level indices) are dropped; everything else loads strictly.
@@ -25,7 +25,7 @@ log = logging.getLogger("fastvar")
 EMA_FILES = ("ema_model.safetensors", "ema_model.bin")  # a converted safetensors twin is preferred
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 SHARD_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
-DROPPED_KEYS = ("attn_bias_for_masking", "lvl_1L")  # training buffers, rebuilt by nothing (hart.md §9)
+DROPPED_KEYS = ("attn_bias_for_masking", "lvl_1L")  # training buffers, rebuilt by nothing (docs/hart.md §1.2)
 
 
 def _model_type(config_path: Path) -> object:

@@ -2,12 +2,12 @@
 
 A llama-style pre-norm transformer over [300 text tokens; token maps of scales 1..S-1] with a KV cache,
 a 1D RoPE on the text and HART's peculiar 2D RoPE on image tokens, an AdaLN head conditioned on the
-max-pooled text, and the residual diffusion head (hart.md §2). Parameter names equal the checkpoint
+max-pooled text, and the residual diffusion head (docs/hart.md §2). Parameter names equal the checkpoint
 keys, so the official state dict loads strictly (after dropping two training buffers).
 
 Every attention and FFN branch goes through :meth:`PruningRun.sublayer`, which is where FastVAR drops
 and restores tokens; the attention then sees only the kept tokens, at their original RoPE positions,
-and appends only their keys/values to the cache (hart.md §6.3-6.5).
+and appends only their keys/values to the cache (docs/fastvar.md §3.4).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ ROPE_BASE = 10000
 
 
 class RMSNorm(nn.Module):
-    """x / sqrt(mean(x^2) + eps) * w, statistics in fp32, output in the input dtype (hart.md §5.1)."""
+    """x / sqrt(mean(x^2) + eps) * w, statistics in fp32, output in the input dtype (docs/hart.md §2.6)."""
 
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -47,7 +47,7 @@ class RMSNorm(nn.Module):
 
 
 # ------------------------------------------------------------------------------------------------
-# Rotary position embedding (hart.md §2.5)
+# Rotary position embedding (docs/hart.md §2.5)
 
 
 def rope_context(position_ids: torch.Tensor, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -80,7 +80,7 @@ def rope_image(positions: torch.Tensor, head_dim: int) -> tuple[torch.Tensor, to
 
     Frequencies u_k = 10000^(-4k/hd); the angle table per token is [a*u | a*u | b*u | b*u] with
     (a, b) = (row, col) position, applied with the ordinary rotate-half over the whole head, so dim d
-    pairs with d + hd/2 although they carry different angles. Copied as is (hart.md §2.5).
+    pairs with d + hd/2 although they carry different angles. Copied as is (docs/hart.md §2.5).
     """
     inv_freq = 1.0 / (ROPE_BASE ** (torch.arange(0, head_dim, 4, device=positions.device).float() / head_dim))
     angles = positions.float()[..., None] * inv_freq  # (B, L, 2, hd/4)
@@ -149,7 +149,7 @@ class Attention(nn.Module):
             self.scale = 1.0
         else:
             self.scale_mul_1H11 = None
-            self.scale = 0.25 / math.sqrt(self.head_dim)  # not 1/sqrt(hd) (hart.md §2.5)
+            self.scale = 0.25 / math.sqrt(self.head_dim)  # not 1/sqrt(hd) (docs/hart.md §2.5)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache, layer: int,
                 keep: int | None = None) -> torch.Tensor:
@@ -159,7 +159,7 @@ class Attention(nn.Module):
         qkv = F.linear(x, self.qkv_proj.weight, bias).view(B, L, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, H, L, hd)
         if self.scale_mul_1H11 is not None:
-            # before RoPE (which is not norm-preserving here); q scale exp(min(s, ln 100)) (hart.md §2.4)
+            # before RoPE (which is not norm-preserving here); q scale exp(min(s, ln 100)) (docs/hart.md §2.4)
             q = F.normalize(q, dim=-1) * self.scale_mul_1H11.clamp_max(math.log(100)).exp()
             k = F.normalize(k, dim=-1)
         cos, sin = cos.to(v.dtype), sin.to(v.dtype)
@@ -186,7 +186,7 @@ def _gather_rows(t: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
 
 
 class Block(nn.Module):
-    """x <- x + Attn(N(x)); x <- x + FFN(N(x)) with one RMSNorm ``ln_wo_grad`` used twice (hart.md §2.2)."""
+    """x <- x + Attn(N(x)); x <- x + FFN(N(x)) with one RMSNorm ``ln_wo_grad`` used twice (docs/hart.md §2.2)."""
 
     def __init__(self, cfg: HARTConfig, index: int):
         super().__init__()
@@ -266,7 +266,7 @@ class HARTTransformer(nn.Module):
         return self.context_embed(x)
 
     def level_embedding(self, num_levels: int) -> torch.Tensor:
-        """(num_levels, C): level 0 for the text tokens, level k for scale k (hart.md §2.1)."""
+        """(num_levels, C): level 0 for the text tokens, level k for scale k (docs/hart.md §2.1)."""
         levels = torch.arange(num_levels, device=self.device)
         if isinstance(self.lvl_embed, nn.Embedding) and num_levels > self.lvl_embed.num_embeddings:
             raise ConfigError(

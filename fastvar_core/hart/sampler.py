@@ -1,6 +1,6 @@
 """HART text-to-image sampling (the official ``autoregressive_infer_cfg``), optionally with FastVAR.
 
-Per scale (hart.md §3.4-3.5): run the blocks on the new tokens (the 300 text tokens at scale 0), guide
+Per scale (docs/hart.md §3.4-3.5): run the blocks on the new tokens (the 300 text tokens at scale 0), guide
 the logits with a linearly growing CFG strength, sample with top-k/top-p (optionally Gumbel-smoothed
 embeddings), accumulate the codes into the 64x64 latent f_hat (bicubic up-sampling + Phi) and feed the
 area-resized f_hat back as the next scale's input. The last scale adds a residual from the diffusion head.
@@ -208,7 +208,7 @@ def sample_hart(
     traced: dict[str, list[torch.Tensor]] = {"stats": [], "next": []}
     try:
         with torch.inference_mode():
-            # CFG batch: [conditional; unconditional] with zero context, position ids 0 (hart.md §3.3)
+            # CFG batch: [conditional; unconditional] with zero context, position ids 0 (docs/hart.md §3.3)
             ctx = cond.context.to(device, torch.float32)
             cond_bd = model.embed_context(torch.cat([ctx, torch.zeros_like(ctx)]))  # (2B, T, C)
             pos_ids = cond.position_ids.to(device)
@@ -276,7 +276,7 @@ def sample_hart(
                     if pruning.guides(si + 1):
                         x = torch.cat([x, x])  # (2B, h'w', C)
                 else:
-                    # residual diffusion conditioned on hidden + embedding of the hard codes (hart.md §3.5)
+                    # residual diffusion conditioned on hidden + embedding of the hard codes (docs/hart.md §3.5 step 5)
                     discrete = model.word_embed(vae.embed(idx.to(codebook.device)).to(device, dtype))
                     z = model.decoder_norm(x + discrete.repeat(rows // B, 1, 1))  # (rows, l, C)
                     if guided:

@@ -1,6 +1,6 @@
 """HART's text conditioning: Qwen2 (mit-han-lab/Qwen2-VL-1.5B-Instruct) hidden states.
 
-Reproduces HART's prompt encoding (hart.md §1.6, §3.2): every prompt is tokenized alone, padded on
+Reproduces HART's prompt encoding (docs/hart.md §1.5, §3.2): every prompt is tokenized alone, padded on
 the right to ``max_token_length`` (300) and truncated; ``mask = ids != pad_id``;
 ``position_ids = cumsum(mask) - 1``; the bare Qwen2 decoder runs on [system prompt ; prompt] with
 the mask [ones ; mask]; the last hidden state minus the S system positions, cast to float32, is the
@@ -22,9 +22,9 @@ import torch
 from ..errors import CheckpointError, ConfigError
 from ..hf_utils import HFTextEncoder, check_prompts, dtype_kwargs, quiet_transformers
 
-HART_MAX_TOKENS = 300  # --max_token_length of every HART entry point (hart.md §3.1)
+HART_MAX_TOKENS = 300  # --max_token_length of every HART entry point (docs/hart.md §3.1)
 
-# HART's `llm_system_prompt`, verbatim (hart.md §3.2): 705 characters, ending in "User Prompt:\n".
+# HART's `llm_system_prompt`, verbatim (docs/hart.md §3.2 step 4): 705 characters, ending in "User Prompt:\n".
 HART_SYSTEM_PROMPT = (
     'Given a user prompt, generate an "Enhanced prompt" that provides detailed visual descriptions '
     "suitable for image generation.\n"
@@ -57,7 +57,7 @@ _WEIGHT_FILES = (
 
 @dataclass
 class HARTTextConditioning:
-    """Qwen2 context of a batch of prompts (hart.md §3.2).
+    """Qwen2 context of a batch of prompts (docs/hart.md §3.2).
 
     context:      (B, T, C_ctx) float32, T = max tokens (300), padding positions included
     mask:         (B, T) bool, ids != pad id
@@ -205,7 +205,7 @@ class QwenTextEncoder(HFTextEncoder):
             llm_mask = torch.cat([torch.ones_like(sys_ids, dtype=torch.bool), mask], dim=1)
         else:
             s, llm_ids, llm_mask = 0, ids, mask
-        # last_hidden_state is hidden_states[-1] (after the final RMSNorm), hart.md §3.2 step 6.
+        # last_hidden_state is hidden_states[-1] (after the final RMSNorm), docs/hart.md §3.2 step 6.
         hidden = self.model(input_ids=llm_ids, attention_mask=llm_mask).last_hidden_state
         context = hidden[:, s:].float()  # (B, T, C_ctx)
         return HARTTextConditioning(context, mask, position_ids, prompts)
@@ -233,7 +233,7 @@ def load_qwen_encoder(
         raise CheckpointError(
             f"the tokenizer in '{folder}' defines no pad token: expected '<|endoftext|>' in tokenizer_config.json."
         )
-    # HART's mask and cumsum(mask) - 1 positions assume right padding (hart.md §1.6, §3.2).
+    # HART's mask and cumsum(mask) - 1 positions assume right padding (docs/hart.md §1.5, §3.2).
     tokenizer.padding_side = "right"
     try:
         with quiet_transformers():

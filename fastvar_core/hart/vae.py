@@ -1,7 +1,7 @@
 """HART VAE ("hybrid tokenizer"): the inference half of the official ``tokenizer/`` checkpoint.
 
 Only what text-to-image needs is built: the codebook, the Phi residual convs (``quant_resi``),
-``post_quant_conv`` and the decoder (hart.md §4). The encoder, ``quant_conv``, the training
+``post_quant_conv`` and the decoder (docs/hart.md §4). The encoder, ``quant_conv``, the training
 statistics and the PatchGAN discriminator (``disc.*``) are dropped when the checkpoint is filtered.
 Parameter names equal the checkpoint keys with the ``vae.`` prefix removed.
 """
@@ -23,7 +23,7 @@ from ..errors import CheckpointError, ConfigError
 
 MODEL_TYPE = "hart_autoencoder_with_disc"
 KEY_PREFIX = "vae."
-# Checkpoint parts that exist for training / encoding only (hart.md §4.1).
+# Checkpoint parts that exist for training / encoding only (docs/hart.md §4.1).
 UNUSED_PREFIXES = ("encoder.", "quant_conv.", "decoder2.", "post_quant_conv2.", "quantize.ema_vocab_hit_SV")
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.bin")
 
@@ -154,7 +154,7 @@ def detect_hart_vae_config(cfg: dict, state: dict[str, torch.Tensor], source: st
 
 
 def _phi_names(share: int, num_phi: int) -> list[str]:
-    """Sub-module names of the Phi convs under ``quantize.quant_resi`` (hart.md §4.1)."""
+    """Sub-module names of the Phi convs under ``quantize.quant_resi`` (docs/hart.md §4.1)."""
     if num_phi == 0:
         return []
     if share >= 2:
@@ -263,7 +263,7 @@ class UpLevel(nn.Module):
 
 
 class Decoder(nn.Module):
-    """latent (B, Cvae, h, w) -> image (B, 3, h*2^(levels-1), w*2^(levels-1)), hart.md §4.2."""
+    """latent (B, Cvae, h, w) -> image (B, 3, h*2^(levels-1), w*2^(levels-1)), docs/hart.md §4.2."""
 
     def __init__(self, cfg: HARTVAEConfig):
         super().__init__()
@@ -296,7 +296,7 @@ class Decoder(nn.Module):
 
 
 class PhiConv(nn.Conv2d):
-    """Phi(h) = (1 - r) h + r conv3x3(h)  (hart.md §4.3)."""
+    """Phi(h) = (1 - r) h + r conv3x3(h)  (docs/hart.md §4.3)."""
 
     def __init__(self, channels: int, ratio: float):
         super().__init__(channels, channels, 3, padding=1)
@@ -346,7 +346,7 @@ class HARTVAE(nn.Module):
         self.post_quant_conv = nn.Conv2d(cfg.z_channels, cfg.z_channels, k, padding=k // 2)
         self.decoder = Decoder(cfg)
 
-    # ---- multi-scale latent (hart.md §3.4 step 9, §3.5 step 7, §4.3)
+    # ---- multi-scale latent (docs/hart.md §3.4 step 9, §3.5 step 7, §4.3)
 
     def embed(self, idx: torch.Tensor) -> torch.Tensor:
         """Codebook lookup: (B, L) int -> (B, L, Cvae)."""
@@ -379,7 +379,7 @@ class HARTVAE(nn.Module):
         """Area resize (adaptive average pooling) of f_hat to the next scale's side(s)."""
         return F.interpolate(f_hat, size=hw, mode="area")
 
-    # ---- decoding (hart.md §4.4)
+    # ---- decoding (docs/hart.md §4.4)
 
     @torch.no_grad()
     def decode(self, f_hat: torch.Tensor, tile: int | None = None, overlap: int = 8) -> torch.Tensor:

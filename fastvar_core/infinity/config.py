@@ -1,7 +1,7 @@
 """Infinity transformer configuration, detected from a state dict's keys and shapes alone.
 
 The released checkpoints carry no config file: depth, width, heads, text width, bits per token and
-the block layout all follow from tensor names and shapes (reference/infinity.md §2).
+the block layout all follow from tensor names and shapes (docs/infinity.md §2).
 """
 
 from __future__ import annotations
@@ -14,19 +14,19 @@ import torch
 
 from ..errors import CheckpointError
 
-TEXT_MAXLEN = 512  # rows of cfg_uncond in the official model (T5 max length, infinity.md §1.3)
+TEXT_MAXLEN = 512  # rows of cfg_uncond in the official model (T5 max length, docs/infinity.md §1.3)
 NORM_EPS = 1e-6
-PATCHIFY_BITS = 56  # Infinity-8B: 14-bit VAE codes, 2x2 spatial patchify -> 56 bits per token (§1.3)
+PATCHIFY_BITS = 56  # Infinity-8B: 14-bit VAE codes, 2x2 spatial patchify -> 56 bits per token (docs/infinity.md §1.3)
 
 _BLOCK_KEY = re.compile(r"^(?:block_chunks\.(\d+)\.module\.(\d+)|blocks\.(\d+))\.(.+)$")
 
-# (depth, embed_dim) -> official name (§1.3; 125M per the infinity_layer12 preset, §1.2)
+# (depth, embed_dim) -> official name (docs/infinity.md §1.3; the 125M as the infinity_layer12 preset, docs/infinity.md §1.2)
 _KNOWN = {(32, 2048): "Infinity-2B", (40, 3584): "Infinity-8B", (12, 768): "Infinity-125M"}
 
 
 @dataclass(frozen=True)
 class InfinityConfig:
-    """Architecture of an Infinity transformer (official switches fixed as in §1.3)."""
+    """Architecture of an Infinity transformer (official switches fixed as in docs/infinity.md §1.3)."""
 
     depth: int
     embed_dim: int

@@ -1,7 +1,7 @@
 """Load official Infinity transformer checkpoints (.pth, .safetensors, sharded 8B folder) strictly.
 
 Steps (timm/transformers style): read weights safely -> unwrap a training container -> detect the
-config from shapes -> filter/map keys to this implementation (reference/infinity.md §2.1, §2.4) ->
+config from shapes -> filter/map keys to this implementation (docs/infinity.md §2.1, §2.4) ->
 strict ``load_state_dict``. Every problem is reported as a CheckpointError naming the file.
 """
 
@@ -45,7 +45,8 @@ def _hart_config(path: Path) -> str | None:
 
 
 def unwrap_container(obj: Mapping[str, object], source: str) -> dict[str, torch.Tensor]:
-    """Training checkpoints hold the model under ['trainer']['gpt_fsdp'] (§1.2); a plain dict is the state dict."""
+    """Training checkpoints hold the model under ['trainer']['gpt_fsdp'] (docs/infinity.md §1.2); a plain dict
+    is the state dict."""
     trainer = obj.get("trainer")
     if isinstance(trainer, Mapping):
         inner = trainer.get("gpt_fsdp")
@@ -87,7 +88,7 @@ def _identify(state: Mapping[str, torch.Tensor], top: Mapping[str, object], sour
 
 def official_cfg_uncond_init(text_channels: int, rows: int = TEXT_MAXLEN) -> torch.Tensor:
     """The official constructor's cfg_uncond init (truncated normal std 1.2 in [-2, 2], CPU generator seed 0,
-    divided by sqrt(Ct5)); the official loader fills missing rows with it (§2.4)."""
+    divided by sqrt(Ct5)); the official loader fills missing rows with it (docs/infinity.md §2.4)."""
     out = torch.empty(rows, text_channels)
     gen = torch.Generator(device="cpu").manual_seed(0)
     torch.nn.init.trunc_normal_(out, std=1.2, generator=gen)
@@ -195,7 +196,7 @@ def load_infinity_model(path: str | os.PathLike, device: str | torch.device = "c
 def check_vae_matches(model: InfinityTransformer, vae) -> None:
     """Raise IncompatibleModelsError when the VAE's bits per position do not fit the transformer's tokens.
 
-    2B-style models predict d = d_v bits per token; the 8B predicts d = 4*d_v with 2x2 patchify (§1.3).
+    2B-style models predict d = d_v bits per token; the 8B predicts d = 4*d_v with 2x2 patchify (docs/infinity.md §1.3).
     """
     c = model.config
     d_v = int(vae.config.codebook_dim)

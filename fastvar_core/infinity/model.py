@@ -1,13 +1,13 @@
 """Infinity transformer (FoundationVision/Infinity), inference only, with FastVAR hooks.
 
-Math per reference/infinity.md §3; module and parameter names are the official checkpoint keys
+Math per docs/infinity.md §3; module and parameter names are the official checkpoint keys
 (blocks live in one flat ``blocks`` list; the loader maps ``block_chunks.{c}.module.{j}`` onto it).
 Every residual branch (self-attention, cross-attention, FFN) goes through ``PruningRun.sublayer`` so
 FastVAR can run it on a subset of tokens. Run state (KV caches, pruning cache) lives outside the
 module, owned by the sampler, so nothing leaks between generations.
 
 Precision: the blocks' matrices may be bf16/fp16 (``set_block_dtype``); the residual stream, norms,
-adaLN vectors, q/k normalisation, RoPE, the text path, the head and the logits stay float32 (§3.9).
+adaLN vectors, q/k normalisation, RoPE, the text path, the head and the logits stay float32 (docs/infinity.md §3.7).
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ def rotate_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 class SelfAttention(nn.Module):
-    """Cosine self-attention with 2D RoPE and a KV cache over scales (§3.3)."""
+    """Cosine self-attention with 2D RoPE and a KV cache over scales (docs/infinity.md §3.3)."""
 
     def __init__(self, embed_dim: int, num_heads: int):
         super().__init__()
@@ -83,7 +83,7 @@ class SelfAttention(nn.Module):
 
 
 class CrossAttention(nn.Module):
-    """Attention from image tokens to the (variable-length) text tokens of their own prompt (§3.6)."""
+    """Attention from image tokens to the (variable-length) text tokens of their own prompt (docs/infinity.md §3.5)."""
 
     def __init__(self, embed_dim: int, num_heads: int):
         super().__init__()
@@ -123,7 +123,7 @@ class FFN(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm block with shared adaLN: x += g1*SA(...); x += CA(ca_norm(x)); x += g2*FFN(...) (§3.2)."""
+    """Pre-norm block with shared adaLN: x += g1*SA(...); x += CA(ca_norm(x)); x += g2*FFN(...) (docs/infinity.md §3.2)."""
 
     def __init__(self, config: InfinityConfig):
         super().__init__()
@@ -157,7 +157,7 @@ class Block(nn.Module):
 
 
 class RMSNorm(nn.Module):
-    """x * rsqrt(mean(x^2) + eps) * weight in float32 (the official non-fused RMSNorm, §3.1)."""
+    """x * rsqrt(mean(x^2) + eps) * weight in float32 (the official non-fused RMSNorm, docs/infinity.md §3.1)."""
 
     def __init__(self, channels: int):
         super().__init__()
@@ -169,7 +169,7 @@ class RMSNorm(nn.Module):
 
 
 class TextAttentionPool(nn.Module):
-    """One learned query per head pools each prompt's tokens into the start token / condition (§3.1)."""
+    """One learned query per head pools each prompt's tokens into the start token / condition (docs/infinity.md §3.1)."""
 
     def __init__(self, text_channels: int, embed_dim: int, num_heads: int):
         super().__init__()
@@ -275,7 +275,8 @@ class InfinityTransformer(nn.Module):
 
     # ----- per generation -----
     def encode_text(self, kv_compact: torch.Tensor, lens: list[int], negative=None, guidance: bool = False) -> TextContext:
-        """Text path (§3.1) for B prompts; with ``guidance`` append the unconditional half (§4.2 step 2).
+        """Text path (docs/infinity.md §3.1) for B prompts; with ``guidance`` append the unconditional half
+        (docs/infinity.md §4.2 step 2).
 
         The unconditional text of prompt i is ``cfg_uncond[:lens[i]]`` unless ``negative`` (an object
         with ``kv_compact`` and ``lens``, one prompt per image or a single one for all) is given.

@@ -1,4 +1,4 @@
-"""Infinity's 2D rotary position embedding (reference/infinity.md §3.4, mode rope2d_normalized_by_hw=2).
+"""Infinity's 2D rotary position embedding (docs/infinity.md §3.4, mode rope2d_normalized_by_hw=2).
 
 Every scale (ph, pw) is placed on the grid of the template's reference scale (UH, UW) (official: the
 last scale of the template's 1M schedule): token (r, c) sits at (round(r*UH/ph), round(c*UW/pw)),

@@ -1,6 +1,6 @@
 """Infinity's scale-by-scale bitwise sampler with classifier-free guidance and FastVAR pruning.
 
-Reproduces the official loop (reference/infinity.md §4.2-4.3): CFG on logits after dividing by tau,
+Reproduces the official loop (docs/infinity.md §4.2-4.3): CFG on logits after dividing by tau,
 top-k / top-p per bit, exactly one ``torch.multinomial`` per executed scale on the (B*L*d, 2)
 probabilities from a generator seeded with ``seed``, codes +-1/sqrt(d_v) accumulated with trilinear
 up-sampling, next input = trilinear resize of the accumulator. FastVAR-skipped scales run nothing
@@ -36,7 +36,7 @@ from .rope import ScaleRope
 
 
 def filter_bit_logits(pairs: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
-    """Mask (in place) the logits (N, 2) that top-k / top-p remove, as the official sampler does (§4.3).
+    """Mask (in place) the logits (N, 2) that top-k / top-p remove, as the official sampler does (docs/infinity.md §4.3).
 
     top-k keeps values >= the k-th largest; top-p sorts ascending, removes entries whose cumulative
     softmax is <= 1 - top_p (float32 comparison), never the largest.
@@ -64,7 +64,7 @@ def sample_bits(logits: torch.Tensor, top_k: int, top_p: float, generator: torch
 
 
 def bits_to_codes(bits: torch.Tensor) -> torch.Tensor:
-    """bits (B, 1, h, w, d_v) in {0,1} -> codes (B, d_v, 1, h, w), +-1/sqrt(d_v) (§4.2 step 8).
+    """bits (B, 1, h, w, d_v) in {0,1} -> codes (B, d_v, 1, h, w), +-1/sqrt(d_v) (docs/infinity.md §4.2 step 11).
 
     Same float32 steps as the official quantizer (bit * s * 2 - s with s = 1/sqrt(d_v), then L2
     normalisation, which moves the values by an ulp), kept as a permuted view like the official tensor.

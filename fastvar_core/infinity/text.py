@@ -1,6 +1,6 @@
 """Infinity's text conditioning: the flan-t5-xl encoder and its compacted variable-length features.
 
-Reproduces the official prompt encoding (infinity.md §5): T5 tokenizer with ``legacy=True``,
+Reproduces the official prompt encoding (docs/infinity.md §5): T5 tokenizer with ``legacy=True``,
 ``max_length=512``, ``padding='max_length'``, ``truncation=True`` (``</s>`` appended), the encoder's
 ``last_hidden_state`` cast to float32, and the real tokens of every prompt (EOS included) packed
 into one ``(sum(lens), 2048)`` tensor with ``cu_seqlens`` for varlen cross-attention.
@@ -27,7 +27,7 @@ from ..checkpoint import load_file, prefer_safetensors
 from ..errors import CheckpointError, ConfigError
 from ..hf_utils import HFTextEncoder, check_prompts, dtype_kwargs, quiet_transformers
 
-T5_MAX_LENGTH = 512  # tokenizer limit used by Infinity for training and inference (infinity.md §5)
+T5_MAX_LENGTH = 512  # tokenizer limit used by Infinity for training and inference (docs/infinity.md §5)
 
 _WEIGHT_FILES = (
     "model.safetensors",
@@ -45,7 +45,7 @@ _ENCODER_PREFIX_PROBE = "encoder.block.0.layer.0.SelfAttention.q.weight"
 
 @dataclass
 class InfinityTextConditioning:
-    """Compacted T5 features of a batch of prompts (infinity.md §5).
+    """Compacted T5 features of a batch of prompts (docs/infinity.md §5).
 
     kv_compact: (sum(lens), C_text) float32, the real tokens of prompt 0, then prompt 1, ...
     lens:       tokens per prompt (EOS included)

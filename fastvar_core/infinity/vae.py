@@ -1,7 +1,7 @@
 """Infinity's BSQ VAE decoder: summed bit codes (B, d_v, h, w) -> RGB image (B, 3, p*h, p*w).
 
-Only the decoder is built; it is all that text-to-image needs (fact sheet ``infinity.md`` §6.2).
-Module names follow the official ``vae`` state dict (§6.3), so a filtered checkpoint loads with
+Only the decoder is built; it is all that text-to-image needs (docs/infinity.md §6.2).
+Module names follow the official ``vae`` state dict (docs/infinity.md §6.3), so a filtered checkpoint loads with
 ``strict=True``. The configuration (bits, widths, levels, patch size) is read from the tensor
 shapes alone (:class:`BSQVAEConfig`), so every released VAE (d16/d24/d32/d32reg/d64, stride 16;
 d56_f8_14_patchify, stride 8) loads without hyper-parameters.
@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from ..checkpoint import flatten_tensors, load_file, prefer_safetensors
 from ..errors import CheckpointError, ConfigError, IncompatibleModelsError
 
-NUM_GROUPS = 32  # GroupNorm(32, eps 1e-6) everywhere (§6.1)
+NUM_GROUPS = 32  # GroupNorm(32, eps 1e-6) everywhere (docs/infinity.md §6.1)
 NORM_EPS = 1e-6
 COARSE_UPSAMPLINGS = 2  # tiled decode: levels up to 4x the latent resolution run on the whole latent
 
@@ -45,7 +45,7 @@ class BSQVAEConfig:
 
     @property
     def upsample_levels(self) -> range:
-        """Levels whose blocks are followed by a x2 upsampling: 1 .. log2(patch_size) (§6.2)."""
+        """Levels whose blocks are followed by a x2 upsampling: 1 .. log2(patch_size) (docs/infinity.md §6.2)."""
         return range(1, int(math.log2(self.patch_size)) + 1)
 
     def describe(self) -> str:
@@ -60,7 +60,7 @@ class BSQVAEConfig:
 
     @classmethod
     def from_state_dict(cls, state: Mapping[str, torch.Tensor], source: str = "state dict") -> "BSQVAEConfig":
-        """Read the configuration from decoder keys and shapes (wrapped or unwrapped spelling, §6.4).
+        """Read the configuration from decoder keys and shapes (wrapped or unwrapped spelling, docs/infinity.md §6.4).
 
         ``ch_mult[0]`` is taken to be 1 (true for every released VAE): ``base_ch`` is the width of
         level 0 and the other multipliers are relative to it.
@@ -148,7 +148,7 @@ class Conv(nn.Module):
 
 
 class Norm(nn.Module):
-    """GroupNorm(32, eps 1e-6) stored as ``.norm``; statistics in float32 for half inputs (§3.9)."""
+    """GroupNorm(32, eps 1e-6) stored as ``.norm``; statistics in float32 for half inputs (docs/infinity.md §3.7)."""
 
     def __init__(self, channels: int):
         super().__init__()
@@ -186,7 +186,7 @@ class Upsample(nn.Module):
     (a = 1), same for columns, so each of the four phases is a 2x2 conv of ``x`` whose taps are sums
     of the 3x3 taps. Same result as the official path up to float rounding, 2.25x fewer MACs and no
     nearest-upsampled temporary (the official code needs a per-channel fallback for that at high
-    resolution, §8).
+    resolution, docs/infinity.md §7).
     """
 
     def __init__(self, channels: int):
@@ -232,7 +232,7 @@ class UpLevel(nn.Module):
 
 
 class BSQDecoder(nn.Module):
-    """conv_in -> mid -> levels n-1 .. 0 (res-blocks, x2 upsample) -> norm -> swish -> conv_out (§6.2)."""
+    """conv_in -> mid -> levels n-1 .. 0 (res-blocks, x2 upsample) -> norm -> swish -> conv_out (docs/infinity.md §6.2)."""
 
     def __init__(self, config: BSQVAEConfig):
         super().__init__()
@@ -427,7 +427,7 @@ def filter_vae_state_dict(state: Mapping[str, torch.Tensor], model: InfinityVAE,
     """Map checkpoint keys to ``model``'s decoder keys and validate them (timm-style filter step).
 
     Accepts the wrapped (``decoder.conv_in.conv.weight``) and unwrapped (``decoder.conv_in.weight``)
-    spellings (§6.4); encoder tensors are dropped. Missing, unexpected or mis-shaped tensors raise
+    spellings (docs/infinity.md §6.4); encoder tensors are dropped. Missing, unexpected or mis-shaped tensors raise
     :class:`CheckpointError` naming the file and a few keys.
     """
     expected = model.state_dict()
