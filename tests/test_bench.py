@@ -165,7 +165,8 @@ def test_cost_model_counts_cfg_rows_and_the_kv_budget():
 
 def test_fast_preset_and_accelerated_configs_round_trip_and_validate():
     from fastvar_core.errors import ConfigError
-    from fastvar_core.pruning import PruningConfig, PruningSpec
+    from fastvar_core.pruning import PruningConfig
+    from fastvar_core.pruning_spec import PruningSpec
 
     fast = make_preset("infinity", "fast", 13, 32)
     assert (fast.cfg_cutoff, fast.kv_ratios) == (9, {8: 0.5, 9: 0.5})  # the pruned 32x32 and 40x40 run unguided

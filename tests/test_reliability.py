@@ -459,7 +459,7 @@ def _track(monkeypatch, cls) -> list:
 def test_node_interrupt_stops_within_one_scale_frees_caches_and_next_run_matches(monkeypatch, node_parts):
     model, cond = node_parts
     compat = pack_module("nodes.compat")
-    spec = pack_module("fastvar_core.pruning").PruningSpec(mode="custom", tail_ratios=(0.5, 0.5), cache_from_end=4,
+    spec = pack_module("fastvar_core.pruning_spec").PruningSpec(mode="custom", tail_ratios=(0.5, 0.5), cache_from_end=4,
                                                            layer_start=0, layer_stop=2)
     sampler = PACK.NODE_CLASS_MAPPINGS["FastVAR_Sampler"]()
     reference = sampler.sample(model, cond, pruning=spec, **SAMPLER_ARGS)["result"][0].result
@@ -536,7 +536,7 @@ def test_node_sampler_refuses_an_impossible_aspect_ratio(node_parts):
 
 def test_node_pruning_cache_beyond_the_schedule_names_the_slider(node_parts):
     model, cond = node_parts
-    spec = pack_module("fastvar_core.pruning").PruningSpec(mode="custom", tail_ratios=(0.5,), cache_from_end=12)
+    spec = pack_module("fastvar_core.pruning_spec").PruningSpec(mode="custom", tail_ratios=(0.5,), cache_from_end=12)
     sampler = PACK.NODE_CLASS_MAPPINGS["FastVAR_Sampler"]()
     with pytest.raises(Exception) as err:
         sampler.sample(model, cond, pruning=spec, **SAMPLER_ARGS)
