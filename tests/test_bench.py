@@ -1,4 +1,4 @@
-"""`bench --quick` on a tiny config writes well-formed JSON and a PNG; the numbers obey the cost model.
+"""`python -m tools.bench --quick` on a tiny config writes well-formed JSON and a PNG; the numbers obey the cost model.
 
 Only a smoke run of a few seconds: real benchmarks never run inside the tests.
 """
@@ -10,21 +10,22 @@ import json
 import pytest
 from PIL import Image
 
-from fastvar_core.cli import main
 from fastvar_core.cost import predicted_speedup
 from fastvar_core.pruning import make_preset
-from fastvar_core.randomized import SHAPES, build_transformer
 from fastvar_core.schedules import hart_schedule, infinity_schedule
+from tools.bench import main
+from tools.randomized import SHAPES, build_transformer
 
 REQUIRED = {"model": str, "resolution": str, "pruning": str, "median_s": float, "decode_s": float, "speedup": float,
             "ideal_speedup": float, "peak_bytes": int, "baseline_peak_bytes": int}
-TINY = ["--warmup", "0", "--repeats", "1", "--width", "64", "--heads", "1", "--depth", "4", "--text-channels", "128", "--vae-base", "32"]
+TINY = ["--warmup", "0", "--repeats", "1", "--width", "64", "--heads", "1", "--depth", "4", "--text-channels", "128",
+        "--vae-base", "32"]
 
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
-    argv = ["bench", "--quick", "--models", "infinity-2b,hart-0.7b", "--resolutions", "256", *TINY,
+    argv = ["--quick", "--models", "infinity-2b,hart-0.7b", "--resolutions", "256", *TINY,
             "--json", str(out / "bench.json"), "--plot", str(out / "bench.png")]
     assert main(argv) == 0
     return json.loads((out / "bench.json").read_text()), out / "bench.png"
@@ -88,7 +89,7 @@ def test_self_attention_runs_a_fused_kernel_without_a_score_matrix():
     from torch.profiler import profile
 
     from fastvar_core.infinity import sample_infinity
-    from fastvar_core.randomized import random_conditioning
+    from tools.randomized import random_conditioning
 
     shape = SHAPES["infinity-2b"].with_overrides(depth=4, width=64, heads=1, text_channels=128)
     model, cond = build_transformer(shape), random_conditioning(shape, tokens=5)
@@ -129,7 +130,7 @@ def test_cfg_cutoff_equals_unguided_logits_from_that_scale_with_half_the_rows():
 
     from fastvar_core.infinity import sample_infinity
     from fastvar_core.pruning import PruningConfig
-    from fastvar_core.randomized import random_conditioning
+    from tools.randomized import random_conditioning
 
     shape = SHAPES["infinity-2b"].with_overrides(depth=2, width=64, heads=1, text_channels=128)
     model, cond = build_transformer(shape), random_conditioning(shape, batch=2, tokens=5)
@@ -189,7 +190,7 @@ def test_hart_fast_matches_paper_before_its_cutoff_and_runs_one_row_after():
     import torch
 
     from fastvar_core.hart import sample_hart
-    from fastvar_core.randomized import build_vae, random_conditioning
+    from tools.randomized import build_vae, random_conditioning
 
     shape = SHAPES["hart-0.7b"].with_overrides(depth=2, width=64, heads=1, text_channels=32)
     from dataclasses import replace

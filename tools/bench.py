@@ -1,4 +1,4 @@
-"""`python -m fastvar_core bench`: where a generation's time goes, and how close FastVAR gets to its FLOP limit.
+"""`python -m tools.bench`: where a generation's time goes, and how close FastVAR gets to its FLOP limit.
 
 Random-weight models of the released architectures (randomized.py; widths, heads and text widths of
 Infinity-2B, Infinity-8B and HART-0.7B, any of them overridable, depth reducible) run the real samplers
@@ -27,13 +27,15 @@ from pathlib import Path
 
 import torch
 
-from .cost import estimate
-from .errors import ConfigError
-from .linear import onednn_available, set_onednn
+from fastvar_core.cost import estimate
+from fastvar_core.errors import ConfigError
+from fastvar_core.linear import onednn_available, set_onednn
+from fastvar_core.pruning import ACCELERATED_PRESETS, PRESET_NAMES, PruningConfig, make_preset
+from fastvar_core.schedules import HART_PATCH_NUMS_1024, ScaleSchedule, hart_schedule, infinity_schedule
+
+from . import command
 from .measure import PeakMemory, current_rss
-from .pruning import ACCELERATED_PRESETS, PRESET_NAMES, PruningConfig, make_preset
 from .randomized import SHAPES, ModelShape, build_transformer, build_vae, random_conditioning
-from .schedules import HART_PATCH_NUMS_1024, ScaleSchedule, hart_schedule, infinity_schedule
 
 # Resolution names and the schedule each family runs for them (HART: its 1024 px schedule, its first nine
 # scales for 256 px (cost curve only), and its zero-shot 2K schedule: the 1024 px one plus two scales).
@@ -108,11 +110,11 @@ class Case:
 
     def sample(self, config: PruningConfig, seed: int, time_pruning: dict | None = None, callback=None):
         if self.family == "infinity":
-            from .infinity import sample_infinity
+            from fastvar_core.infinity import sample_infinity
 
             return sample_infinity(self.model, self.cond, self.schedule, seed=seed, pruning=config,
                                    time_pruning=time_pruning, callback=callback, **GUIDANCE["infinity"])
-        from .hart import sample_hart
+        from fastvar_core.hart import sample_hart
 
         return sample_hart(self.model, self.vae, self.cond, self.schedule, seed=seed, pruning=config,
                            time_pruning=time_pruning, callback=callback, **GUIDANCE["hart"])
@@ -605,7 +607,7 @@ def _resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     return args
 
 
-def main(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     args = _resolve_args(args)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -642,3 +644,11 @@ def main(args: argparse.Namespace) -> int:
     write_plot(results, curves, Path(args.plot))
     log(f"\nwrote {json_path} and {args.plot} in {report['elapsed_s']:.0f} s")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return command.main("python -m tools.bench", __doc__, add_arguments, run, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
