@@ -13,7 +13,7 @@ from PIL import Image
 from fastvar_core.cost import predicted_speedup
 from fastvar_core.pruning import make_preset
 from fastvar_core.schedules import hart_schedule, infinity_schedule
-from tools.bench import main
+from tools.bench import chart, main
 from tools.randomized import SHAPES, build_transformer
 
 REQUIRED = {"model": str, "resolution": str, "pruning": str, "median_s": float, "decode_s": float, "speedup": float,
@@ -79,6 +79,25 @@ def test_plot_is_a_png(report):
     _, png = report
     with Image.open(png) as img:
         assert img.format == "PNG" and img.size[0] > 500 and img.size[1] > 500
+
+
+def test_chart_shows_seconds_per_scale_of_each_config_and_the_cost_curves(report):
+    data, _ = report
+    axes = chart(data["results"], data["cost_curves"]).axes
+    assert [ax.get_title() for ax in axes] == [
+        "Infinity-2B at 256: seconds per scale", "HART-0.7B at 256: seconds per scale",
+        "infinity-2b: analytic TFLOP per image vs resolution (both CFG rows)",
+        "hart-0.7b: analytic TFLOP per image vs resolution (both CFG rows)"]
+    for ax, model in zip(axes, ("infinity-2b", "hart-0.7b")):
+        rows = [r for r in data["results"] if r["model"] == model]
+        assert [bars.get_label() for bars in ax.containers] == [r["pruning"] for r in rows]
+        assert [[bar.get_height() for bar in bars] for bars in ax.containers] == \
+            [[s["seconds"] for s in r["scales"]] for r in rows]
+        assert [t.get_text() for t in ax.get_xticklabels()] == [str(s["hw"][0]) for s in rows[0]["scales"]]
+    for ax, model in zip(axes[2:], ("infinity-2b", "hart-0.7b")):
+        curve = data["cost_curves"][model]
+        assert {line.get_label(): list(line.get_ydata()) for line in ax.get_lines()} == curve["tflops"]
+        assert ax.get_yscale() == "log" and len(ax.get_lines()[0].get_xdata()) == len(curve["resolutions"])
 
 
 # ---------------------------------------------------------------- speed work and accelerations the bench measures
