@@ -15,7 +15,7 @@ $(STAMP): requirements.txt requirements-dev.txt
 	@touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m fastvar_core demo $(ARGS)
+	$(PY) -m tools.demo $(ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest -q $(ARGS)
@@ -32,15 +32,15 @@ parity-floor: $(STAMP)
 	$(PY) tools/parity_floor.py $(ARGS)
 
 bench: $(STAMP)
-	$(PY) -m fastvar_core bench $(ARGS)
+	$(PY) -m tools.bench $(ARGS)
 
 bench-quick: $(STAMP)
-	$(PY) -m fastvar_core bench --quick $(ARGS)
+	$(PY) -m tools.bench --quick $(ARGS)
 
 # Lay the tiny official-format checkpoints out like ComfyUI's models/ folder: make e2e-models DIR=/tmp/models
 e2e-models: $(STAMP)
 	@test -n "$(DIR)" || (echo "usage: make e2e-models DIR=<models dir>"; exit 2)
-	$(PY) -m fastvar_core e2e-models "$(DIR)"
+	$(PY) -m tools.tiny_models "$(DIR)"
 
 clean-venv:
 	rm -rf $(VENV)

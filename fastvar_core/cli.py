@@ -1,4 +1,4 @@
-"""Command line: generate images, convert checkpoints, run the demo and the benchmark.
+"""Command line: generate images and convert checkpoints.
 
 Errors caused by inputs print one line and exit with status 2 (a traceback only with --debug); any
 other failure prints one line too and exits with status 1; warnings (e.g. a prompt truncated to the
@@ -104,14 +104,6 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_e2e_models(args: argparse.Namespace) -> int:
-    from .tiny_models import lay_out
-
-    for path in lay_out(args.dest):
-        print(path)
-    return 0
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m fastvar_core", description=__doc__)
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
@@ -149,27 +141,15 @@ def build_parser() -> argparse.ArgumentParser:
                       help="let the pickle build this object (only for a file you trust; named in the loaders' "
                            "refusal message, e.g. argparse.Namespace); repeatable")
     conv.set_defaults(func=cmd_convert)
-    e2e = sub.add_parser("e2e-models", help="lay the tiny official-format checkpoints out like ComfyUI's models/")
-    e2e.add_argument("dest")
-    e2e.set_defaults(func=cmd_e2e_models)
-
-    from . import demo
-
-    dem = sub.add_parser("demo", help="generate with real weights if present, else FastVAR vs baseline on random weights")
-    demo.add_arguments(dem)
-    dem.set_defaults(func=demo.main)
-
-    from . import bench
-
-    ben = sub.add_parser("bench", help="time and memory of baseline vs pruning configs on random-weight real shapes")
-    bench.add_arguments(ben)
-    ben.set_defaults(func=bench.main)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    return run(build_parser().parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> int:
+    """``args.func(args)`` with the conventions of the module docstring (tracebacks with ``args.debug``)."""
     logging.basicConfig(level=logging.INFO if args.debug else logging.WARNING, format="%(message)s")
     formatwarning = warnings.formatwarning
     if not args.debug:  # one line per warning (e.g. a truncated prompt), no source excerpt

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from ..fastvar_core.errors import ConfigError
-from ..fastvar_core.pruning import PruningSpec
+from ..fastvar_core.pruning_spec import PruningSpec
 
 from . import compat
 from .chart import CHART_MODELS

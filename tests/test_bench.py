@@ -1,4 +1,4 @@
-"""`bench --quick` on a tiny config writes well-formed JSON and a PNG; the numbers obey the cost model.
+"""`python -m tools.bench --quick` on a tiny config writes well-formed JSON and a PNG; the numbers obey the cost model.
 
 Only a smoke run of a few seconds: real benchmarks never run inside the tests.
 """
@@ -10,21 +10,22 @@ import json
 import pytest
 from PIL import Image
 
-from fastvar_core.cli import main
 from fastvar_core.cost import predicted_speedup
 from fastvar_core.pruning import make_preset
-from fastvar_core.randomized import SHAPES, build_transformer
 from fastvar_core.schedules import hart_schedule, infinity_schedule
+from tools.bench import chart, main
+from tools.randomized import SHAPES, build_transformer
 
 REQUIRED = {"model": str, "resolution": str, "pruning": str, "median_s": float, "decode_s": float, "speedup": float,
             "ideal_speedup": float, "peak_bytes": int, "baseline_peak_bytes": int}
-TINY = ["--warmup", "0", "--repeats", "1", "--width", "64", "--heads", "1", "--depth", "4", "--text-channels", "128", "--vae-base", "32"]
+TINY = ["--warmup", "0", "--repeats", "1", "--width", "64", "--heads", "1", "--depth", "4", "--text-channels", "128",
+        "--vae-base", "32"]
 
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
-    argv = ["bench", "--quick", "--models", "infinity-2b,hart-0.7b", "--resolutions", "256", *TINY,
+    argv = ["--quick", "--models", "infinity-2b,hart-0.7b", "--resolutions", "256", *TINY,
             "--json", str(out / "bench.json"), "--plot", str(out / "bench.png")]
     assert main(argv) == 0
     return json.loads((out / "bench.json").read_text()), out / "bench.png"
@@ -80,6 +81,25 @@ def test_plot_is_a_png(report):
         assert img.format == "PNG" and img.size[0] > 500 and img.size[1] > 500
 
 
+def test_chart_shows_seconds_per_scale_of_each_config_and_the_cost_curves(report):
+    data, _ = report
+    axes = chart(data["results"], data["cost_curves"]).axes
+    assert [ax.get_title() for ax in axes] == [
+        "Infinity-2B at 256: seconds per scale", "HART-0.7B at 256: seconds per scale",
+        "infinity-2b: analytic TFLOP per image vs resolution (both CFG rows)",
+        "hart-0.7b: analytic TFLOP per image vs resolution (both CFG rows)"]
+    for ax, model in zip(axes, ("infinity-2b", "hart-0.7b")):
+        rows = [r for r in data["results"] if r["model"] == model]
+        assert [bars.get_label() for bars in ax.containers] == [r["pruning"] for r in rows]
+        assert [[bar.get_height() for bar in bars] for bars in ax.containers] == \
+            [[s["seconds"] for s in r["scales"]] for r in rows]
+        assert [t.get_text() for t in ax.get_xticklabels()] == [str(s["hw"][0]) for s in rows[0]["scales"]]
+    for ax, model in zip(axes[2:], ("infinity-2b", "hart-0.7b")):
+        curve = data["cost_curves"][model]
+        assert {line.get_label(): list(line.get_ydata()) for line in ax.get_lines()} == curve["tflops"]
+        assert ax.get_yscale() == "log" and len(ax.get_lines()[0].get_xdata()) == len(curve["resolutions"])
+
+
 # ---------------------------------------------------------------- speed work and accelerations the bench measures
 
 
@@ -88,7 +108,7 @@ def test_self_attention_runs_a_fused_kernel_without_a_score_matrix():
     from torch.profiler import profile
 
     from fastvar_core.infinity import sample_infinity
-    from fastvar_core.randomized import random_conditioning
+    from tools.randomized import random_conditioning
 
     shape = SHAPES["infinity-2b"].with_overrides(depth=4, width=64, heads=1, text_channels=128)
     model, cond = build_transformer(shape), random_conditioning(shape, tokens=5)
@@ -129,7 +149,7 @@ def test_cfg_cutoff_equals_unguided_logits_from_that_scale_with_half_the_rows():
 
     from fastvar_core.infinity import sample_infinity
     from fastvar_core.pruning import PruningConfig
-    from fastvar_core.randomized import random_conditioning
+    from tools.randomized import random_conditioning
 
     shape = SHAPES["infinity-2b"].with_overrides(depth=2, width=64, heads=1, text_channels=128)
     model, cond = build_transformer(shape), random_conditioning(shape, batch=2, tokens=5)
@@ -165,7 +185,8 @@ def test_cost_model_counts_cfg_rows_and_the_kv_budget():
 
 def test_fast_preset_and_accelerated_configs_round_trip_and_validate():
     from fastvar_core.errors import ConfigError
-    from fastvar_core.pruning import PruningConfig, PruningSpec
+    from fastvar_core.pruning import PruningConfig
+    from fastvar_core.pruning_spec import PruningSpec
 
     fast = make_preset("infinity", "fast", 13, 32)
     assert (fast.cfg_cutoff, fast.kv_ratios) == (9, {8: 0.5, 9: 0.5})  # the pruned 32x32 and 40x40 run unguided
@@ -188,7 +209,7 @@ def test_hart_fast_matches_paper_before_its_cutoff_and_runs_one_row_after():
     import torch
 
     from fastvar_core.hart import sample_hart
-    from fastvar_core.randomized import build_vae, random_conditioning
+    from tools.randomized import build_vae, random_conditioning
 
     shape = SHAPES["hart-0.7b"].with_overrides(depth=2, width=64, heads=1, text_channels=32)
     from dataclasses import replace

@@ -29,7 +29,7 @@ from safetensors.torch import save_file
 from fastvar_core import cli
 from fastvar_core.checkpoint import flatten_tensors
 from fastvar_core.errors import CheckpointError
-from fastvar_core.tiny_models import write_tiny_d56_vae
+from tools.tiny_models import write_tiny_d56_vae
 
 INF_PTH = PARITY / "infinity" / "checkpoints" / "infinity_tiny.pth"
 INF_VAE = PARITY / "infinity" / "checkpoints" / "infinity_vae_d32_tiny.pth"

@@ -316,7 +316,7 @@ def test_kept_mask_marks_kept_tokens():
 
 
 def test_spec_custom_counts_scales_from_the_end():
-    from fastvar_core.pruning import PruningSpec
+    from fastvar_core.pruning_spec import PruningSpec
 
     spec = PruningSpec(mode="custom", tail_ratios=(1.0, 1.0, 0.5, 0.4), cache_from_end=5)
     square = spec.resolve("infinity", list(infinity_schedule(1.0, "1M").scales), depth=32)
@@ -326,7 +326,7 @@ def test_spec_custom_counts_scales_from_the_end():
 
 
 def test_spec_checks_without_a_schedule():
-    from fastvar_core.pruning import PruningSpec
+    from fastvar_core.pruning_spec import PruningSpec
 
     with pytest.raises(ConfigError, match="cache scale 2 from the end must come before the earliest pruned scale"):
         PruningSpec(mode="custom", tail_ratios=(0.5, 0.5, 0.5), cache_from_end=2).check()
@@ -338,7 +338,7 @@ def test_spec_checks_without_a_schedule():
 
 def test_spec_speed_target_reaches_the_target_favouring_late_scales():
     from fastvar_core.cost import ArchSpec, predicted_speedup
-    from fastvar_core.pruning import PruningSpec
+    from fastvar_core.pruning_spec import PruningSpec
 
     scales = list(infinity_schedule(1.0, "1M").scales)
     arch = ArchSpec(depth=32, width=2048, ffn_hidden=8192, text_tokens=32)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import gc
 import importlib
 import json
@@ -43,11 +44,11 @@ from fastvar_core.infinity import load_infinity_model
 from fastvar_core.infinity import model as infinity_model_module
 from fastvar_core.infinity.text import load_t5_encoder
 from fastvar_core.infinity.vae import BSQVAEConfig, InfinityVAE
-from fastvar_core.measure import current_rss
 from fastvar_core.pipeline import Pipeline, resolve_pruning
 from fastvar_core.pruning import PruningConfig, PruningRun
-from fastvar_core.randomized import ModelShape, build_transformer, random_conditioning
 from fastvar_core.schedules import INFINITY_TEMPLATES, ScaleSchedule, hart_schedule, infinity_schedule
+from tools.measure import current_rss
+from tools.randomized import ModelShape, build_transformer, random_conditioning
 
 INF_CKPT = PARITY / "infinity" / "checkpoints"
 INF_PTH = INF_CKPT / "infinity_tiny.pth"
@@ -421,14 +422,23 @@ def test_loader_nodes_raise_one_clear_error(model_folders, case):
     assert entry in str(err.value) and words in str(err.value)
 
 
+def _in_pack(obj, module: str):
+    """A dataclass rebuilt as the pack's copy of its class (tools/ builds with the top-level fastvar_core)."""
+    cls = getattr(pack_module(module), type(obj).__name__)
+    return cls(**{f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)})
+
+
 def _node_parts(batch_tokens: int = 5):
-    """A tiny random Infinity model and conditioning built with the pack's own classes."""
-    randomized = pack_module("fastvar_core.randomized")
+    """A tiny random Infinity model and conditioning of the pack's own classes."""
     objects = pack_module("nodes.objects")
-    shape = randomized.ModelShape("infinity", "tiny-node", depth=2, width=64, heads=2, text_channels=128)
-    model = objects.Part("infinity", randomized.build_transformer(shape, seed=0), "random", "auto")
-    cond = objects.Conditioning("infinity", randomized.random_conditioning(shape, 1, tokens=batch_tokens), ["x"])
-    return model, cond
+    shape = ModelShape("infinity", "tiny-node", depth=2, width=64, heads=2, text_channels=128)
+    random_model = build_transformer(shape, seed=0)
+    module = pack_module("fastvar_core.infinity.model").InfinityTransformer(
+        _in_pack(random_model.config, "fastvar_core.infinity.config"))
+    module.load_state_dict(random_model.state_dict())
+    model = objects.Part("infinity", module.eval().requires_grad_(False), "random", "auto")
+    features = _in_pack(random_conditioning(shape, 1, tokens=batch_tokens), "fastvar_core.infinity.text")
+    return model, objects.Conditioning("infinity", features, ["x"])
 
 
 SAMPLER_ARGS = dict(seed=3, width=256, height=256, aspect_ratio="1:1", pixel_budget="0.06M (256px)", cfg=3.0,
@@ -459,7 +469,7 @@ def _track(monkeypatch, cls) -> list:
 def test_node_interrupt_stops_within_one_scale_frees_caches_and_next_run_matches(monkeypatch, node_parts):
     model, cond = node_parts
     compat = pack_module("nodes.compat")
-    spec = pack_module("fastvar_core.pruning").PruningSpec(mode="custom", tail_ratios=(0.5, 0.5), cache_from_end=4,
+    spec = pack_module("fastvar_core.pruning_spec").PruningSpec(mode="custom", tail_ratios=(0.5, 0.5), cache_from_end=4,
                                                            layer_start=0, layer_stop=2)
     sampler = PACK.NODE_CLASS_MAPPINGS["FastVAR_Sampler"]()
     reference = sampler.sample(model, cond, pruning=spec, **SAMPLER_ARGS)["result"][0].result
@@ -503,7 +513,7 @@ def test_node_sampler_refuses_text_features_of_the_wrong_width(node_parts):
 
 
 def test_node_decode_refuses_a_vae_of_another_model(node_parts, tmp_path):
-    from fastvar_core.tiny_models import write_tiny_d56_vae
+    from tools.tiny_models import write_tiny_d56_vae
 
     model, cond = node_parts
     write_tiny_d56_vae(tmp_path / "infinity_vae_d56_f8_14_patchify.pth")
@@ -536,7 +546,7 @@ def test_node_sampler_refuses_an_impossible_aspect_ratio(node_parts):
 
 def test_node_pruning_cache_beyond_the_schedule_names_the_slider(node_parts):
     model, cond = node_parts
-    spec = pack_module("fastvar_core.pruning").PruningSpec(mode="custom", tail_ratios=(0.5,), cache_from_end=12)
+    spec = pack_module("fastvar_core.pruning_spec").PruningSpec(mode="custom", tail_ratios=(0.5,), cache_from_end=12)
     sampler = PACK.NODE_CLASS_MAPPINGS["FastVAR_Sampler"]()
     with pytest.raises(Exception) as err:
         sampler.sample(model, cond, pruning=spec, **SAMPLER_ARGS)

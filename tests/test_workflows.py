@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -90,7 +89,7 @@ def test_workflow_matches_the_nodes(path):
 
 @pytest.fixture(scope="module")
 def tiny_models(tmp_path_factory, shared_dir):
-    from fastvar_core.tiny_models import lay_out
+    from tools.tiny_models import lay_out
 
     dest = tmp_path_factory.mktemp("models")
     lay_out(dest)

@@ -19,7 +19,3 @@ __all__ = [
     "restore_tokens",
     "select_pivotal",
 ]
-
-from .spec import MODES, PruningSpec  # noqa: E402
-
-__all__ += ["MODES", "PruningSpec"]

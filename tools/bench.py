@@ -1,4 +1,4 @@
-"""`python -m fastvar_core bench`: where a generation's time goes, and how close FastVAR gets to its FLOP limit.
+"""`python -m tools.bench`: where a generation's time goes, and how close FastVAR gets to its FLOP limit.
 
 Random-weight models of the released architectures (randomized.py; widths, heads and text widths of
 Infinity-2B, Infinity-8B and HART-0.7B, any of them overridable, depth reducible) run the real samplers
@@ -26,14 +26,17 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
+from matplotlib.figure import Figure
 
-from .cost import estimate
-from .errors import ConfigError
-from .linear import onednn_available, set_onednn
+from fastvar_core.cost import estimate
+from fastvar_core.errors import ConfigError
+from fastvar_core.linear import onednn_available, set_onednn
+from fastvar_core.pruning import ACCELERATED_PRESETS, PRESET_NAMES, PruningConfig, make_preset
+from fastvar_core.schedules import HART_PATCH_NUMS_1024, ScaleSchedule, hart_schedule, infinity_schedule
+
+from . import command
 from .measure import PeakMemory, current_rss
-from .pruning import ACCELERATED_PRESETS, PRESET_NAMES, PruningConfig, make_preset
 from .randomized import SHAPES, ModelShape, build_transformer, build_vae, random_conditioning
-from .schedules import HART_PATCH_NUMS_1024, ScaleSchedule, hart_schedule, infinity_schedule
 
 # Resolution names and the schedule each family runs for them (HART: its 1024 px schedule, its first nine
 # scales for 256 px (cost curve only), and its zero-shot 2K schedule: the 1024 px one plus two scales).
@@ -108,11 +111,11 @@ class Case:
 
     def sample(self, config: PruningConfig, seed: int, time_pruning: dict | None = None, callback=None):
         if self.family == "infinity":
-            from .infinity import sample_infinity
+            from fastvar_core.infinity import sample_infinity
 
             return sample_infinity(self.model, self.cond, self.schedule, seed=seed, pruning=config,
                                    time_pruning=time_pruning, callback=callback, **GUIDANCE["infinity"])
-        from .hart import sample_hart
+        from fastvar_core.hart import sample_hart
 
         return sample_hart(self.model, self.vae, self.cond, self.schedule, seed=seed, pruning=config,
                            time_pruning=time_pruning, callback=callback, **GUIDANCE["hart"])
@@ -438,115 +441,42 @@ def cost_curves(results: list[dict], cases_arch: dict) -> dict:
     return curves
 
 
-def write_plot(results: list[dict], curves: dict, path: Path) -> None:
-    """PNG: per-scale time bars for every model x resolution, and analytic cost vs resolution."""
-    from PIL import Image, ImageDraw
-
+def chart(results: list[dict], curves: dict) -> Figure:
+    """Per-scale sampling time of every config for each model x resolution (bars), then each model's
+    analytic cost vs resolution (lines, log scale)."""
     cases = {}
     for r in results:
         cases.setdefault((r["model_name"], r["resolution"]), []).append(r)
-    panel_h, width = 300, 1100
-    height = panel_h * (len(cases) + len(curves)) + 20
-    img = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(img)
-    y = 10
-    for (name, res), rows in cases.items():
-        labels = [f"{sc['hw'][0]}" for sc in rows[0]["scales"]]
-        series = [(r["pruning"], [x["seconds"] for x in r["scales"]]) for r in rows]
-        _bar_panel(draw, (60, y, width - 20, y + panel_h - 40), f"{name} at {res}: seconds per scale (x = side of the "
-                   f"token map)", labels, series)
-        y += panel_h
-    for key, curve in curves.items():
-        _line_panel(draw, (60, y, width - 20, y + panel_h - 40), f"{key}: analytic TFLOP per image vs resolution "
-                    f"(both CFG rows; log scale)", curve["resolutions"], list(curve["tflops"].items()))
-        y += panel_h
+    panels = len(cases) + len(curves)
+    fig = Figure(figsize=(11, 3 * max(panels, 1)), layout="constrained")
+    axes = fig.subplots(panels, 1, squeeze=False)[:, 0] if panels else []
+    for ax, ((name, res), rows) in zip(axes, cases.items()):
+        sides = [str(sc["hw"][0]) for sc in rows[0]["scales"]]
+        width = 0.8 / len(rows)
+        for j, r in enumerate(rows):
+            offset = (j - (len(rows) - 1) / 2) * width
+            ax.bar([i + offset for i in range(len(sides))], [x["seconds"] for x in r["scales"]], width,
+                   label=r["pruning"])
+        ax.set_xticks(range(len(sides)), sides)
+        ax.set(title=f"{name} at {res}: seconds per scale", xlabel="side of the token map", ylabel="seconds")
+    for ax, (key, curve) in zip(axes[len(cases):], curves.items()):
+        labels = [res if res == "2K" else f"{res}px" for res in curve["resolutions"]]
+        for name, tflops in curve["tflops"].items():
+            ax.plot(labels, tflops, marker="o", label=name)
+        ax.set_yscale("log")
+        ax.yaxis.set_major_formatter("{x:g}")
+        ax.set(title=f"{key}: analytic TFLOP per image vs resolution (both CFG rows)", xlabel="resolution",
+               ylabel="TFLOP")
+    for ax in axes:
+        ax.grid(axis="y", alpha=0.3)
+        ax.legend()
+    return fig
+
+
+def write_plot(results: list[dict], curves: dict, path: Path) -> None:
+    """The chart as a PNG (1100 px wide, 300 px per panel)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    img.save(path)
-
-
-COLORS = ["#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3", "#937860"]
-
-
-def _font(size: int):
-    from PIL import ImageFont
-
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:  # Pillow < 10.1
-        return ImageFont.load_default()
-
-
-def _frame(draw, box, title, ymax, ticks, fmt, log=False, ymin=None):
-    x0, y0, x1, y1 = box
-    draw.text((x0, y0 - 2), title, fill="black", font=_font(14))
-    top = y0 + 22
-    draw.line([(x0, top), (x0, y1), (x1, y1)], fill="black")
-    for t in ticks:
-        yy = _ymap(t, top, y1, ymax, log, ymin)
-        draw.line([(x0 - 4, yy), (x1, yy)], fill="#e0e0e0")
-        draw.text((4, yy - 7), fmt(t), fill="black", font=_font(11))
-    return top
-
-
-def _ymap(v, top, bottom, ymax, log, ymin):
-    import math
-
-    if log:
-        lo, hi = math.log10(ymin), math.log10(ymax)
-        return bottom - (math.log10(max(v, ymin)) - lo) / (hi - lo) * (bottom - top)
-    return bottom - v / ymax * (bottom - top)
-
-
-def _legend(draw, x, y, names):
-    for i, name in enumerate(names):
-        draw.rectangle([x, y + 16 * i, x + 10, y + 16 * i + 10], fill=COLORS[i % len(COLORS)])
-        draw.text((x + 14, y + 16 * i - 2), name, fill="black", font=_font(12))
-
-
-def _bar_panel(draw, box, title, labels, series):
-    x0, y0, x1, y1 = box
-    ymax = max([max(v) for _, v in series] + [1e-6]) * 1.1
-    step = _nice_step(ymax / 5)
-    top = _frame(draw, box, title, ymax, [step * i for i in range(int(ymax / step) + 1)], lambda t: f"{t:.3g}s")
-    slot = (x1 - x0 - 120) / max(len(labels), 1)
-    bar = slot * 0.8 / max(len(series), 1)
-    for i, label in enumerate(labels):
-        left = x0 + 6 + i * slot
-        for j, (_, values) in enumerate(series):
-            v = values[i]
-            if v > 0:
-                draw.rectangle([left + j * bar, _ymap(v, top, y1, ymax, False, None), left + (j + 1) * bar - 1, y1],
-                               fill=COLORS[j % len(COLORS)])
-        draw.text((left, y1 + 4), label, fill="black", font=_font(11))
-    _legend(draw, x1 - 100, top, [name for name, _ in series])
-
-
-def _line_panel(draw, box, title, xlabels, series):
-    x0, y0, x1, y1 = box
-    values = [v for _, vs in series for v in vs if v > 0]
-    ymin, ymax = min(values) / 1.5, max(values) * 1.5
-    import math
-
-    ticks = [10.0**e for e in range(math.floor(math.log10(ymin)), math.ceil(math.log10(ymax)) + 1)]
-    ticks = [t for t in ticks if ymin <= t <= ymax] or [ymin, ymax]
-    top = _frame(draw, box, title, ymax, ticks, lambda t: f"{t:g}", log=True, ymin=ymin)
-    n = len(xlabels)
-    xs = [x0 + 30 + i * (x1 - x0 - 180) / max(n - 1, 1) for i in range(n)]
-    for j, (_, vs) in enumerate(series):
-        pts = [(xs[i], _ymap(v, top, y1, ymax, True, ymin)) for i, v in enumerate(vs)]
-        draw.line(pts, fill=COLORS[j % len(COLORS)], width=2)
-        for p in pts:
-            draw.ellipse([p[0] - 3, p[1] - 3, p[0] + 3, p[1] + 3], fill=COLORS[j % len(COLORS)])
-    for x, label in zip(xs, xlabels):
-        draw.text((x - 10, y1 + 4), f"{label}px" if label != "2K" else "2K", fill="black", font=_font(11))
-    _legend(draw, x1 - 100, top, [name for name, _ in series])
-
-
-def _nice_step(raw: float) -> float:
-    import math
-
-    exp = 10 ** math.floor(math.log10(raw)) if raw > 0 else 1
-    return next(m * exp for m in (1, 2, 5, 10) if m * exp >= raw)
+    chart(results, curves).savefig(path, dpi=100)
 
 
 # ------------------------------------------------------------------------------------------------ CLI
@@ -605,7 +535,7 @@ def _resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     return args
 
 
-def main(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     args = _resolve_args(args)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -642,3 +572,11 @@ def main(args: argparse.Namespace) -> int:
     write_plot(results, curves, Path(args.plot))
     log(f"\nwrote {json_path} and {args.plot} in {report['elapsed_s']:.0f} s")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return command.main("python -m tools.bench", __doc__, add_arguments, run, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

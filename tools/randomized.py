@@ -11,7 +11,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from .errors import ConfigError
+from fastvar_core.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -52,8 +52,8 @@ def build_transformer(shape: ModelShape, seed: int = 0, device="cpu", dtype=torc
     if shape.width % shape.heads:
         raise ConfigError(f"width {shape.width} is not divisible by heads {shape.heads}")
     if shape.family == "infinity":
-        from .infinity.config import InfinityConfig
-        from .infinity.model import InfinityTransformer
+        from fastvar_core.infinity.config import InfinityConfig
+        from fastvar_core.infinity.model import InfinityTransformer
 
         config = InfinityConfig(
             depth=shape.depth, embed_dim=shape.width, num_heads=shape.heads, ffn_hidden=_ffn_hidden(shape),
@@ -66,8 +66,8 @@ def build_transformer(shape: ModelShape, seed: int = 0, device="cpu", dtype=torc
             model.cfg_uncond.normal_(0, 1.0 / shape.text_channels**0.5)
             model.pos_start.normal_(0, 0.02)
     else:
-        from .hart.config import HARTConfig
-        from .hart.model import HARTTransformer
+        from fastvar_core.hart.config import HARTConfig
+        from fastvar_core.hart.model import HARTTransformer
 
         config = HARTConfig(
             embed_dim=shape.width, depth=shape.depth, num_heads=shape.heads, ffn_hidden=_ffn_hidden(shape),
@@ -84,14 +84,14 @@ def build_vae(shape: ModelShape, seed: int = 1, device="cpu") -> torch.nn.Module
     """A random-weight VAE (decoder side) of the family's released widths."""
     torch.manual_seed(seed)
     if shape.family == "infinity":
-        from .infinity.vae import BSQVAEConfig, InfinityVAE
+        from fastvar_core.infinity.vae import BSQVAEConfig, InfinityVAE
 
         patch = 2 ** (len(shape.vae_mult) - 1)
         config = BSQVAEConfig(codebook_dim=shape.bits // 4 if shape.bits == 56 else shape.bits, base_ch=shape.vae_base,
                               ch_mult=shape.vae_mult, num_res_blocks=3, patch_size=patch, has_encoder=False)
         vae = InfinityVAE(config)
     else:
-        from .hart.vae import HARTVAE, HARTVAEConfig
+        from fastvar_core.hart.vae import HARTVAE, HARTVAEConfig
 
         vae = HARTVAE(HARTVAEConfig(ch=shape.vae_base, ch_mult=shape.vae_mult))
     return vae.to(device).eval().requires_grad_(False)
@@ -101,12 +101,12 @@ def random_conditioning(shape: ModelShape, batch: int = 1, tokens: int = 24, see
     """Text features standing in for the text encoder's output (no encoder weights needed)."""
     g = torch.Generator().manual_seed(seed)
     if shape.family == "infinity":
-        from .infinity.text import InfinityTextConditioning
+        from fastvar_core.infinity.text import InfinityTextConditioning
 
         kv = torch.randn(batch * tokens, shape.text_channels, generator=g)
         cu = torch.arange(0, (batch + 1) * tokens, tokens, dtype=torch.int32)
         return InfinityTextConditioning(kv, [tokens] * batch, cu, tokens, ["random"] * batch).to(device)
-    from .hart.text import HARTTextConditioning
+    from fastvar_core.hart.text import HARTTextConditioning
 
     mask = torch.zeros(batch, 300, dtype=torch.bool)
     mask[:, :tokens] = True

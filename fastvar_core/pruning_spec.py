@@ -1,20 +1,17 @@
 """A schedule-independent pruning request, resolved to a PruningConfig once model and schedule are known.
 
 ComfyUI's FastVAR Pruning node (and the CLI) describe what they want before the sampler knows the
-image size: a preset name, a target speedup, or per-scale ratios counted from the last scale.
+image size: a preset name, a target speedup, or per-scale ratios counted from the last scale. It sits
+above the pruning engine and the cost model (a speed target is solved with it); neither imports it.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
 
-from ..errors import ConfigError
-from .config import PruningConfig
-from .presets import accelerate, make_preset, preset_layers
-
-if TYPE_CHECKING:
-    from ..cost import ArchSpec
+from .cost import ArchSpec, predicted_speedup
+from .errors import ConfigError
+from .pruning import PruningConfig, accelerate, make_preset, preset_layers
 
 MODES = ("off", "paper", "2k", "speed target", "custom", "fast")
 # How strongly each late scale is pruned relative to the last one when aiming at a speed target: the
@@ -85,8 +82,6 @@ class PruningSpec:
         return (start, stop)
 
     def _solve_target(self, family, scales, depth, arch) -> PruningConfig:
-        from ..cost import predicted_speedup  # the cost model imports this package
-
         n = len(scales)
         tail = [k for k in range(len(_TARGET_WEIGHTS)) if n - 1 - k > 1]
         cache = n - 1 - len(tail)

@@ -1,4 +1,5 @@
-"""Lay tiny official-format checkpoints out like ComfyUI's models/ folder (`make e2e-models DIR=...`).
+"""Lay tiny official-format checkpoints out like ComfyUI's models/ folder (`python -m tools.tiny_models DEST`,
+`make e2e-models DIR=DEST`).
 
 The shipped workflows name the real release files; this writes small stand-ins under exactly those
 names, so the workflows run end to end in a real ComfyUI on a CPU:
@@ -10,14 +11,21 @@ names, so the workflows run end to end in a real ComfyUI on a CPU:
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
-from .errors import ConfigError
+from fastvar_core.errors import ConfigError
+from fastvar_core.infinity.loader import official_key
+from fastvar_core.infinity.vae import BSQVAEConfig, InfinityVAE
+
+from . import command
+from .randomized import ModelShape, build_transformer
 
 PACK_ROOT = Path(__file__).resolve().parents[1]
 
@@ -41,11 +49,6 @@ def _copy(src: Path, dst: Path) -> None:
 
 def write_tiny_8b(folder: Path, seed: int = 0) -> None:
     """A random Infinity-8B-layout transformer: 8 block chunks, 56-bit head, 2 safetensors shards + index."""
-    from safetensors.torch import save_file
-
-    from .infinity.loader import official_key
-    from .randomized import ModelShape, build_transformer
-
     shape = ModelShape("infinity", "tiny-8B", depth=8, width=256, heads=2, text_channels=2048, bits=56)
     model = build_transformer(shape, seed=seed)
     config = model.config.__class__(**{**model.config.__dict__, "block_chunks": 8})
@@ -65,8 +68,6 @@ def write_tiny_8b(folder: Path, seed: int = 0) -> None:
 
 def write_tiny_d56_vae(path: Path, seed: int = 1) -> None:
     """A random 14-bit, stride-8 BSQ VAE decoder saved like infinity_vae_d56_f8_14_patchify.pth."""
-    from .infinity.vae import BSQVAEConfig, InfinityVAE
-
     torch.manual_seed(seed)
     vae = InfinityVAE(BSQVAEConfig(codebook_dim=14, base_ch=32, ch_mult=(1, 1, 2, 2), num_res_blocks=3,
                                    patch_size=8, has_encoder=False))
@@ -95,3 +96,21 @@ def lay_out(dest: str | os.PathLike) -> list[Path]:
     write_tiny_d56_vae(dest / "vae" / "infinity_vae_d56_f8_14_patchify.pth")
     return [dst for _, dst in plan] + [dest / "infinity" / "infinity_8b_weights",
                                         dest / "vae" / "infinity_vae_d56_f8_14_patchify.pth"]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("dest", help="the models folder to write (ComfyUI's models/ layout)")
+
+
+def run(args: argparse.Namespace) -> int:
+    for path in lay_out(args.dest):
+        print(path)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return command.main("python -m tools.tiny_models", __doc__, add_arguments, run, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

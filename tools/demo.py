@@ -1,5 +1,5 @@
-"""`make demo`: generate with real weights when they are present, else run the whole pipeline on
-random-weight models of the real architecture shapes and print FastVAR vs baseline.
+"""`make demo` (`python -m tools.demo`): generate with real weights when they are present, else run
+the whole pipeline on random-weight models of the real architecture shapes and print FastVAR vs baseline.
 
 With weights: looks for the official files in a ComfyUI-style models folder (``--models-dir``,
 ``$FASTVAR_MODELS_DIR``, or ComfyUI's ``models/`` when the pack sits in ``custom_nodes/``).
@@ -15,11 +15,15 @@ from pathlib import Path
 
 import torch
 
-from .cost import estimate
+from fastvar_core.cli import save_images
+from fastvar_core.cost import estimate
+from fastvar_core.pipeline import Pipeline
+from fastvar_core.pruning import make_preset
+from fastvar_core.schedules import hart_schedule, infinity_schedule
+
+from . import command
 from .measure import PeakMemory
-from .pruning import make_preset
 from .randomized import SHAPES, build_transformer, build_vae, random_conditioning
-from .schedules import hart_schedule, infinity_schedule
 
 PACK_ROOT = Path(__file__).resolve().parents[1]
 
@@ -95,18 +99,15 @@ def run_random(args: argparse.Namespace) -> int:
 
 def _sample(family, model, vae, cond, schedule, config, seed):
     if family == "infinity":
-        from .infinity import sample_infinity
+        from fastvar_core.infinity import sample_infinity
 
         return sample_infinity(model, cond, schedule, cfg=3.0, tau=0.5, seed=seed, pruning=config, record_kept=True)
-    from .hart import sample_hart
+    from fastvar_core.hart import sample_hart
 
     return sample_hart(model, vae, cond, schedule, cfg=4.5, seed=seed, pruning=config, record_kept=True)
 
 
 def run_real(paths: dict, args: argparse.Namespace) -> int:
-    from .cli import save_images
-    from .pipeline import Pipeline
-
     print(f"found Infinity-2B weights: {paths['model']}", file=sys.stderr)
     pipe = Pipeline.load("infinity", paths["model"], paths["vae"], paths["text_encoder"])
     images, result = pipe.generate(args.prompt, width=1024, height=1024, pruning="paper", seed=args.seed)
@@ -125,6 +126,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="out/demo")
 
 
-def main(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     paths = real_weights(find_models_dir(args.models_dir))
     return run_real(paths, args) if paths else run_random(args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return command.main("python -m tools.demo", __doc__, add_arguments, run, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
