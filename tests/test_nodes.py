@@ -17,8 +17,12 @@ def test_import_is_safe_without_comfyui():
     assert PACK.WEB_DIRECTORY == "./web"
 
 
-def test_every_node_is_prefixed_and_displayed():
-    assert len(MAPPINGS) == 11
+def test_every_node_class_is_registered_prefixed_and_displayed():
+    defined = {
+        cls for module in (PACK.nodes.loaders, PACK.nodes.generation) for cls in vars(module).values()
+        if isinstance(cls, type) and cls.__module__ == module.__name__ and hasattr(cls, "INPUT_TYPES")
+    }
+    assert defined and defined == set(MAPPINGS.values()), "a node class is defined but not registered, or vice versa"
     for node_id, cls in MAPPINGS.items():
         assert node_id.startswith("FastVAR_")
         assert PACK.NODE_DISPLAY_NAME_MAPPINGS[node_id]
