@@ -57,13 +57,6 @@ class CostReport:
     def total_flops(self) -> float:
         return sum(s.total_flops for s in self.scales)
 
-    def flops_by_kind(self) -> dict[str, float]:
-        out: dict[str, float] = {}
-        for s in self.scales:
-            for k, v in s.flops.items():
-                out[k] = out.get(k, 0.0) + v
-        return out
-
     def to_dict(self) -> dict:
         return {
             "total_flops": self.total_flops,

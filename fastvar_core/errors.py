@@ -21,6 +21,3 @@ class ConfigError(FastVARError, ValueError):
 class IncompatibleModelsError(FastVARError):
     """Two loaded parts (transformer, VAE, text encoder) do not belong together."""
 
-
-class SamplingInterrupted(FastVARError):
-    """Sampling was stopped by the user; every cache of the run has been released."""

@@ -13,10 +13,10 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import PARITY
+from conftest import PARITY, StopSampling
 from safetensors.torch import load_file, save_file
 
-from fastvar_core.errors import CheckpointError, ConfigError, IncompatibleModelsError, SamplingInterrupted
+from fastvar_core.errors import CheckpointError, ConfigError, IncompatibleModelsError
 from fastvar_core.hart import (
     HARTTextConditioning,
     check_hart_pruning,
@@ -371,9 +371,9 @@ def test_interrupt_releases_and_preview(model, vae, cond):
         img = preview()
         seen.append((step, total, tuple(img.shape), float(img.min()), float(img.max())))
         if step == 2:
-            raise SamplingInterrupted("stop")
+            raise StopSampling("stop")
 
-    with pytest.raises(SamplingInterrupted):
+    with pytest.raises(StopSampling):
         sample_hart(model, vae, cond, hart_schedule(model.config.patch_nums), callback=callback)
     assert [s[:3] for s in seen] == [(1, 14, (1, 64, 64, 3)), (2, 14, (1, 64, 64, 3))]
     assert all(0.0 <= lo <= hi <= 1.0 for *_, lo, hi in seen)

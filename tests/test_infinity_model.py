@@ -14,10 +14,10 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import PARITY
+from conftest import PARITY, StopSampling
 from safetensors.torch import load_file, save_file
 
-from fastvar_core.errors import CheckpointError, IncompatibleModelsError, SamplingInterrupted
+from fastvar_core.errors import CheckpointError, IncompatibleModelsError
 from fastvar_core.infinity import (
     InfinityConfig,
     ScaleRope,
@@ -344,9 +344,9 @@ def test_interrupt_releases_and_next_run_is_unaffected(tiny_model):
         img = preview()
         assert img.shape == (1, 8, 8, 3) and 0 <= img.min() and img.max() <= 1
         if step == 3:
-            raise SamplingInterrupted("stop")
+            raise StopSampling("stop")
 
-    with pytest.raises(SamplingInterrupted):
+    with pytest.raises(StopSampling):
         sample_infinity(tiny_model, cond, schedule, cfg=3.0, seed=5, callback=stop)
     assert calls == [(1, 5), (2, 5), (3, 5)]
     again = sample_infinity(tiny_model, cond, schedule, cfg=3.0, seed=5)

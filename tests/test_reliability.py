@@ -29,7 +29,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import MODELS, PARITY, ROOT
+from conftest import MODELS, PARITY, ROOT, StopSampling
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pack import load_pack
@@ -37,7 +37,7 @@ from safetensors.torch import load_file as read_safetensors
 
 from fastvar_core.checkpoint import convert_to_safetensors, load_file, load_sharded_folder
 from fastvar_core.cli import main as cli_main
-from fastvar_core.errors import CheckpointError, ConfigError, FastVARError, SamplingInterrupted
+from fastvar_core.errors import CheckpointError, ConfigError, FastVARError
 from fastvar_core.hart import HARTTextConditioning, load_hart_model, load_hart_vae
 from fastvar_core.hart import model as hart_model_module
 from fastvar_core.infinity import load_infinity_model
@@ -607,7 +607,7 @@ def holds_tensors(obj, depth: int = 4) -> bool:
 
 
 @pytest.mark.parametrize("family, stop_with", [
-    ("infinity", SamplingInterrupted), ("infinity", KeyboardInterrupt), ("infinity", InterruptProcessingException),
+    ("infinity", StopSampling), ("infinity", KeyboardInterrupt), ("infinity", InterruptProcessingException),
     ("hart", KeyboardInterrupt),
 ])
 def test_interrupt_stops_within_one_scale_frees_caches_and_matches_a_fresh_process(
@@ -660,13 +660,13 @@ def test_memory_stays_flat_over_20_generations(inf_pipe):
 
     def cancel(step, total, preview):
         if step == 3:
-            raise SamplingInterrupted("cancelled")
+            raise StopSampling("cancelled")
 
     def generate(i: int) -> None:
         try:
             result = inf_pipe.sample(cond, schedule, seed=i, pruning=pruning if i % 2 else "off",
                                      record_kept=True, callback=cancel if i % 4 == 3 else None)
-        except SamplingInterrupted:
+        except StopSampling:
             return
         inf_pipe.decode(result)
 

@@ -74,11 +74,6 @@ class PruningConfig:
         return num_tokens - int(num_tokens * self.kv_ratios.get(scale, 0.0))
 
     @property
-    def accelerated(self) -> bool:
-        """Whether an acceleration beyond the paper (CFG cut-off, KV budget) is on."""
-        return self.cfg_cutoff is not None or any(r > 0 for r in self.kv_ratios.values())
-
-    @property
     def pruned_scales(self) -> list[int]:
         return sorted(s for s, r in self.ratios.items() if 0 < r < 1)
 
