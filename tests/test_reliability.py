@@ -501,6 +501,28 @@ def test_node_interrupt_stops_within_one_scale_frees_caches_and_next_run_matches
     assert all(torch.equal(again.tokens[s], reference.tokens[s]) for s in reference.tokens)
 
 
+def test_node_sampler_restores_the_attention_backend(monkeypatch, node_parts):
+    """The model's attention choice holds during sampling only, also when sampling fails."""
+    model, cond = node_parts
+    attention, compat = pack_module("fastvar_core.attention"), pack_module("nodes.compat")
+    objects = pack_module("nodes.objects")
+    before = attention.default_backend()
+    seen = []
+    monkeypatch.setattr(compat, "check_interrupt", lambda: seen.append(attention.default_backend()))
+    sampler = PACK.NODE_CLASS_MAPPINGS["FastVAR_Sampler"]()
+    sampler.sample(objects.Part("infinity", model.module, "random", "math"), cond, **SAMPLER_ARGS)
+    assert seen and set(seen) == {"math"}
+    assert attention.default_backend() == before
+
+    def fail():
+        raise InterruptProcessingException()
+
+    monkeypatch.setattr(compat, "check_interrupt", fail)
+    with pytest.raises(InterruptProcessingException):
+        sampler.sample(objects.Part("infinity", model.module, "random", "math"), cond, **SAMPLER_ARGS)
+    assert attention.default_backend() == before
+
+
 def test_node_sampler_refuses_text_features_of_the_wrong_width(node_parts):
     model, _ = node_parts
     text = pack_module("fastvar_core.infinity.text")
