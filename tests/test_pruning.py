@@ -183,6 +183,29 @@ def test_area_resize_matches_adaptive_average_pooling():
     torch.testing.assert_close(out, expected)
 
 
+@pytest.mark.parametrize("src, dst", [((2, 2), (3, 3)), ((3, 5), (4, 7)), ((5, 4), (5, 4)), ((6, 6), (2, 3))])
+def test_resize_into_out_is_the_same_on_the_private_and_the_public_pool(monkeypatch, src, dst):
+    from fastvar_core.pruning import tokens as tokens_mod
+
+    tokens = torch.randn(2, src[0] * src[1], 6, generator=torch.Generator().manual_seed(1))
+    expected = resize_token_map(tokens, src, dst)  # out=None: the public pool only
+    paths = {tokens_mod.probe_pool_into(), tokens_mod.pool_into_public}
+    for pool_into in paths:  # the private op when this build has it, and the fallback
+        monkeypatch.setattr(tokens_mod, "_pool_into", lambda pool_into=pool_into: pool_into)
+        out = torch.full_like(expected, float("nan"))
+        assert resize_token_map(tokens, src, dst, out=out) is out
+        assert torch.equal(out, expected)
+
+
+def test_pool_probe_falls_back_to_the_public_pool(monkeypatch):
+    from fastvar_core.pruning import tokens as tokens_mod
+
+    monkeypatch.delattr(torch._C._nn, "adaptive_avg_pool2d")
+    assert tokens_mod.probe_pool_into() is tokens_mod.pool_into_public
+    monkeypatch.setattr(torch._C._nn, "adaptive_avg_pool2d", lambda *a, **k: None, raising=False)  # writes nothing
+    assert tokens_mod.probe_pool_into() is tokens_mod.pool_into_public
+
+
 @settings(max_examples=40, deadline=None)
 @given(
     b=st.integers(1, 3),
