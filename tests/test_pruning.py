@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fastvar_core.errors import ConfigError
+from fastvar_core.errors import ConfigError, InternalError
 from fastvar_core.pruning import (
     PruningConfig,
     PruningRun,
@@ -307,14 +307,14 @@ def test_cache_is_dropped_when_the_run_ends_or_fails():
     # A new run never sees the old run's features: restoring without its own cache scale fails loudly.
     fresh = PruningRun(cfg, scales, depth=1)
     fresh.begin_scale(2)
-    with pytest.raises(ConfigError, match="restore cache for layer 0 sa at scale 1 holds nothing"):
+    with pytest.raises(InternalError, match="restore cache for layer 0 sa at scale 1 holds nothing"):
         fresh.sublayer(0, "sa", torch.randn(1, 16, 3), lambda t, i: t)
 
 
 def test_skipped_scale_cannot_begin():
     run = PruningRun(PruningConfig(ratios={2: 1.0}), [(1, 1), (2, 2), (4, 4)], depth=1)
     assert run.is_skipped(2)
-    with pytest.raises(ConfigError, match="skipped"):
+    with pytest.raises(InternalError, match="skipped"):
         run.begin_scale(2)
 
 
@@ -370,3 +370,12 @@ def test_spec_speed_target_reaches_the_target_favouring_late_scales():
     ratios = [config.ratio(s) for s in range(9, 13)]
     assert ratios == sorted(ratios) and ratios[-1] > ratios[0]  # later scales drop more
     assert all(abs(r * 20 - round(r * 20)) < 1e-9 for r in ratios)  # 5 % steps, like the sliders
+
+
+def test_kv_cache_rows_coming_back_is_an_internal_error():
+    from fastvar_core.kvcache import KVBuffer
+
+    buffer = KVBuffer()
+    buffer.extend(torch.zeros(1, 2, 3, 4), torch.zeros(1, 2, 3, 4), keep=3)
+    with pytest.raises(InternalError, match="a bug"):  # only a sampler bug could run more rows later
+        buffer.extend(torch.zeros(2, 2, 3, 4), torch.zeros(2, 2, 3, 4), keep=3)

@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from ..errors import ConfigError
+from ..errors import ConfigError, InternalError
 from .config import PruningConfig
 from .tokens import gather_tokens, pivotal_scores, restore_tokens, top_tokens
 
@@ -61,7 +61,7 @@ class PruningRun:
     def begin_scale(self, scale: int) -> None:
         """Announce the scale step that the next sub-layer calls belong to."""
         if self.config.skips(scale):
-            raise ConfigError(f"scale {scale} is configured to be skipped; the sampler must not run it")
+            raise InternalError(f"scale {scale} is configured to be skipped; the sampler must not run it")
         self._scale = scale
         h, w = self.scales[scale]
         ratio = self.config.ratio(scale)
@@ -121,7 +121,7 @@ class PruningRun:
             cached = cached[: x.shape[0]]  # past the CFG cut-off only the leading, conditional rows run
         if cached is None or cached.shape[0] != x.shape[0]:
             found = "nothing" if cached is None else f"{cached.shape[0]} rows"
-            raise ConfigError(
+            raise InternalError(  # PruningConfig.validate puts the cache scale before every pruned scale
                 f"FastVAR restore cache for layer {layer} {name} at scale {self.config.cache_scale} holds {found}, "
                 f"but scale {self._scale} needs {x.shape[0]} rows: the cache scale must run before pruned scales "
                 f"with the same batch"
