@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..checkpoint import flatten_tensors, load_sharded_folder, load_state_dict
+from ..checkpoint import check_state_keys, flatten_tensors, load_sharded_folder, load_state_dict
 from ..errors import CheckpointError, ConfigError, InternalError
 
 MODEL_TYPE = "hart_autoencoder_with_disc"
@@ -550,16 +550,8 @@ def load_hart_vae(path: str | Path, device: str | torch.device = "cpu", dtype: t
 
     model = HARTVAE(cfg)
     expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    if missing or unexpected:
-        raise CheckpointError(
-            f"{source} does not match the HART VAE built from config.json: "
-            + (f"{len(missing)} missing keys (e.g. {['vae.' + k for k in missing[:3]]})" if missing else "")
-            + ("; " if missing and unexpected else "")
-            + (f"{len(unexpected)} unexpected keys (e.g. {['vae.' + k for k in unexpected[:3]]})" if unexpected else "")
-            + "."
-        )
+    check_state_keys(expected, state, f"{source} does not match the HART VAE built from config.json",
+                     name=lambda k: f"vae.{k}")
     for key, ref in expected.items():
         if state[key].shape != ref.shape:
             raise CheckpointError(
