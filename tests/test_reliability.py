@@ -35,13 +35,13 @@ from hypothesis import strategies as st
 from pack import load_pack
 from safetensors.torch import load_file as read_safetensors
 
+from fastvar_core import kvcache as kvcache_module
 from fastvar_core.checkpoint import convert_to_safetensors, load_file, load_sharded_folder
 from fastvar_core.cli import main as cli_main
 from fastvar_core.errors import CheckpointError, ConfigError, FastVARError
 from fastvar_core.hart import HARTTextConditioning, load_hart_model, load_hart_vae
 from fastvar_core.hart import model as hart_model_module
 from fastvar_core.infinity import load_infinity_model
-from fastvar_core.infinity import model as infinity_model_module
 from fastvar_core.infinity.text import load_t5_encoder
 from fastvar_core.infinity.vae import BSQVAEConfig, InfinityVAE
 from fastvar_core.pipeline import Pipeline, resolve_pruning
@@ -474,7 +474,7 @@ def test_node_interrupt_stops_within_one_scale_frees_caches_and_next_run_matches
     sampler = PACK.NODE_CLASS_MAPPINGS["FastVAR_Sampler"]()
     reference = sampler.sample(model, cond, pruning=spec, **SAMPLER_ARGS)["result"][0].result
 
-    caches = _track(monkeypatch, pack_module("fastvar_core.infinity.model").KVCache)
+    caches = _track(monkeypatch, pack_module("fastvar_core.kvcache").KVBuffer)
     runs = _track(monkeypatch, pack_module("fastvar_core.pruning.run").PruningRun)
     forwards = []
     original_forward = type(model.module).forward_scale
@@ -609,7 +609,7 @@ def fresh_process_latents(tmp_path_factory) -> dict[str, torch.Tensor]:
 
 def _family_run(family, inf_pipe, hart_pipe):
     if family == "infinity":
-        return inf_pipe, random_conditioning(SHAPE, batch=2, tokens=5), INF_RUN, infinity_model_module.KVCache, "forward_scale"
+        return inf_pipe, random_conditioning(SHAPE, batch=2, tokens=5), INF_RUN, kvcache_module.KVBuffer, "forward_scale"
     return hart_pipe, hart_conditioning(2), HART_RUN, hart_model_module.KVCache, "forward_blocks"
 
 
