@@ -96,7 +96,7 @@ def estimate(arch: ArchSpec, scales: list[tuple[int, int]], config: PruningConfi
         if config.skips(si):
             report.append(ScaleCost(si, (h, w), h * w, True, [0] * d))
             continue
-        pruned_keep = config.kept_tokens(si, n) if config.ratio(si) > 0 else n
+        pruned_keep = config.kept_tokens(si, n) if config.drop_ratio(si) > 0 else n
         flops = {"attention": 0.0, "cross_attention": 0.0, "ffn": 0.0, "head": 0.0}
         forwarded = []
         for layer in range(d):

@@ -367,7 +367,7 @@ def test_spec_speed_target_reaches_the_target_favouring_late_scales():
     arch = ArchSpec(depth=32, width=2048, ffn_hidden=8192, text_tokens=32)
     config = PruningSpec(mode="speed target", speed_target=2.0).resolve("infinity", scales, 32, arch)
     assert predicted_speedup(arch, scales, config) >= 2.0
-    ratios = [config.ratio(s) for s in range(9, 13)]
+    ratios = [config.drop_ratio(s) for s in range(9, 13)]
     assert ratios == sorted(ratios) and ratios[-1] > ratios[0]  # later scales drop more
     assert all(abs(r * 20 - round(r * 20)) < 1e-9 for r in ratios)  # 5 % steps, like the sliders
 

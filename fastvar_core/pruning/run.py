@@ -64,8 +64,7 @@ class PruningRun:
             raise InternalError(f"scale {scale} is configured to be skipped; the sampler must not run it")
         self._scale = scale
         h, w = self.scales[scale]
-        ratio = self.config.ratio(scale)
-        self._keep = self.config.kept_tokens(scale, h * w) if ratio > 0 else h * w
+        self._keep = self.config.kept_tokens(scale, h * w) if self.config.drop_ratio(scale) > 0 else h * w
 
     def is_skipped(self, scale: int) -> bool:
         return self.config.skips(scale)
@@ -81,8 +80,7 @@ class PruningRun:
 
     def forwarded(self, scale: int, layer: int, num_tokens: int) -> int:
         """Tokens of an executed ``scale`` (``num_tokens`` in all) that go through ``layer``'s sub-layers."""
-        ratio = self.config.ratio(scale)
-        if 0 < ratio < 1 and self.config.prunes_layer(layer):
+        if 0 < self.config.drop_ratio(scale) < 1 and self.config.prunes_layer(layer):
             return self.config.kept_tokens(scale, num_tokens)
         return num_tokens
 
