@@ -16,6 +16,8 @@ found ``F.linear``'s result; a build without it, or where it changed, gets ``F.l
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.nn as nn
@@ -54,6 +56,17 @@ def probe_onednn():
 def _onednn_op():
     """The probed oneDNN op (or None), found once per process."""
     return probe_onednn()
+
+
+@contextmanager
+def use_onednn(enabled: bool) -> Iterator[None]:
+    """:func:`set_onednn` for the block only; the previous setting is back afterwards."""
+    before = _enabled
+    set_onednn(enabled)
+    try:
+        yield
+    finally:
+        set_onednn(before)
 
 
 def onednn_available() -> bool:

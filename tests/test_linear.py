@@ -64,3 +64,13 @@ def test_linear_module_keeps_nn_linear_state_dict():
     x = torch.randn(2, 4)
     with torch.no_grad():
         torch.testing.assert_close(fast(x), plain(x), rtol=1e-5, atol=1e-6)
+
+
+def test_use_onednn_restores_the_setting(monkeypatch):
+    assert linear_mod._enabled
+    with linear_mod.use_onednn(False):
+        assert not linear_mod._enabled
+    assert linear_mod._enabled
+    with pytest.raises(RuntimeError), linear_mod.use_onednn(False):
+        raise RuntimeError("inside the block")
+    assert linear_mod._enabled
