@@ -30,4 +30,3 @@ class InternalError(RuntimeError):
 
     def __init__(self, message: str) -> None:
         super().__init__(f"internal error (a bug in fastvar_core, please report it): {message}")
-
