@@ -1,14 +1,17 @@
 """Attention kernels behind one call: flash-attn (CUDA, fp16/bf16), PyTorch SDPA, or explicit math.
 
 Tensors use the (B, H, L, D) layout. ``backend=None`` picks flash-attn when it is importable and the
-inputs allow it, SDPA otherwise; ``set_default_backend`` or the per-call ``backend`` argument override
-it. The choice is logged once per backend.
+inputs allow it, SDPA otherwise; the per-call ``backend`` argument or, for a block of calls, the
+``use_backend`` context manager override it (``set_default_backend`` changes it for the whole process).
+The choice is logged once per backend.
 """
 
 from __future__ import annotations
 
 import importlib
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -30,6 +33,17 @@ def set_default_backend(name: str) -> None:
     if name == "flash" and flash_module() is None:
         raise ConfigError("attention backend 'flash' needs the flash-attn package, which is not installed")
     _default_backend = name
+
+
+@contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Make ``name`` the default backend inside the block; the previous default is back afterwards."""
+    before = _default_backend
+    set_default_backend(name)
+    try:
+        yield
+    finally:
+        set_default_backend(before)
 
 
 def default_backend() -> str:

@@ -34,6 +34,27 @@ def runs_code(name: str) -> bool:
     return "." not in name or name.split(".")[0] in CODE_MODULES
 
 
+def key_examples(keys, n: int = 4) -> str:
+    """The first ``n`` of ``keys`` in sorted order, quoted, with how many more there are."""
+    keys = sorted(keys)
+    return ", ".join(f"'{k}'" for k in keys[:n]) + (f" (+{len(keys) - n} more)" if len(keys) > n else "")
+
+
+def check_state_keys(expected, found, what: str, name=None) -> None:
+    """CheckpointError when the tensor names ``found`` differ from ``expected`` (strict loading).
+
+    The message is ``what`` (the file and the model it should hold), then the missing and unexpected
+    names, counted and with a few examples, each shown as ``name(key)`` (default: the key itself).
+    """
+    name = name or str
+    missing = [name(k) for k in set(expected) - set(found)]
+    unexpected = [name(k) for k in set(found) - set(expected)]
+    parts = [f"{len(keys)} {kind} tensor{'' if len(keys) == 1 else 's'}: {key_examples(keys)}"
+             for kind, keys in (("missing", missing), ("unexpected", unexpected)) if keys]
+    if parts:
+        raise CheckpointError(f"{what}: {'; '.join(parts)}.")
+
+
 def _describe(path: Path) -> str:
     return f"'{path}'"
 

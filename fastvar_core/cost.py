@@ -57,13 +57,6 @@ class CostReport:
     def total_flops(self) -> float:
         return sum(s.total_flops for s in self.scales)
 
-    def flops_by_kind(self) -> dict[str, float]:
-        out: dict[str, float] = {}
-        for s in self.scales:
-            for k, v in s.flops.items():
-                out[k] = out.get(k, 0.0) + v
-        return out
-
     def to_dict(self) -> dict:
         return {
             "total_flops": self.total_flops,
@@ -103,7 +96,7 @@ def estimate(arch: ArchSpec, scales: list[tuple[int, int]], config: PruningConfi
         if config.skips(si):
             report.append(ScaleCost(si, (h, w), h * w, True, [0] * d))
             continue
-        pruned_keep = config.kept_tokens(si, n) if config.ratio(si) > 0 else n
+        pruned_keep = config.kept_tokens(si, n) if config.drop_ratio(si) > 0 else n
         flops = {"attention": 0.0, "cross_attention": 0.0, "ffn": 0.0, "head": 0.0}
         forwarded = []
         for layer in range(d):

@@ -22,5 +22,11 @@ class IncompatibleModelsError(FastVARError):
     """Two loaded parts (transformer, VAE, text encoder) do not belong together."""
 
 
-class SamplingInterrupted(FastVARError):
-    """Sampling was stopped by the user; every cache of the run has been released."""
+class InternalError(RuntimeError):
+    """An invariant of fastvar_core itself does not hold: a bug to report, not a setting to change.
+
+    Deliberately not a :class:`FastVARError`, so front ends show it with its traceback.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(f"internal error (a bug in fastvar_core, please report it): {message}")

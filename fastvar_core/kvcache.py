@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .errors import ConfigError
+from .errors import InternalError
 
 
 class KVBuffer:
@@ -63,8 +63,8 @@ class KVBuffer:
         rows, heads, _, head_dim = k.shape
         if self._k is not None:
             if rows > self._k.shape[0]:
-                raise ConfigError(f"the KV cache holds {self._k.shape[0]} rows but a scale runs {rows}: rows may only "
-                                  f"drop (at a CFG cut-off), never come back")
+                raise InternalError(f"the KV cache holds {self._k.shape[0]} rows but a scale runs {rows}: rows may only "
+                                    f"drop (at a CFG cut-off), never come back")
             if slots <= self._k.shape[2]:
                 return
         size = max(slots, self.capacity or 0, 2 * self._k.shape[2] if self._k is not None else 0)

@@ -16,7 +16,7 @@ from .pruning.run import SelectObserver, kept_mask
 from .schedules import ScaleSchedule
 
 # callback(step, total_steps, preview) is called after every scale step; ``preview()`` returns a cheap
-# (B, h, w, 3) RGB rendering of the current latent in [0, 1]. Raising from it (e.g. SamplingInterrupted)
+# (B, h, w, 3) RGB rendering of the current latent in [0, 1]. Raising any exception from it
 # stops sampling within one scale; every cache of the run is released on the way out.
 ProgressCallback = Callable[[int, int, Callable[[], torch.Tensor]], None]
 

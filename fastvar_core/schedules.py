@@ -56,7 +56,6 @@ INFINITY_TEMPLATE_ORDER = (1.0, 1.25, 0.8, 1.333, 0.75, 1.5, 0.666, 1.75, 0.571,
 INFINITY_BUDGETS = {"0.06M": 7, "0.25M": 10, "0.60M": 12, "1M": 13}
 # The 2K extension appends scales after the 1M table until the long side reaches this many tokens.
 TWO_K_LONG_SIDE = 128
-INFINITY_MAX_SCALES = 15  # rows of Infinity's lvl_embed
 
 
 @dataclass(frozen=True)

@@ -202,9 +202,9 @@ class FastVARSampler:
             compat.check_interrupt()
             progress.update(step, preview()[0], total)
 
-        attention.set_default_backend(model.attention)
         start = time.perf_counter()
-        with torch.inference_mode(), on_compute_device(model.module) as device, _maybe_on(model.companion, device):
+        with attention.use_backend(model.attention), torch.inference_mode(), \
+                on_compute_device(model.module) as device, _maybe_on(model.companion, device):
             result = self._run(model, cond.to(device), neg.to(device) if neg is not None else None, schedule,
                                config, seed, cfg, tau, top_k, top_p, callback)
         seconds = time.perf_counter() - start

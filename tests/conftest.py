@@ -13,6 +13,10 @@ SHARED = Path(os.environ.get("FASTVAR_SHARED", ROOT.parent / "shared")).resolve(
 PARITY = SHARED / "parity"
 MODELS = SHARED / "models"
 
+
+class StopSampling(Exception):
+    """A caller's own exception, raised from a progress callback to stop sampling."""
+
 # The parity references were made with 2 CPU threads; results move at the 1e-6 level with the count.
 torch.set_num_threads(2)
 

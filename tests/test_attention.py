@@ -118,6 +118,19 @@ def test_flash_refused_with_a_clear_reason(monkeypatch):
         attn.set_default_backend("xformers")
 
 
+def test_use_backend_restores_the_default():
+    before = attn.default_backend()
+    with attn.use_backend("math"):
+        assert attn.default_backend() == "math"
+    assert attn.default_backend() == before
+    with pytest.raises(RuntimeError), attn.use_backend("math"):
+        raise RuntimeError("inside the block")
+    assert attn.default_backend() == before
+    with pytest.raises(ConfigError, match="unknown"), attn.use_backend("xformers"):
+        pass
+    assert attn.default_backend() == before
+
+
 def test_flash_needs_cuda_half(monkeypatch):
     monkeypatch.setitem(sys.modules, "flash_attn", types.SimpleNamespace())
     q, k, v = _qkv()

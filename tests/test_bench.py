@@ -247,3 +247,17 @@ def test_hart_fast_matches_paper_before_its_cutoff_and_runs_one_row_after():
     assert rows == [2, 2, 2, 2, 1, 1]
     assert all(torch.equal(paper.tokens[s], fast.tokens[s]) for s in range(4))
     assert fast.latent.shape == paper.latent.shape and torch.isfinite(fast.latent).all()
+
+
+def test_bench_restores_threads_and_onednn(monkeypatch, tmp_path):
+    import torch
+
+    import tools.bench as bench
+    from fastvar_core import linear
+
+    seen = []
+    monkeypatch.setattr(bench, "_measure", lambda args: seen.append((torch.get_num_threads(), linear._enabled)) or 0)
+    threads = torch.get_num_threads()
+    assert main(["--quick", "--threads", str(threads + 1), "--no-onednn", *TINY, "--json", str(tmp_path / "b.json")]) == 0
+    assert seen == [(threads + 1, False)]
+    assert (torch.get_num_threads(), linear._enabled) == (threads, True)

@@ -108,3 +108,13 @@ def test_sharded_folder(tmp_path):
     with pytest.raises(CheckpointError, match="lists 1 tensors that no shard holds, e.g. 'c'"):
         load_sharded_folder(tmp_path)
 
+
+
+def test_strict_key_check_names_missing_and_unexpected_tensors():
+    from fastvar_core.checkpoint import check_state_keys
+
+    check_state_keys({"a": 1, "b": 2}, ["b", "a"], "never raised")
+    with pytest.raises(CheckpointError) as err:
+        check_state_keys([f"k{i}" for i in range(7)], ["k0", "extra"], "'m.pth' does not match X", name=str.upper)
+    assert str(err.value) == ("'m.pth' does not match X: 6 missing tensors: 'K1', 'K2', 'K3', 'K4' (+2 more); "
+                              "1 unexpected tensor: 'EXTRA'.")

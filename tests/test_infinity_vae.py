@@ -246,7 +246,7 @@ def _save_variant(tmp_path, edit) -> str:
 def test_missing_decoder_tensor_is_named(tmp_path):
     path = _save_variant(tmp_path, lambda sd: sd.pop("decoder.up.2.block.1.conv2.conv.bias"))
     with pytest.raises(
-        CheckpointError, match=r"variant_vae\.pth.*Missing 1 tensors: 'decoder\.up\.2\.block\.1\.conv2\.conv\.bias'"
+        CheckpointError, match=r"variant_vae\.pth.*1 missing tensor: 'decoder\.up\.2\.block\.1\.conv2\.conv\.bias'"
     ):
         load_infinity_vae(path)
 
@@ -261,7 +261,7 @@ def test_wrong_shape_is_named(tmp_path):
 
 def test_unexpected_decoder_tensor_is_named(tmp_path):
     path = _save_variant(tmp_path, lambda sd: sd.__setitem__("decoder.up.0.block.0.extra.weight", torch.zeros(2)))
-    with pytest.raises(CheckpointError, match=r"Unexpected 1 tensors: 'decoder\.up\.0\.block\.0\.extra\.weight'"):
+    with pytest.raises(CheckpointError, match=r"1 unexpected tensor: 'decoder\.up\.0\.block\.0\.extra\.weight'"):
         load_infinity_vae(path)
 
 

@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fastvar_core.errors import ConfigError
+from fastvar_core.errors import ConfigError, InternalError
 from fastvar_core.pruning import (
     PruningConfig,
     PruningRun,
@@ -183,6 +183,29 @@ def test_area_resize_matches_adaptive_average_pooling():
     torch.testing.assert_close(out, expected)
 
 
+@pytest.mark.parametrize("src, dst", [((2, 2), (3, 3)), ((3, 5), (4, 7)), ((5, 4), (5, 4)), ((6, 6), (2, 3))])
+def test_resize_into_out_is_the_same_on_the_private_and_the_public_pool(monkeypatch, src, dst):
+    from fastvar_core.pruning import tokens as tokens_mod
+
+    tokens = torch.randn(2, src[0] * src[1], 6, generator=torch.Generator().manual_seed(1))
+    expected = resize_token_map(tokens, src, dst)  # out=None: the public pool only
+    paths = {tokens_mod.probe_pool_into(), tokens_mod.pool_into_public}
+    for pool_into in paths:  # the private op when this build has it, and the fallback
+        monkeypatch.setattr(tokens_mod, "_pool_into", lambda pool_into=pool_into: pool_into)
+        out = torch.full_like(expected, float("nan"))
+        assert resize_token_map(tokens, src, dst, out=out) is out
+        assert torch.equal(out, expected)
+
+
+def test_pool_probe_falls_back_to_the_public_pool(monkeypatch):
+    from fastvar_core.pruning import tokens as tokens_mod
+
+    monkeypatch.delattr(torch._C._nn, "adaptive_avg_pool2d")
+    assert tokens_mod.probe_pool_into() is tokens_mod.pool_into_public
+    monkeypatch.setattr(torch._C._nn, "adaptive_avg_pool2d", lambda *a, **k: None, raising=False)  # writes nothing
+    assert tokens_mod.probe_pool_into() is tokens_mod.pool_into_public
+
+
 @settings(max_examples=40, deadline=None)
 @given(
     b=st.integers(1, 3),
@@ -284,14 +307,14 @@ def test_cache_is_dropped_when_the_run_ends_or_fails():
     # A new run never sees the old run's features: restoring without its own cache scale fails loudly.
     fresh = PruningRun(cfg, scales, depth=1)
     fresh.begin_scale(2)
-    with pytest.raises(ConfigError, match="restore cache for layer 0 sa at scale 1 holds nothing"):
+    with pytest.raises(InternalError, match="restore cache for layer 0 sa at scale 1 holds nothing"):
         fresh.sublayer(0, "sa", torch.randn(1, 16, 3), lambda t, i: t)
 
 
 def test_skipped_scale_cannot_begin():
     run = PruningRun(PruningConfig(ratios={2: 1.0}), [(1, 1), (2, 2), (4, 4)], depth=1)
     assert run.is_skipped(2)
-    with pytest.raises(ConfigError, match="skipped"):
+    with pytest.raises(InternalError, match="skipped"):
         run.begin_scale(2)
 
 
@@ -344,6 +367,15 @@ def test_spec_speed_target_reaches_the_target_favouring_late_scales():
     arch = ArchSpec(depth=32, width=2048, ffn_hidden=8192, text_tokens=32)
     config = PruningSpec(mode="speed target", speed_target=2.0).resolve("infinity", scales, 32, arch)
     assert predicted_speedup(arch, scales, config) >= 2.0
-    ratios = [config.ratio(s) for s in range(9, 13)]
+    ratios = [config.drop_ratio(s) for s in range(9, 13)]
     assert ratios == sorted(ratios) and ratios[-1] > ratios[0]  # later scales drop more
     assert all(abs(r * 20 - round(r * 20)) < 1e-9 for r in ratios)  # 5 % steps, like the sliders
+
+
+def test_kv_cache_rows_coming_back_is_an_internal_error():
+    from fastvar_core.kvcache import KVBuffer
+
+    buffer = KVBuffer()
+    buffer.extend(torch.zeros(1, 2, 3, 4), torch.zeros(1, 2, 3, 4), keep=3)
+    with pytest.raises(InternalError, match="a bug"):  # only a sampler bug could run more rows later
+        buffer.extend(torch.zeros(2, 2, 3, 4), torch.zeros(2, 2, 3, 4), keep=3)

@@ -29,19 +29,19 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import MODELS, PARITY, ROOT
+from conftest import MODELS, PARITY, ROOT, StopSampling
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pack import load_pack
 from safetensors.torch import load_file as read_safetensors
 
+from fastvar_core import kvcache as kvcache_module
 from fastvar_core.checkpoint import convert_to_safetensors, load_file, load_sharded_folder
 from fastvar_core.cli import main as cli_main
-from fastvar_core.errors import CheckpointError, ConfigError, FastVARError, SamplingInterrupted
+from fastvar_core.errors import CheckpointError, ConfigError, FastVARError
 from fastvar_core.hart import HARTTextConditioning, load_hart_model, load_hart_vae
 from fastvar_core.hart import model as hart_model_module
 from fastvar_core.infinity import load_infinity_model
-from fastvar_core.infinity import model as infinity_model_module
 from fastvar_core.infinity.text import load_t5_encoder
 from fastvar_core.infinity.vae import BSQVAEConfig, InfinityVAE
 from fastvar_core.pipeline import Pipeline, resolve_pruning
@@ -474,7 +474,7 @@ def test_node_interrupt_stops_within_one_scale_frees_caches_and_next_run_matches
     sampler = PACK.NODE_CLASS_MAPPINGS["FastVAR_Sampler"]()
     reference = sampler.sample(model, cond, pruning=spec, **SAMPLER_ARGS)["result"][0].result
 
-    caches = _track(monkeypatch, pack_module("fastvar_core.infinity.model").KVCache)
+    caches = _track(monkeypatch, pack_module("fastvar_core.kvcache").KVBuffer)
     runs = _track(monkeypatch, pack_module("fastvar_core.pruning.run").PruningRun)
     forwards = []
     original_forward = type(model.module).forward_scale
@@ -499,6 +499,28 @@ def test_node_interrupt_stops_within_one_scale_frees_caches_and_next_run_matches
     again = sampler.sample(model, cond, pruning=spec, **SAMPLER_ARGS)["result"][0].result
     assert torch.equal(again.latent, reference.latent)
     assert all(torch.equal(again.tokens[s], reference.tokens[s]) for s in reference.tokens)
+
+
+def test_node_sampler_restores_the_attention_backend(monkeypatch, node_parts):
+    """The model's attention choice holds during sampling only, also when sampling fails."""
+    model, cond = node_parts
+    attention, compat = pack_module("fastvar_core.attention"), pack_module("nodes.compat")
+    objects = pack_module("nodes.objects")
+    before = attention.default_backend()
+    seen = []
+    monkeypatch.setattr(compat, "check_interrupt", lambda: seen.append(attention.default_backend()))
+    sampler = PACK.NODE_CLASS_MAPPINGS["FastVAR_Sampler"]()
+    sampler.sample(objects.Part("infinity", model.module, "random", "math"), cond, **SAMPLER_ARGS)
+    assert seen and set(seen) == {"math"}
+    assert attention.default_backend() == before
+
+    def fail():
+        raise InterruptProcessingException()
+
+    monkeypatch.setattr(compat, "check_interrupt", fail)
+    with pytest.raises(InterruptProcessingException):
+        sampler.sample(objects.Part("infinity", model.module, "random", "math"), cond, **SAMPLER_ARGS)
+    assert attention.default_backend() == before
 
 
 def test_node_sampler_refuses_text_features_of_the_wrong_width(node_parts):
@@ -587,7 +609,7 @@ def fresh_process_latents(tmp_path_factory) -> dict[str, torch.Tensor]:
 
 def _family_run(family, inf_pipe, hart_pipe):
     if family == "infinity":
-        return inf_pipe, random_conditioning(SHAPE, batch=2, tokens=5), INF_RUN, infinity_model_module.KVCache, "forward_scale"
+        return inf_pipe, random_conditioning(SHAPE, batch=2, tokens=5), INF_RUN, kvcache_module.KVBuffer, "forward_scale"
     return hart_pipe, hart_conditioning(2), HART_RUN, hart_model_module.KVCache, "forward_blocks"
 
 
@@ -607,7 +629,7 @@ def holds_tensors(obj, depth: int = 4) -> bool:
 
 
 @pytest.mark.parametrize("family, stop_with", [
-    ("infinity", SamplingInterrupted), ("infinity", KeyboardInterrupt), ("infinity", InterruptProcessingException),
+    ("infinity", StopSampling), ("infinity", KeyboardInterrupt), ("infinity", InterruptProcessingException),
     ("hart", KeyboardInterrupt),
 ])
 def test_interrupt_stops_within_one_scale_frees_caches_and_matches_a_fresh_process(
@@ -660,13 +682,13 @@ def test_memory_stays_flat_over_20_generations(inf_pipe):
 
     def cancel(step, total, preview):
         if step == 3:
-            raise SamplingInterrupted("cancelled")
+            raise StopSampling("cancelled")
 
     def generate(i: int) -> None:
         try:
             result = inf_pipe.sample(cond, schedule, seed=i, pruning=pruning if i % 2 else "off",
                                      record_kept=True, callback=cancel if i % 4 == 3 else None)
-        except SamplingInterrupted:
+        except StopSampling:
             return
         inf_pipe.decode(result)
 

@@ -30,7 +30,7 @@ from matplotlib.figure import Figure
 
 from fastvar_core.cost import estimate
 from fastvar_core.errors import ConfigError
-from fastvar_core.linear import onednn_available, set_onednn
+from fastvar_core.linear import onednn_available, use_onednn
 from fastvar_core.pruning import ACCELERATED_PRESETS, PRESET_NAMES, PruningConfig, make_preset
 from fastvar_core.schedules import HART_PATCH_NUMS_1024, ScaleSchedule, hart_schedule, infinity_schedule
 
@@ -536,10 +536,19 @@ def _resolve_args(args: argparse.Namespace) -> argparse.Namespace:
 
 
 def run(args: argparse.Namespace) -> int:
+    """The bench with its thread count and oneDNN setting, both restored afterwards (it may run in-process)."""
     args = _resolve_args(args)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    set_onednn(not args.no_onednn)
+    threads = torch.get_num_threads()
+    try:
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        with use_onednn(not args.no_onednn):
+            return _measure(args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _measure(args: argparse.Namespace) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
 

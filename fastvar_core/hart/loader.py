@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import flatten_tensors, load_sharded_folder, load_state_dict
+from ..checkpoint import check_state_keys, flatten_tensors, load_sharded_folder, load_state_dict
 from ..errors import CheckpointError, IncompatibleModelsError
 from .config import MODEL_TYPE, VAE_MODEL_TYPE, HARTConfig, detect_hart_config
 from .model import HARTTransformer
@@ -130,15 +130,7 @@ def load_hart_model(
     with torch.device("meta"):
         model = HARTTransformer(config)
     expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing keys (e.g. {missing[:3]})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[:3]})")
-        raise CheckpointError(f"{source} does not match the HART transformer of its config.json: {'; '.join(parts)}.")
+    check_state_keys(expected, state, f"{source} does not match the HART transformer of its config.json")
     for key, ref in expected.items():
         if tuple(state[key].shape) != tuple(ref.shape):
             raise CheckpointError(

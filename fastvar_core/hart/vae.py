@@ -18,8 +18,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..checkpoint import flatten_tensors, load_sharded_folder, load_state_dict
-from ..errors import CheckpointError, ConfigError
+from ..checkpoint import check_state_keys, flatten_tensors, load_sharded_folder, load_state_dict
+from ..errors import CheckpointError, ConfigError, InternalError
 
 MODEL_TYPE = "hart_autoencoder_with_disc"
 KEY_PREFIX = "vae."
@@ -180,9 +180,9 @@ def phi_ticks(num_phi: int) -> list[float]:
 def phi_index(si: int, num_scales: int, num_phi: int) -> int:
     """Index of the Phi conv used after scale ``si``: the tick nearest to si / (num_scales - 1), first on ties."""
     if num_scales < 2 or not 0 <= si < num_scales:
-        raise ConfigError(f"phi_index: scale index {si} is outside 0..{num_scales - 1} (num_scales={num_scales}).")
+        raise InternalError(f"phi_index: scale index {si} is outside 0..{num_scales - 1} (num_scales={num_scales}).")
     if num_phi < 1:
-        raise ConfigError(f"phi_index: num_phi must be >= 1, found {num_phi}.")
+        raise InternalError(f"phi_index: num_phi must be >= 1, found {num_phi}.")
     at = si / (num_scales - 1)
     dist = [abs(t - at) for t in phi_ticks(num_phi)]
     return dist.index(min(dist))
@@ -369,7 +369,7 @@ class HARTVAE(nn.Module):
         final_hw = tuple(final_hw or f_hat.shape[-2:])
         if si == num_scales - 1:
             if tuple(h_BChw.shape[-2:]) != final_hw:
-                raise ConfigError(f"last scale map has size {list(h_BChw.shape[-2:])}, expected {list(final_hw)}.")
+                raise InternalError(f"last scale map has size {list(h_BChw.shape[-2:])}, expected {list(final_hw)}.")
             return f_hat + h_BChw.to(f_hat.dtype)
         up = F.interpolate(h_BChw, size=final_hw, mode="bicubic", align_corners=False)
         return f_hat + self.phi(up, si, num_scales).to(f_hat.dtype)
@@ -550,16 +550,8 @@ def load_hart_vae(path: str | Path, device: str | torch.device = "cpu", dtype: t
 
     model = HARTVAE(cfg)
     expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    if missing or unexpected:
-        raise CheckpointError(
-            f"{source} does not match the HART VAE built from config.json: "
-            + (f"{len(missing)} missing keys (e.g. {['vae.' + k for k in missing[:3]]})" if missing else "")
-            + ("; " if missing and unexpected else "")
-            + (f"{len(unexpected)} unexpected keys (e.g. {['vae.' + k for k in unexpected[:3]]})" if unexpected else "")
-            + "."
-        )
+    check_state_keys(expected, state, f"{source} does not match the HART VAE built from config.json",
+                     name=lambda k: f"vae.{k}")
     for key, ref in expected.items():
         if state[key].shape != ref.shape:
             raise CheckpointError(

@@ -11,7 +11,7 @@ from .loader import (
     filter_state_dict,
     load_infinity_model,
 )
-from .model import InfinityTransformer, KVCache, TextContext
+from .model import InfinityTransformer, TextContext
 from .rope import ScaleRope, axis_positions, scale_positions
 from .sampler import latent_preview, sample_bits, sample_infinity
 from .vae import InfinityVAE, load_infinity_vae
@@ -20,7 +20,6 @@ __all__ = [
     "InfinityConfig",
     "InfinityTransformer",
     "InfinityVAE",
-    "KVCache",
     "ScaleRope",
     "TextContext",
     "axis_positions",

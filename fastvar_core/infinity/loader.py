@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import load_state_dict
+from ..checkpoint import check_state_keys, key_examples, load_state_dict
 from ..errors import CheckpointError, IncompatibleModelsError
 from .config import TEXT_MAXLEN, InfinityConfig
 from .model import InfinityTransformer
@@ -24,11 +24,6 @@ LEGACY_KEYS = ("lvl_1L", "attn_bias_for_masking", "Infinity_visible_kvlen", "Inf
 _CHUNK_KEY = re.compile(r"^block_chunks\.(\d+)\.module\.(\d+)\.(.+)$")
 _VAE_HINTS = ("decoder.", "encoder.", "quantizer.", "quantize.", "vae.")
 _HART_HINTS = (".attn.qkv_proj.", "context_embed", "diffloss.", "word_embed.weight_hart")
-
-
-def _examples(keys, n: int = 4) -> str:
-    keys = sorted(keys)
-    return ", ".join(f"'{k}'" for k in keys[:n]) + (f" (+{len(keys) - n} more)" if len(keys) > n else "")
 
 
 def _hart_config(path: Path) -> str | None:
@@ -53,7 +48,7 @@ def unwrap_container(obj: Mapping[str, object], source: str) -> dict[str, torch.
         if not isinstance(inner, Mapping):
             raise CheckpointError(
                 f"{source} is a training checkpoint but 'trainer' has no 'gpt_fsdp' state dict "
-                f"(found {_examples(trainer.keys())})."
+                f"(found {key_examples(trainer.keys())})."
             )
         obj = inner
     state = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
@@ -72,17 +67,17 @@ def _identify(state: Mapping[str, torch.Tensor], top: Mapping[str, object], sour
     keys = list(top.keys())
     if "vae" in top or (state and all(k.startswith(_VAE_HINTS) for k in state)):
         raise CheckpointError(
-            f"{source} is an Infinity VAE checkpoint (top-level entries {_examples(keys)}), not the transformer: "
+            f"{source} is an Infinity VAE checkpoint (top-level entries {key_examples(keys)}), not the transformer: "
             f"load it with the VAE loader and pick the transformer file (e.g. infinity_2b_reg.pth) here."
         )
     if any(h in k for k in state for h in _HART_HINTS):
         raise CheckpointError(
-            f"{source} is a HART transformer checkpoint (tensors such as {_examples([k for k in state if '.attn.' in k])}), "
+            f"{source} is a HART transformer checkpoint (tensors such as {key_examples([k for k in state if '.attn.' in k])}), "
             f"not Infinity: load it with the HART loader."
         )
     raise CheckpointError(
         f"{source} is not an Infinity transformer checkpoint: expected tensors 'word_embed.weight', 'cfg_uncond', "
-        f"'block_chunks.0.module.0.sa.mat_qkv.weight', ...; found {len(state)} tensors such as {_examples(state.keys())}."
+        f"'block_chunks.0.module.0.sa.mat_qkv.weight', ...; found {len(state)} tensors such as {key_examples(state.keys())}."
     )
 
 
@@ -132,14 +127,8 @@ def filter_state_dict(state: Mapping[str, torch.Tensor], model: InfinityTransfor
     for key in expected:
         if key.endswith("zero_k_bias") and key not in out:
             out[key] = torch.zeros(expected[key].shape)
-    missing = sorted(official_key(k, config) for k in set(expected) - set(out))
-    unexpected = sorted(official_key(k, config) for k in set(out) - set(expected))
-    if missing or unexpected:
-        raise CheckpointError(
-            f"{source}: the tensors do not match the detected configuration ({config.describe()}). "
-            + (f"Missing {len(missing)}: {_examples(missing)}. " if missing else "")
-            + (f"Unexpected {len(unexpected)}: {_examples(unexpected)}." if unexpected else "")
-        )
+    check_state_keys(expected, out, f"{source}: the tensors do not match the detected configuration "
+                     f"({config.describe()})", name=lambda k: official_key(k, config))
     bad = [f"'{official_key(k, config)}' {tuple(v.shape)} (expected {tuple(expected[k].shape)})"
            for k, v in out.items()
            if tuple(v.shape) != tuple(expected[k].shape)]

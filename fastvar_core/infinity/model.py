@@ -39,10 +39,6 @@ def ada_layer_norm(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) ->
     return x.mul(scale.add(1)).add_(shift)
 
 
-class KVCache(KVBuffer):
-    """Self-attention keys/values of the previous scales of one layer (see :class:`KVBuffer`)."""
-
-
 def rotate_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """:func:`rope.apply_rope` with fewer temporaries (same float32 values): x (B, H, L, hd) -> contiguous."""
     a, b = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # (B, H, L, hd/2) each, strided
@@ -66,8 +62,8 @@ class SelfAttention(nn.Module):
         self.scale_mul_1H11 = nn.Parameter(torch.zeros(1, num_heads, 1, 1))  # log of per-head q scale
         self.proj = nn.Linear(embed_dim, embed_dim)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache, keep: int) -> torch.Tensor:
-        """x (B, L, C) -> (B, L, C); ``keep``: how many of the L keys stay in ``cache`` (KVCache.extend)."""
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVBuffer, keep: int) -> torch.Tensor:
+        """x (B, L, C) -> (B, L, C); ``keep``: how many of the L keys stay in ``cache`` (KVBuffer.extend)."""
         B, L, C = x.shape
         w = self.mat_qkv.weight
         bias = torch.cat((self.q_bias, self.zero_k_bias, self.v_bias)).to(w.dtype)
@@ -135,7 +131,7 @@ class Block(nn.Module):
         self.ffn = FFN(C, config.ffn_hidden)
 
     def forward(self, x: torch.Tensor, layer: int, ctx: TextContext, rope: ScaleRope, run: PruningRun,
-                cache: KVCache, store_kv: bool) -> torch.Tensor:
+                cache: KVBuffer, store_kv: bool) -> torch.Tensor:
         # order of the 6 vectors: gamma1, gamma2, scale1, scale2, shift1, shift2 (each (bs, 1, C))
         gamma1, gamma2, scale1, scale2, shift1, shift2 = (self.ada_gss + ctx.ada).unbind(2)
         text_kv = ctx.ca_kv[layer]
@@ -316,7 +312,7 @@ class InfinityTransformer(nn.Module):
         return x.repeat(rows // x.shape[0], 1, 1)
 
     def forward_scale(self, x: torch.Tensor, scale: int, ctx: TextContext, rope: ScaleRope, run: PruningRun,
-                      caches: list[KVCache], store_kv: bool = True) -> torch.Tensor:
+                      caches: list[KVBuffer], store_kv: bool = True) -> torch.Tensor:
         """Run every block on one scale's tokens x (bs, L, C) -> hidden states (bs, L, C) float32."""
         x = x + self.lvl_embed.weight[scale]  # level embedding once, before the first block
         for layer, block in enumerate(self.blocks):

@@ -69,16 +69,6 @@ class ScaleRope:
         return self.cos[idx].unsqueeze(1), self.sin[idx].unsqueeze(1)  # (B, 1, K, hd/2)
 
 
-def schedule_ropes(scales, grid: tuple[int, int], head_dim: int,
-                   device: torch.device | str | None = None) -> list[ScaleRope]:
-    """One :class:`ScaleRope` per scale of a schedule.
-
-    The official code slices one concatenated table at each scale's sequence offset; building each
-    scale's rows directly gives the same values without the offset bookkeeping.
-    """
-    return [ScaleRope.build(tuple(hw), grid, head_dim, device) for hw in scales]
-
-
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate interleaved channel pairs of x (B, H, L, hd) in float32: (a, b) -> (a cos - b sin, a sin + b cos)."""
     pairs = x.float().unflatten(-1, (-1, 2))  # (B, H, L, hd/2, 2)

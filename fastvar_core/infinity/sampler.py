@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ConfigError, IncompatibleModelsError
+from ..kvcache import KVBuffer
 from ..pruning.config import PruningConfig
 from ..pruning.run import PruningRun
 from ..sampling import (
@@ -31,7 +32,7 @@ from ..sampling import (
 )
 from ..schedules import ScaleSchedule
 from .config import TEXT_MAXLEN
-from .model import InfinityTransformer, KVCache
+from .model import InfinityTransformer
 from .rope import ScaleRope
 
 
@@ -152,7 +153,7 @@ def sample_infinity(
                      timing=time_pruning is not None, on_select=hooks.on_select if hooks else None)
     executed = [si for si in range(S) if not run.is_skipped(si)]
     # one buffer per layer, sized for every stored scale; the final executed scale's keys are not kept
-    caches = [KVCache(run.kv_capacity(layer, schedule.tokens_per_scale, executed[:-1])) for layer in range(config.depth)]
+    caches = [KVBuffer(run.kv_capacity(layer, schedule.tokens_per_scale, executed[:-1])) for layer in range(config.depth)]
     generator = torch.Generator(device=generator_device).manual_seed(int(seed))
     timer = ScaleTimer(device)
     vae_scales = [(2 * h, 2 * w) if config.patchify else (h, w) for h, w in schedule.scales]

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from ..checkpoint import load_file, prefer_safetensors
+from ..checkpoint import check_state_keys, load_file, prefer_safetensors
 from ..errors import CheckpointError, ConfigError
 from ..hf_utils import HFTextEncoder, check_prompts, dtype_kwargs, quiet_transformers
 
@@ -264,15 +264,7 @@ def _filter_t5_encoder_keys(raw: dict[str, torch.Tensor], source: Path) -> dict[
 
 def _check_keys(state: dict[str, torch.Tensor], model: nn.Module, source: Path) -> None:
     expected = {k: v.shape for k, v in model.state_dict().items()}
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing (e.g. {', '.join(repr(k) for k in missing[:3])})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected (e.g. {', '.join(repr(k) for k in unexpected[:3])})")
-        raise CheckpointError(f"'{source}' does not match the T5 encoder config: {'; '.join(parts)} tensors.")
+    check_state_keys(expected, state, f"'{source}' does not match the T5 encoder config")
     for k, shape in expected.items():
         if state[k].shape != shape:
             raise CheckpointError(

@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..checkpoint import flatten_tensors, load_file, prefer_safetensors
+from ..checkpoint import check_state_keys, flatten_tensors, key_examples, load_file, prefer_safetensors
 from ..errors import CheckpointError, ConfigError, IncompatibleModelsError
 
 NUM_GROUPS = 32  # GroupNorm(32, eps 1e-6) everywhere (docs/infinity.md §6.1)
@@ -387,12 +387,6 @@ def _blend_spans(size: int, tile: int, overlap: int, q: int, device) -> list[tup
 _TRANSFORMER_HINTS = ("block_chunks.", "blocks.", "word_embed.", "lvl_embed.", "cfg_uncond", "head.weight")
 
 
-def _examples(keys, n: int = 4) -> str:
-    keys = sorted(keys)
-    shown = ", ".join(f"'{k}'" for k in keys[:n])
-    return shown + (f" (+{len(keys) - n} more)" if len(keys) > n else "")
-
-
 def extract_vae_state(obj: Mapping[str, object], source: str) -> dict[str, torch.Tensor]:
     """Unwrap the official container (``{'vae': state_dict, ...}``, or its flattened safetensors form
     with ``vae.`` prefixes) or accept a bare state dict; return only the ``decoder.*`` / ``encoder.*``
@@ -411,13 +405,13 @@ def extract_vae_state(obj: Mapping[str, object], source: str) -> dict[str, torch
         raise CheckpointError(
             f"{source} is not an Infinity BSQ VAE checkpoint: expected a dict with key 'vae' (official "
             f"container) or a state dict with 'decoder.*' keys such as 'decoder.conv_in.conv.weight'; "
-            f"found top-level entries {_examples(obj.keys())} and {len(state)} tensors such as "
-            f"{_examples(state.keys())}.{hint}"
+            f"found top-level entries {key_examples(obj.keys())} and {len(state)} tensors such as "
+            f"{key_examples(state.keys())}.{hint}"
         )
     attention = sorted(k for k in kept if k.startswith("decoder.") and ".attn" in k)
     if attention:
         raise CheckpointError(
-            f"{source} is not an Infinity BSQ VAE: its decoder has attention blocks ({_examples(attention, 2)}), "
+            f"{source} is not an Infinity BSQ VAE: its decoder has attention blocks ({key_examples(attention, 2)}), "
             f"as in the HART/VAR or Stable Diffusion VAEs; Infinity's BSQ VAE decoder has none."
         )
     return kept
@@ -443,13 +437,8 @@ def filter_vae_state_dict(state: Mapping[str, torch.Tensor], model: InfinityVAE,
             out[key] = value
         else:
             unexpected.append(key)
-    missing = set(expected) - set(out)
-    if missing or unexpected:
-        raise CheckpointError(
-            f"{source}: the decoder weights do not match the detected configuration ({model.config}). "
-            + (f"Missing {len(missing)} tensors: {_examples(missing)}. " if missing else "")
-            + (f"Unexpected {len(unexpected)} tensors: {_examples(unexpected)}." if unexpected else "")
-        )
+    check_state_keys(expected, [*out, *unexpected],
+                     f"{source}: the decoder weights do not match the detected configuration ({model.config})")
     bad = [
         f"'{k}' {tuple(v.shape)} (expected {tuple(expected[k].shape)})" for k, v in out.items() if v.shape != expected[k].shape
     ]

@@ -13,8 +13,9 @@ from ..errors import ConfigError
 class PruningConfig:
     """Which scale steps prune how many tokens, where the restore cache comes from, which layers prune.
 
-    ``ratios`` maps a scale index to the fraction of tokens dropped in every pruned sub-layer:
-    ``floor(L * ratio)`` tokens are dropped, ``L - floor(L * ratio)`` go through. ``1.0`` skips the scale
+    Every ratio here is a drop ratio (docs/fastvar.md §2). ``ratios`` maps a scale index to the fraction
+    of tokens dropped in every pruned sub-layer: ``floor(L * drop)`` tokens are dropped,
+    ``L - floor(L * drop)`` go through. ``1.0`` skips the scale
     step entirely (no forward pass, no sampling; the final latent is then the accumulated codes
     interpolated to the final size, as the official Infinity code does).
     ``cache_scale`` is the scale whose sub-layer outputs refill the pruned slots (FastVAR's cached
@@ -24,7 +25,7 @@ class PruningConfig:
     ``cfg_cutoff`` is the first scale from which the unconditional classifier-free-guidance branch is
     no longer run (that scale and every later one use the conditional logits only, as with cfg = 1).
     ``kv_ratios`` maps a scale index to the fraction of its keys/values that later scales do not
-    attend to: ``floor(L * ratio)`` of the scale's L self-attention tokens are left out of the KV cache
+    attend to (a drop ratio as well): ``floor(L * drop)`` of the scale's L self-attention tokens are left out of the KV cache
     (those farthest from the scale's mean key stay); the scale itself still attends to all of them.
     """
 
@@ -49,18 +50,19 @@ class PruningConfig:
     def is_off(self) -> bool:
         return not any(r > 0 for r in self.ratios.values())
 
-    def ratio(self, scale: int) -> float:
+    def drop_ratio(self, scale: int) -> float:
+        """The share of ``scale``'s tokens that pruned sub-layers drop (0: none, 1: the scale is skipped)."""
         return self.ratios.get(scale, 0.0)
 
     def skips(self, scale: int) -> bool:
-        return self.ratio(scale) >= 1.0
+        return self.drop_ratio(scale) >= 1.0
 
     def kept_tokens(self, scale: int, num_tokens: int) -> int:
-        """Tokens that go through a pruned sub-layer: L - floor(L * ratio) (official rounding)."""
-        ratio = self.ratio(scale)
-        if ratio >= 1.0:
+        """Tokens that go through a pruned sub-layer: L - floor(L * drop) (official rounding)."""
+        drop = self.drop_ratio(scale)
+        if drop >= 1.0:
             return 0
-        return num_tokens - int(num_tokens * ratio)
+        return num_tokens - int(num_tokens * drop)
 
     def prunes_layer(self, layer: int) -> bool:
         return self.layers[0] <= layer < self.layers[1]
@@ -72,11 +74,6 @@ class PruningConfig:
     def kv_kept(self, scale: int, num_tokens: int) -> int:
         """Of ``num_tokens`` self-attention tokens of ``scale``, how many stay in the KV cache."""
         return num_tokens - int(num_tokens * self.kv_ratios.get(scale, 0.0))
-
-    @property
-    def accelerated(self) -> bool:
-        """Whether an acceleration beyond the paper (CFG cut-off, KV budget) is on."""
-        return self.cfg_cutoff is not None or any(r > 0 for r in self.kv_ratios.values())
 
     @property
     def pruned_scales(self) -> list[int]:
@@ -98,7 +95,7 @@ class PruningConfig:
                 raise ConfigError(
                     f"pruning.ratios[{scale}] = {ratio!r} is outside [0, 1] (0 keeps every token, 1 skips the scale)"
                 )
-        if self.ratio(0) >= 1.0:
+        if self.drop_ratio(0) >= 1.0:
             raise ConfigError("pruning.ratios[0] = 1.0 would skip the first scale, which every image needs")
         if not can_skip_last and self.skips(num_scales - 1):
             raise ConfigError(

@@ -36,9 +36,9 @@ PRESET_NAMES = ("off", "paper", "2k")  # FastVAR as published
 ACCELERATED_PRESETS = ("fast",)  # FastVAR plus the optional accelerations beyond the paper
 # Scales of each family's 1024 px schedule; longer schedules are 2K ones (``fast`` then builds on ``2k``).
 _SCALES_1024 = {"infinity": 13, "hart": 14}
-FAST_KV_RATIO = 0.5
+FAST_KV_DROP = 0.5  # share of a scale's keys/values left out of the KV cache
 
-# (offset from the end -> ratio), cache offset from the end
+# (offset from the end -> drop ratio), cache offset from the end
 _TAILS: dict[tuple[str, str], tuple[dict[int, float], int]] = {
     ("infinity", "paper"): ({4: 0.4, 3: 0.5, 2: 1.0, 1: 1.0}, 5),
     ("infinity", "2k"): ({6: 0.4, 5: 0.5, 4: 0.5, 3: 0.75, 2: 0.75, 1: 1.0}, 7),
@@ -91,4 +91,4 @@ def accelerate(config: PruningConfig, num_scales: int) -> PruningConfig:
     if len(executed) < 4:
         return replace(config)
     return replace(config, name=f"{config.name}+fast", cfg_cutoff=executed[-2],
-                   kv_ratios={executed[-3]: FAST_KV_RATIO, executed[-2]: FAST_KV_RATIO})
+                   kv_ratios={executed[-3]: FAST_KV_DROP, executed[-2]: FAST_KV_DROP})

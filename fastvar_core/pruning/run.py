@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from ..errors import ConfigError
+from ..errors import ConfigError, InternalError
 from .config import PruningConfig
 from .tokens import gather_tokens, pivotal_scores, restore_tokens, top_tokens
 
@@ -61,11 +61,10 @@ class PruningRun:
     def begin_scale(self, scale: int) -> None:
         """Announce the scale step that the next sub-layer calls belong to."""
         if self.config.skips(scale):
-            raise ConfigError(f"scale {scale} is configured to be skipped; the sampler must not run it")
+            raise InternalError(f"scale {scale} is configured to be skipped; the sampler must not run it")
         self._scale = scale
         h, w = self.scales[scale]
-        ratio = self.config.ratio(scale)
-        self._keep = self.config.kept_tokens(scale, h * w) if ratio > 0 else h * w
+        self._keep = self.config.kept_tokens(scale, h * w) if self.config.drop_ratio(scale) > 0 else h * w
 
     def is_skipped(self, scale: int) -> bool:
         return self.config.skips(scale)
@@ -81,8 +80,7 @@ class PruningRun:
 
     def forwarded(self, scale: int, layer: int, num_tokens: int) -> int:
         """Tokens of an executed ``scale`` (``num_tokens`` in all) that go through ``layer``'s sub-layers."""
-        ratio = self.config.ratio(scale)
-        if 0 < ratio < 1 and self.config.prunes_layer(layer):
+        if 0 < self.config.drop_ratio(scale) < 1 and self.config.prunes_layer(layer):
             return self.config.kept_tokens(scale, num_tokens)
         return num_tokens
 
@@ -121,7 +119,7 @@ class PruningRun:
             cached = cached[: x.shape[0]]  # past the CFG cut-off only the leading, conditional rows run
         if cached is None or cached.shape[0] != x.shape[0]:
             found = "nothing" if cached is None else f"{cached.shape[0]} rows"
-            raise ConfigError(
+            raise InternalError(  # PruningConfig.validate puts the cache scale before every pruned scale
                 f"FastVAR restore cache for layer {layer} {name} at scale {self.config.cache_scale} holds {found}, "
                 f"but scale {self._scale} needs {x.shape[0]} rows: the cache scale must run before pruned scales "
                 f"with the same batch"

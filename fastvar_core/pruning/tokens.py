@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -52,6 +54,32 @@ def gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return x.reshape(b * length, c).index_select(0, _flat_rows(idx, length)).view(b, idx.shape[1], c)
 
 
+def pool_into_public(grid: torch.Tensor, dst_hw: tuple[int, int], *, out: torch.Tensor) -> torch.Tensor:
+    """``F.adaptive_avg_pool2d(grid, dst_hw)`` copied into ``out``."""
+    return out.copy_(F.adaptive_avg_pool2d(grid, dst_hw))
+
+
+def probe_pool_into():
+    """``torch._C._nn.adaptive_avg_pool2d`` (a private API writing into ``out=``) if it exists and pools
+    like ``F.adaptive_avg_pool2d`` on a tiny probe, else the public pool plus a copy (one more temporary)."""
+    try:
+        private = torch._C._nn.adaptive_avg_pool2d
+        grid = torch.arange(12, dtype=torch.float32).view(1, 2, 2, 3).permute(0, 3, 1, 2)  # channels-last
+        out = torch.full((1, 3, 3, 3), float("nan")).permute(0, 3, 1, 2)
+        private(grid, (3, 3), out=out)
+        if torch.equal(out, F.adaptive_avg_pool2d(grid, (3, 3))):
+            return private
+    except (AttributeError, RuntimeError, TypeError):
+        pass
+    return pool_into_public
+
+
+@functools.cache
+def _pool_into():
+    """The probed pooling-into-``out`` function, found once per process."""
+    return probe_pool_into()
+
+
 def resize_token_map(tokens: torch.Tensor, src_hw: tuple[int, int], dst_hw: tuple[int, int],
                      out: torch.Tensor | None = None) -> torch.Tensor:
     """Area-resize a row-major token map (B, h*w, C) from ``src_hw`` to ``dst_hw`` -> (B, H*W, C) contiguous.
@@ -65,7 +93,7 @@ def resize_token_map(tokens: torch.Tensor, src_hw: tuple[int, int], dst_hw: tupl
     if out is None:
         grid = F.adaptive_avg_pool2d(grid, dst_hw)  # = interpolate(mode="area"); (B, C, H, W) channels-last
         return grid.permute(0, 2, 3, 1).reshape(b, dst_hw[0] * dst_hw[1], c)
-    torch._C._nn.adaptive_avg_pool2d(grid, dst_hw, out=out.view(b, *dst_hw, c).permute(0, 3, 1, 2))
+    _pool_into()(grid, dst_hw, out=out.view(b, *dst_hw, c).permute(0, 3, 1, 2))
     return out
 
 
