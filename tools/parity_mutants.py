@@ -2,9 +2,10 @@
 
     make parity-mutants        (or: .venv/bin/python tools/parity_mutants.py [--no-control])
 
-First a control run without any fault must pass (otherwise a failure would prove nothing), then the
-parity tests run once per mutant, stopping at the first failing test. Prints `mutants caught N/N` and
-exits 0 only when every mutant was caught.
+First a control run without any fault must pass (otherwise a failure would prove nothing), then each
+family's parity tests run once per mutant, stopping at the first failing test: a mutant counts as
+caught only when the parity tests of every family catch it. Prints `mutants caught N/N` and exits 0
+only when every mutant was caught.
 """
 
 from __future__ import annotations
@@ -22,14 +23,15 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from mutants import MUTANTS  # noqa: E402
 
-PARITY_TESTS = ["tests/test_infinity_parity.py", "tests/test_hart_parity.py"]
+PARITY_TESTS = {"infinity": "tests/test_infinity_parity.py", "hart": "tests/test_hart_parity.py"}
+ALL_PARITY_TESTS = tuple(PARITY_TESTS.values())
 
 
-def run_parity(mutant: str | None, stop_first: bool) -> tuple[int, str, float]:
+def run_parity(mutant: str | None, stop_first: bool, tests=ALL_PARITY_TESTS) -> tuple[int, str, float]:
     env = {k: v for k, v in os.environ.items() if k != "FASTVAR_MUTANT"}
     if mutant:
         env["FASTVAR_MUTANT"] = mutant
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *(["-x"] if stop_first else []), *PARITY_TESTS]
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *(["-x"] if stop_first else []), *tests]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     return proc.returncode, proc.stdout + proc.stderr, time.perf_counter() - t0
@@ -48,15 +50,16 @@ def main() -> int:
         print(f"control: parity tests pass without a fault ({seconds:.0f} s)", flush=True)
     caught = 0
     for name in MUTANTS:
-        code, out, seconds = run_parity(name, stop_first=True)
-        failed = re.findall(r"^FAILED (\S+)", out, flags=re.MULTILINE)
-        if code == 1 and failed:
-            caught += 1
-            reason = re.search(r"^FAILED \S+ - (.*)$", out, flags=re.MULTILINE)
-            print(f"caught   {name}: {failed[0]} ({seconds:.0f} s)" + (f"\n         {reason.group(1)[:200]}" if reason else ""),
-                  flush=True)
-        else:
-            print(f"MISSED   {name}: pytest exit {code} ({seconds:.0f} s)\n{out[-2000:]}", flush=True)
+        missed = []
+        for family, test_file in PARITY_TESTS.items():
+            code, out, seconds = run_parity(name, stop_first=True, tests=(test_file,))
+            failed = re.findall(r"^FAILED (\S+)", out, flags=re.MULTILINE)
+            if code == 1 and failed:
+                print(f"caught   {name} [{family}]: {failed[0]} ({seconds:.0f} s)", flush=True)
+            else:
+                missed.append(family)
+                print(f"MISSED   {name} [{family}]: pytest exit {code} ({seconds:.0f} s)\n{out[-2000:]}", flush=True)
+        caught += not missed
     print(f"mutants caught {caught}/{len(MUTANTS)}")
     return 0 if caught == len(MUTANTS) else 1
 
