@@ -148,9 +148,11 @@ def _load_builtin() -> None:
         from .hart import family as _hart  # noqa: F401  (registers itself)
         from .infinity import family as _infinity  # noqa: F401
 
-        # Infinity first: the order of menus and charts.
-        ordered = {k: FAMILIES.pop(k) for k in ("infinity", "hart")}
-        FAMILIES.update({**ordered, **FAMILIES})
+        # Infinity, HART, then any other family: the order of menus and charts.
+        others = {k: v for k, v in FAMILIES.items() if k not in ("infinity", "hart")}
+        builtin = {k: FAMILIES[k] for k in ("infinity", "hart")}
+        FAMILIES.clear()
+        FAMILIES.update({**builtin, **others})
 
 
 def load_parts(family: str | Family, model: str | os.PathLike, vae: str | os.PathLike | None = None,
