@@ -160,9 +160,3 @@ class Pipeline:
         result = self.sample(cond, schedule, negative=neg, **sample_kwargs)
         return self.decode(result), result
 
-
-def hart_tokenizer_folder(model: str | os.PathLike) -> Path:
-    """HART's default VAE folder (kept for callers of the old name; see fastvar_core.hart.family)."""
-    from .hart.family import hart_tokenizer_folder as folder
-
-    return folder(model)
