@@ -81,8 +81,8 @@ class Family(ABC):
     def depth(self, model: torch.nn.Module) -> int:
         return model.config.depth
 
-    def arch_spec(self, model: torch.nn.Module):
-        """The cost model's view of a loaded transformer (fastvar_core.cost.ArchSpec)."""
+    def arch_spec(self, model: torch.nn.Module, cond=None):
+        """The cost model's view of a loaded transformer (fastvar_core.cost.ArchSpec), for ``cond`` if given."""
         return model.arch_spec()
 
     # ---- request -> schedule --------------------------------------------------------------------

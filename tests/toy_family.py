@@ -142,7 +142,7 @@ def register_toy(families):
         def text_width(self, model):
             return model.config.text_width
 
-        def arch_spec(self, model):
+        def arch_spec(self, model, cond=None):
             c = model.config
             return cost.ArchSpec(depth=c.depth, width=c.width, ffn_hidden=2 * c.width, head_outputs=c.vocab,
                                  token_channels=c.channels)

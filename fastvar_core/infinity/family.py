@@ -46,8 +46,9 @@ class InfinityFamily(Family):
     def text_width(self, model):
         return model.config.text_channels
 
-    def arch_spec(self, model):
-        return model.arch_spec()
+    def arch_spec(self, model, cond=None):
+        # Cross-attention keys per row: the conditioning's longest prompt (0 when not known).
+        return model.arch_spec(text_tokens=cond.max_seqlen if cond is not None else 0)
 
     def schedule_for_size(self, model, width, height, budget):
         if width is None and height is None:
