@@ -136,3 +136,18 @@ def test_front_doors_speak_only_to_the_family_interface():
                                                   text):
             offenders.append(f"{rel} imports a family folder")
     assert offenders == []
+
+
+@pytest.mark.parametrize("name", ["infinity", "hart"])
+def test_declared_defaults_are_the_samplers(name):
+    """Family.defaults documents what a None knob gets: the scale loop's own defaults."""
+    import inspect
+
+    sampler = {"infinity": "fastvar_core.infinity.sampler:sample_infinity", "hart": "fastvar_core.hart.sampler:sample_hart"}
+    module, func = sampler[name].split(":")
+    params = inspect.signature(getattr(importlib.import_module(module), func)).parameters
+    family = families.get_family(name)
+    for knob, value in family.defaults.items():
+        if value is None and knob not in params:
+            continue  # a knob the family does not have (HART: tau)
+        assert params[knob].default == value, knob
