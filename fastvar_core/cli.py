@@ -71,7 +71,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     # Cheap checks first: a typo should not cost a multi-GB model load.
     check_batch(args.batch)
     check_seed(args.seed)
-    if args.width is not None and args.height is not None and args.family == "infinity":
+    if args.width is not None and args.height is not None:
         check_image_size(args.width, args.height)
     check_output(Path(args.out))
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
@@ -88,7 +88,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     result = pipe.sample(cond, schedule, negative=neg, pruning=args.pruning, seed=args.seed, cfg=args.cfg,
                          tau=args.tau, top_k=args.top_k, top_p=args.top_p, callback=_progress_bar("sampling"))
     t1 = time.perf_counter()
-    images = pipe.decode(result, tile=64 if max(schedule.final_size) > 64 else None)
+    images = pipe.decode(result)  # tiles at 2K (fastvar_core.families.decode)
     t2 = time.perf_counter()
     paths = save_images(images, Path(args.out))
     print(f"pruning {result.pruning.name}: sampling {t1 - t0:.2f}s, decode {t2 - t1:.2f}s -> "
@@ -105,12 +105,14 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .families import family_names
+
     parser = argparse.ArgumentParser(prog="python -m fastvar_core", description=__doc__)
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
 
     gen = sub.add_parser("generate", help="text to image with an official checkpoint")
-    gen.add_argument("--family", choices=["infinity", "hart"], required=True)
+    gen.add_argument("--family", choices=family_names(), required=True)
     gen.add_argument("--model", required=True, help="Infinity .pth/.safetensors/8B folder, or HART llm/ or release folder")
     gen.add_argument("--vae", help="Infinity VAE file; HART tokenizer/ folder (default: beside llm/)")
     gen.add_argument("--text-encoder", required=True, help="flan-t5-xl folder or encoder file; Qwen2-VL folder")

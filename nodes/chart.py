@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-from ..fastvar_core.archs import HART_0_7B, INFINITY_2B, INFINITY_8B
 from ..fastvar_core.cost import estimate
 from ..fastvar_core.errors import ConfigError
-from ..fastvar_core.schedules import hart_schedule, infinity_schedule
+from ..fastvar_core.families import family_names, get_family
 
+# label -> (family name, ArchSpec, schedule factory), from every registered family's released models.
 CHART_MODELS = {
-    "Infinity-2B 1024px": ("infinity", INFINITY_2B, lambda: infinity_schedule(1.0, "1M")),
-    "Infinity-2B 2K": ("infinity", INFINITY_2B, lambda: infinity_schedule(1.0, "2K")),
-    "Infinity-8B 1024px": ("infinity", INFINITY_8B, lambda: infinity_schedule(1.0, "1M")),
-    "HART-0.7B 1024px": ("hart", HART_0_7B, lambda: hart_schedule()),
-    "HART-0.7B 2K": ("hart", HART_0_7B, lambda: hart_schedule(budget="2K")),
+    label: (name, arch, make_schedule)
+    for name in family_names()
+    for label, (arch, make_schedule) in get_family(name).chart_models().items()
 }
 
 
@@ -27,7 +25,8 @@ def schedule_chart(chart_for: str, spec) -> dict:
     family, arch, make_schedule = CHART_MODELS[chart_for]
     schedule = make_schedule()
     try:
-        config = spec.resolve(family, list(schedule.scales), arch.depth, arch, can_skip_last=family != "hart")
+        config = spec.resolve(family, list(schedule.scales), arch.depth, arch,
+                              can_skip_last=get_family(family).can_skip_last)
     except ConfigError as exc:
         return {"error": str(exc)}
     base = estimate(arch, list(schedule.scales))

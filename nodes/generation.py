@@ -8,7 +8,9 @@ import time
 import torch
 import torch.nn.functional as F
 
+from ..fastvar_core import families
 from ..fastvar_core.errors import ConfigError
+from ..fastvar_core.families import get_family
 from ..fastvar_core.pruning_spec import PruningSpec
 
 from . import compat
@@ -48,8 +50,10 @@ class TextEncode:
         }}
 
     def encode(self, text_encoder, prompt, negative_prompt):
-        if text_encoder.family == "hart" and negative_prompt.strip():
-            raise ConfigError("HART has no negative prompt (its unconditional branch is an empty context): clear it")
+        family = get_family(text_encoder.family)
+        if not family.negative_prompt and negative_prompt.strip():
+            raise ConfigError(f"{family.label} has no negative prompt (its unconditional branch is an empty context): "
+                              f"clear it")
         with torch.inference_mode(), on_compute_device(text_encoder.module):
             cond = text_encoder.module.encode([prompt]).to("cpu")
             neg = text_encoder.module.encode([negative_prompt]).to("cpu") if negative_prompt.strip() else None
@@ -122,24 +126,14 @@ BUDGETS = {"auto": None, "0.06M (256px)": "0.06M", "0.25M (512px)": "0.25M", "0.
 
 
 def pick_schedule(model, width, height, aspect_ratio, pixel_budget):
-    from ..fastvar_core import schedules
-
-    if model.family == "hart":
-        patch_nums = tuple(model.module.config.patch_nums)
-
-        def by_size(w, h, b):
-            return schedules.hart_schedule_for_size(w, h, b, patch_nums)
-
-        def by_template(t, b):
-            return schedules.hart_schedule(patch_nums, t, b)
-    else:
-        by_size, by_template = schedules.infinity_schedule_for_size, schedules.infinity_schedule
+    """The sampler's schedule from its size widgets, through the model's Family."""
+    family = get_family(model.family)
     budget = BUDGETS[pixel_budget]
     if aspect_ratio == "from width/height":
-        return by_size(width, height, budget)
+        return family.schedule_for_size(model.module, width, height, budget)
     if budget is None:
-        return by_size(*_size_for_aspect(aspect_ratio, width, height), None)
-    return by_template(ASPECTS[aspect_ratio], budget)
+        return family.schedule_for_size(model.module, *_size_for_aspect(aspect_ratio, width, height), None)
+    return family.schedule_for_template(model.module, ASPECTS[aspect_ratio], budget)
 
 
 def _size_for_aspect(aspect: str, width: int, height: int) -> tuple[int, int]:
@@ -187,10 +181,11 @@ class FastVARSampler:
 
         check_batch(batch_size)
         same_family("the conditioning", model.family, positive.family, "use the text encoder of the model's family")
+        family = get_family(model.family)
         schedule = pick_schedule(model, width, height, aspect_ratio, pixel_budget)
         spec = pruning or PruningSpec(mode="off")
-        config = spec.resolve(model.family, list(schedule.scales), model.module.config.depth,
-                              model.module.arch_spec(), can_skip_last=model.family != "hart")
+        config = spec.resolve(family.name, list(schedule.scales), family.depth(model.module),
+                              family.arch_spec(model.module), can_skip_last=family.can_skip_last)
         cond = positive.value.repeat(batch_size) if batch_size > 1 else positive.value
         neg = None
         if negative is not None and negative.value is not None:
@@ -205,28 +200,16 @@ class FastVARSampler:
         start = time.perf_counter()
         with attention.use_backend(model.attention), torch.inference_mode(), \
                 on_compute_device(model.module) as device, _maybe_on(model.companion, device):
-            result = self._run(model, cond.to(device), neg.to(device) if neg is not None else None, schedule,
-                               config, seed, cfg, tau, top_k, top_p, callback)
+            result = families.sample(family, model.module, cond.to(device), schedule, vae=model.companion,
+                                     negative=neg.to(device) if neg is not None else None, cfg=cfg, tau=tau,
+                                     top_k=top_k, top_p=top_p, seed=seed, pruning=config, callback=callback,
+                                     record_kept=True)
         seconds = time.perf_counter() - start
         result.latent = result.latent.to(compat.intermediate_device())
         h, w = schedule.image_size
         info = (f"{model.family} {w}x{h} ({schedule.num_scales} scales), pruning {config.name}, "
                 f"sampling {seconds:.2f}s, seed {seed}")
         return {"ui": {"fastvar_info": [info]}, "result": (Latent(model.family, result, info), info)}
-
-    @staticmethod
-    def _run(model, cond, neg, schedule, config, seed, cfg, tau, top_k, top_p, callback):
-        if model.family == "infinity":
-            from ..fastvar_core.infinity import sample_infinity
-
-            return sample_infinity(model.module, cond, schedule, negative=neg, cfg=cfg, tau=tau, top_k=top_k,
-                                   top_p=top_p, seed=seed, pruning=config, callback=callback, record_kept=True)
-        from ..fastvar_core.hart import sample_hart
-
-        if neg is not None:
-            raise ConfigError("HART has no negative prompt: disconnect the negative input")
-        return sample_hart(model.module, model.companion, cond, schedule, cfg=cfg, top_k=None if top_k in (0, 900) else top_k,
-                           top_p=top_p, seed=seed, pruning=config, callback=callback, record_kept=True)
 
 
 @contextlib.contextmanager
@@ -258,11 +241,8 @@ class FastVARDecode:
 
     def decode(self, vae, latent, tiling):
         same_family("the VAE", latent.family, vae.family, "use the VAE of the model that made the latent")
-        z = latent.result.latent
-        big = max(z.shape[-2:]) > 64 * (2 if latent.family == "infinity" and vae.module.config.patch_size == 8 else 1)
-        tile = 64 if tiling == "on" or (tiling == "auto" and big) else None
-        with torch.inference_mode(), on_compute_device(vae.module):
-            image = vae.module.to_image(z, tile=tile).float()
+        with on_compute_device(vae.module):
+            image = families.decode(latent.family, vae.module, latent.result.latent, tiling)
         return (image.to(compat.intermediate_device()),)
 
 
@@ -285,7 +265,7 @@ class FastVARTokenMap:
 
     def render(self, latent, layer, sublayer, sample_index):
         result = latent.result
-        names = {"all": None, "attention": "sa" if latent.family == "infinity" else "attn", "cross-attention": "ca",
+        names = {"all": None, "attention": get_family(latent.family).attention_sublayer, "cross-attention": "ca",
                  "ffn": "ffn"}
         scales = sorted({s for (s, _, _) in result.kept})
         if not scales:

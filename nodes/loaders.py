@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import torch
 
+from ..fastvar_core import families
+from ..fastvar_core.families import get_family
+
 from . import compat
 from .objects import MODEL, TEXT_ENCODER, VAE, Part
 
@@ -33,6 +36,29 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
+def load_model_part(family: str, path, dtype: str, attention: str) -> Part:
+    """A transformer Part; a family whose sampler needs the VAE (HART) gets its release's VAE as companion."""
+    fam = get_family(family)
+    dt = pick_dtype(dtype, compat.compute_device())
+    model = fam.load_model(path, device=compat.offload_device(), dtype=dt)
+    companion = None
+    if fam.sampler_needs_vae():
+        # Like upstream, the transformer samples with its release's VAE codebook (HART: tokenizer/ beside llm/).
+        companion = fam.load_vae(fam.default_vae(path), device=compat.offload_device())
+        families.check_pair(fam, model, companion)
+    return Part(fam.name, model, str(path), attention, companion=companion)
+
+
+def load_vae_part(family: str, path) -> Part:
+    return Part(family, get_family(family).load_vae(path, device=compat.offload_device()), str(path))
+
+
+def load_text_encoder_part(family: str, path, tokenizer, dtype: str) -> Part:
+    enc = get_family(family).load_text_encoder(path, tokenizer, device=compat.offload_device(),
+                                               dtype=pick_dtype(dtype, compat.compute_device()))
+    return Part(family, enc, str(path))
+
+
 def _choices(names: tuple[str, ...], want: str, keep=lambda name: True, kinds=None) -> list[str]:
     return [n for n in compat.list_entries(names, want, kinds) if keep(n)]
 
@@ -57,11 +83,7 @@ class LoadInfinityModel:
         }}
 
     def load(self, model_name, dtype, attention):
-        from ..fastvar_core.infinity import load_infinity_model
-
-        path = compat.resolve(INFINITY_MODEL_DIRS, model_name)
-        dt = pick_dtype(dtype, compat.compute_device())
-        return (Part("infinity", load_infinity_model(path, device=compat.offload_device(), dtype=dt), str(path), attention),)
+        return (load_model_part("infinity", compat.resolve(INFINITY_MODEL_DIRS, model_name), dtype, attention),)
 
 
 class LoadInfinityVAE:
@@ -81,10 +103,7 @@ class LoadInfinityVAE:
         }}
 
     def load(self, vae_name):
-        from ..fastvar_core.infinity.vae import load_infinity_vae
-
-        path = compat.resolve(INFINITY_VAE_DIRS, vae_name)
-        return (Part("infinity", load_infinity_vae(path, device=compat.offload_device()), str(path)),)
+        return (load_vae_part("infinity", compat.resolve(INFINITY_VAE_DIRS, vae_name)),)
 
 
 class LoadT5TextEncoder:
@@ -106,12 +125,8 @@ class LoadT5TextEncoder:
         }}
 
     def load(self, text_encoder, tokenizer, dtype):
-        from ..fastvar_core.infinity.text import load_t5_encoder
-
-        path = compat.resolve(T5_DIRS, text_encoder)
         tok = None if tokenizer == "same folder" else compat.resolve(T5_DIRS, tokenizer)
-        device = compat.offload_device()
-        return (Part("infinity", load_t5_encoder(path, tok, device=device, dtype=pick_dtype(dtype, compat.compute_device())), str(path)),)
+        return (load_text_encoder_part("infinity", compat.resolve(T5_DIRS, text_encoder), tok, dtype),)
 
 
 class LoadHARTModel:
@@ -132,17 +147,7 @@ class LoadHARTModel:
         }}
 
     def load(self, model_folder, dtype, attention):
-        from ..fastvar_core.hart import check_vae_matches, load_hart_model
-        from ..fastvar_core.hart.vae import load_hart_vae
-        from ..fastvar_core.pipeline import hart_tokenizer_folder
-
-        path = compat.resolve(HART_DIRS, model_folder)
-        dt = pick_dtype(dtype, compat.compute_device())
-        model = load_hart_model(path, device=compat.offload_device(), dtype=dt)
-        # Like upstream, the transformer samples with its release's VAE codebook (tokenizer/ beside llm/).
-        vae = load_hart_vae(hart_tokenizer_folder(path), device=compat.offload_device())
-        check_vae_matches(model, vae)
-        return (Part("hart", model, str(path), attention, companion=vae),)
+        return (load_model_part("hart", compat.resolve(HART_DIRS, model_folder), dtype, attention),)
 
 
 class LoadHARTVAE:
@@ -160,10 +165,7 @@ class LoadHARTVAE:
         }}
 
     def load(self, vae_folder):
-        from ..fastvar_core.hart.vae import load_hart_vae
-
-        path = compat.resolve(HART_DIRS, vae_folder)
-        return (Part("hart", load_hart_vae(path, device=compat.offload_device()), str(path)),)
+        return (load_vae_part("hart", compat.resolve(HART_DIRS, vae_folder)),)
 
 
 class LoadQwen2TextEncoder:
@@ -182,8 +184,4 @@ class LoadQwen2TextEncoder:
         }}
 
     def load(self, text_encoder, dtype):
-        from ..fastvar_core.hart.text import load_qwen_encoder
-
-        path = compat.resolve(QWEN_DIRS, text_encoder)
-        enc = load_qwen_encoder(path, device=compat.offload_device(), dtype=pick_dtype(dtype, compat.compute_device()))
-        return (Part("hart", enc, str(path)),)
+        return (load_text_encoder_part("hart", compat.resolve(QWEN_DIRS, text_encoder), None, dtype),)

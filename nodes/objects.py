@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..fastvar_core.errors import IncompatibleModelsError
+from ..fastvar_core.families import family_names, get_family
 
 MODEL = "FASTVAR_MODEL"
 VAE = "FASTVAR_VAE"
@@ -16,7 +17,10 @@ CONDITIONING = "FASTVAR_CONDITIONING"
 PRUNING = "FASTVAR_PRUNING"
 LATENT = "FASTVAR_LATENT"
 
-FAMILY_NAMES = {"infinity": "Infinity", "hart": "HART"}
+
+def family_label(name: str) -> str:
+    """A family's display name ("Infinity", "HART"); an unregistered name as given."""
+    return get_family(name).label if name in family_names() else name
 
 
 @dataclass
@@ -27,7 +31,7 @@ class Part:
     module: torch.nn.Module
     source: str
     attention: str = "auto"
-    companion: torch.nn.Module | None = None  # HART: its VAE, whose codebook and Phi convs the sampler needs
+    companion: torch.nn.Module | None = None  # a VAE the sampler itself needs (Family.sampler_needs_vae: HART)
 
 
 @dataclass
@@ -48,6 +52,6 @@ def same_family(what: str, expected: str, found: str, hint: str = "") -> None:
     """Raise IncompatibleModelsError when two connected parts belong to different families."""
     if expected != found:
         raise IncompatibleModelsError(
-            f"{what} is for {FAMILY_NAMES.get(found, found)}, but the model is {FAMILY_NAMES.get(expected, expected)}"
+            f"{what} is for {family_label(found)}, but the model is {family_label(expected)}"
             f"{': ' + hint if hint else ''}"
         )

@@ -30,6 +30,7 @@ from matplotlib.figure import Figure
 
 from fastvar_core.cost import estimate
 from fastvar_core.errors import ConfigError
+from fastvar_core.families import get_family
 from fastvar_core.linear import onednn_available, use_onednn
 from fastvar_core.pruning import ACCELERATED_PRESETS, PRESET_NAMES, PruningConfig, make_preset
 from fastvar_core.schedules import HART_PATCH_NUMS_1024, ScaleSchedule, hart_schedule, infinity_schedule
@@ -105,9 +106,7 @@ class Case:
         return self.shape.family
 
     def arch(self):
-        if self.family == "infinity":
-            return self.model.arch_spec(text_tokens=self.cond.max_seqlen)
-        return self.model.arch_spec()
+        return get_family(self.family).arch_spec(self.model, self.cond)
 
     def sample(self, config: PruningConfig, seed: int, time_pruning: dict | None = None, callback=None):
         if self.family == "infinity":

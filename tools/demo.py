@@ -15,8 +15,10 @@ from pathlib import Path
 
 import torch
 
+from fastvar_core import families
 from fastvar_core.cli import save_images
 from fastvar_core.cost import estimate
+from fastvar_core.families import get_family
 from fastvar_core.pipeline import Pipeline
 from fastvar_core.pruning import make_preset
 from fastvar_core.schedules import hart_schedule, infinity_schedule
@@ -63,7 +65,7 @@ def run_random(args: argparse.Namespace) -> int:
         schedule = infinity_schedule(1.0, {256: "0.06M", 512: "0.25M", 768: "0.60M", 1024: "1M"}[args.size])
     else:
         schedule = hart_schedule()
-    arch = model.arch_spec(text_tokens=cond.max_seqlen) if shape.family == "infinity" else model.arch_spec()
+    arch = get_family(shape.family).arch_spec(model, cond)
     base_flops = estimate(arch, list(schedule.scales)).total_flops
     out = Path(args.out)
     with torch.inference_mode():  # warm-up: first calls pay for allocator and kernel set-up
@@ -98,13 +100,8 @@ def run_random(args: argparse.Namespace) -> int:
 
 
 def _sample(family, model, vae, cond, schedule, config, seed):
-    if family == "infinity":
-        from fastvar_core.infinity import sample_infinity
-
-        return sample_infinity(model, cond, schedule, cfg=3.0, tau=0.5, seed=seed, pruning=config, record_kept=True)
-    from fastvar_core.hart import sample_hart
-
-    return sample_hart(model, vae, cond, schedule, cfg=4.5, seed=seed, pruning=config, record_kept=True)
+    """The family's scale loop with its official guidance, through the shared front door."""
+    return families.sample(family, model, cond, schedule, vae=vae, seed=seed, pruning=config, record_kept=True)
 
 
 def run_real(paths: dict, args: argparse.Namespace) -> int:

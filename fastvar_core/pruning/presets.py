@@ -31,53 +31,47 @@ from dataclasses import replace
 from ..errors import ConfigError
 from .config import PruningConfig
 
-FAMILIES = ("infinity", "hart")
 PRESET_NAMES = ("off", "paper", "2k")  # FastVAR as published
 ACCELERATED_PRESETS = ("fast",)  # FastVAR plus the optional accelerations beyond the paper
-# Scales of each family's 1024 px schedule; longer schedules are 2K ones (``fast`` then builds on ``2k``).
-_SCALES_1024 = {"infinity": 13, "hart": 14}
 FAST_KV_DROP = 0.5  # share of a scale's keys/values left out of the KV cache
 
-# (offset from the end -> drop ratio), cache offset from the end
-_TAILS: dict[tuple[str, str], tuple[dict[int, float], int]] = {
-    ("infinity", "paper"): ({4: 0.4, 3: 0.5, 2: 1.0, 1: 1.0}, 5),
-    ("infinity", "2k"): ({6: 0.4, 5: 0.5, 4: 0.5, 3: 0.75, 2: 0.75, 1: 1.0}, 7),
-    ("hart", "paper"): ({2: 0.5, 1: 0.75}, 3),
-    ("hart", "2k"): ({3: 0.5, 2: 0.5, 1: 0.75}, 4),
-}
+
+def _family(family):
+    from ..families import get_family  # the family tables sit above the pruning engine
+
+    return get_family(family)
 
 
-def preset_layers(family: str, depth: int) -> tuple[int, int]:
+def preset_layers(family, depth: int) -> tuple[int, int]:
     """Layer range [start, stop) that a family's presets prune for a model of this depth."""
-    if family == "hart":
-        return (0, depth)
-    if depth <= 32:
-        return (min(3, depth), max(min(3, depth), min(depth, 28)))
-    return (3, depth - 4)
+    return _family(family).preset_layers(depth)
 
 
-def make_preset(family: str, name: str, num_scales: int, depth: int) -> PruningConfig:
-    """Build a named preset for a schedule of ``num_scales`` scales and a model of ``depth`` layers."""
-    if family not in FAMILIES:
-        raise ConfigError(f"model family {family!r} is unknown; allowed: {list(FAMILIES)}")
+def make_preset(family, name: str, num_scales: int, depth: int) -> PruningConfig:
+    """Build a named preset for a schedule of ``num_scales`` scales and a model of ``depth`` layers.
+
+    ``family`` is a Family or its name; its ``preset_tails``, ``scales_1024`` and ``preset_layers`` hold
+    the per-family numbers.
+    """
+    fam = _family(family)
     if name not in PRESET_NAMES + ACCELERATED_PRESETS:
         raise ConfigError(
             f"pruning preset {name!r} is unknown; allowed: {list(PRESET_NAMES)} (FastVAR as published) "
             f"or {list(ACCELERATED_PRESETS)} (with the accelerations beyond the paper)"
         )
     if name == "fast":
-        base = "2k" if num_scales > _SCALES_1024[family] else "paper"
+        base = "2k" if num_scales > fam.scales_1024 else "paper"
         fast = accelerate(make_preset(family, base, num_scales, depth), num_scales)
         fast.name = "fast"
         return fast
     if name == "off":
         return PruningConfig(name="off")
-    tail, cache_offset = _TAILS[(family, name)]
+    tail, cache_offset = fam.preset_tails[name]
     cache = num_scales - cache_offset
     ratios = {num_scales - k: r for k, r in tail.items() if num_scales - k > max(cache, 0)}
     if cache < 1 or not ratios:
         return PruningConfig(name=name)  # too few scales: nothing worth pruning
-    return PruningConfig(ratios=ratios, cache_scale=cache, layers=preset_layers(family, depth), name=name)
+    return PruningConfig(ratios=ratios, cache_scale=cache, layers=fam.preset_layers(depth), name=name)
 
 
 def accelerate(config: PruningConfig, num_scales: int) -> PruningConfig:

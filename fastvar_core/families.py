@@ -1,0 +1,247 @@
+"""One front door for every model family (docs/architecture.md §2).
+
+A :class:`Family` holds everything that differs between Infinity and HART: how its parts load and pair,
+which schedule a requested size gets, how its sampler is called, its defaults, capabilities, pruning
+preset table and cost-model shapes. Each family implements it in its own folder
+(``fastvar_core/infinity/family.py``, ``fastvar_core/hart/family.py``) and registers itself here.
+
+The checks every front door needs (seed range, finite conditioning and latent, negative prompt support,
+top-k meaning, decode tiling) live once, in :func:`sample` and :func:`decode`; the Pipeline, the CLI and
+the ComfyUI nodes all go through them.
+"""
+
+from __future__ import annotations
+
+import os
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from .errors import ConfigError, IncompatibleModelsError
+from .sampling import ProgressCallback, SampleResult, SamplingHooks, check_finite, check_seed
+from .schedules import ScaleSchedule
+
+NUMERIC_HINT = "the weights may be corrupt (download them again) or overflow in float16 (use bfloat16 or float32)"
+TILE = 64  # latent cells per decode tile; latents larger than one tile (2K) decode in tiles
+TILINGS = ("auto", "on", "off")
+
+
+class Family(ABC):
+    """What a next-scale model family supplies; instances are stateless singletons in :data:`FAMILIES`."""
+
+    name: str  # registry key, carried by every part ("infinity", "hart")
+    label: str  # for messages ("Infinity", "HART")
+    text_encoder_name: str  # the release's text encoder, named in pairing errors
+    # Capabilities
+    negative_prompt: bool  # a negative prompt replaces the unconditional branch
+    has_tau: bool  # the sampler takes a logit temperature divisor
+    can_skip_last: bool  # pruning may skip the last scale entirely (docs/fastvar.md)
+    attention_sublayer: str  # name of self-attention in the kept-token records (token maps)
+    # Official sampling defaults; None for a knob the family does not have.
+    defaults: dict[str, float | int | None]
+    # Pruning presets (docs/fastvar.md): scales of the 1024 px schedule, and for each preset name
+    # ({offset from the end: drop ratio}, cache offset from the end).
+    scales_1024: int
+    preset_tails: dict[str, tuple[dict[int, float], int]]
+
+    # ---- parts ---------------------------------------------------------------------------------
+    @abstractmethod
+    def load_model(self, path: str | os.PathLike, *, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+        """The transformer from the release's files."""
+
+    @abstractmethod
+    def load_vae(self, path: str | os.PathLike, *, device: torch.device) -> torch.nn.Module:
+        """The VAE (decoder) from the release's files."""
+
+    @abstractmethod
+    def load_text_encoder(self, path: str | os.PathLike, tokenizer: str | os.PathLike | None = None, *,
+                          device: torch.device, dtype: torch.dtype | None = None):
+        """The text encoder; ``encode(prompts)`` gives this family's conditioning."""
+
+    @abstractmethod
+    def check_pair(self, model: torch.nn.Module, vae: torch.nn.Module) -> None:
+        """IncompatibleModelsError when the VAE does not belong to the transformer."""
+
+    @abstractmethod
+    def text_width(self, model: torch.nn.Module) -> int:
+        """Feature width the transformer expects from its text encoder."""
+
+    has_default_vae = False  # True: default_vae finds the VAE beside the model files
+
+    def default_vae(self, model_path: str | os.PathLike) -> Path:
+        """Where the VAE sits when none is given (only when ``has_default_vae``)."""
+        raise ConfigError(f"{self.label} has no default VAE location: pass the VAE")
+
+    def sampler_needs_vae(self) -> bool:
+        """True when sampling itself needs the VAE (HART's codebook); loaders then load it with the model."""
+        return False
+
+    def depth(self, model: torch.nn.Module) -> int:
+        return model.config.depth
+
+    def arch_spec(self, model: torch.nn.Module, cond=None):
+        """The cost model's view of a loaded transformer (fastvar_core.cost.ArchSpec), for ``cond`` if given."""
+        return model.arch_spec()
+
+    # ---- request -> schedule --------------------------------------------------------------------
+    @abstractmethod
+    def schedule_for_size(self, model, width: int | None, height: int | None, budget: str | None) -> ScaleSchedule:
+        """Snap a requested size (None, None: square) and optional budget to the family's schedule."""
+
+    @abstractmethod
+    def schedule_for_template(self, model, aspect: float, budget: str) -> ScaleSchedule:
+        """The schedule of an aspect template (h/w) and a pixel budget."""
+
+    # ---- pruning and cost tables ---------------------------------------------------------------
+    @abstractmethod
+    def preset_layers(self, depth: int) -> tuple[int, int]:
+        """Layer range [start, stop) that the presets prune for a model of this depth."""
+
+    @abstractmethod
+    def chart_models(self) -> dict[str, tuple[object, Callable[[], ScaleSchedule]]]:
+        """Released models for the schedule chart: label -> (ArchSpec, schedule factory)."""
+
+    # ---- sampling ---------------------------------------------------------------------------------
+    def sampler_top_k(self, top_k: int | None) -> int | None:
+        """The sampler's top_k for a front door's value (None = the family's official default)."""
+        return top_k
+
+    @abstractmethod
+    def run_sampler(self, model, vae, cond, schedule: ScaleSchedule, *, negative, knobs: dict, seed: int,
+                    pruning, callback, record_kept: bool, hooks: SamplingHooks | None) -> SampleResult:
+        """The family's scale loop; ``knobs`` holds only the guidance knobs given (cfg, tau, top_k, top_p)."""
+
+    # ---- decoding ---------------------------------------------------------------------------------
+    def decode_tile(self, vae, latent: torch.Tensor) -> int | None:
+        """Tile size for the automatic rule: tiles when the latent exceeds the 1024 px one."""
+        return TILE if max(latent.shape[-2:]) > TILE else None
+
+
+FAMILIES: dict[str, Family] = {}
+
+
+def register(family: Family) -> Family:
+    """Add a family to the registry (a third family registers itself like Infinity and HART do)."""
+    FAMILIES[family.name] = family
+    return family
+
+
+def get_family(name: str | Family) -> Family:
+    """The registered family of this name (a Family passes through), or ConfigError."""
+    if isinstance(name, Family):
+        return name
+    _load_builtin()
+    if name not in FAMILIES:
+        raise ConfigError(f"model family {name!r} is unknown; allowed: {list(FAMILIES)}")
+    return FAMILIES[name]
+
+
+def family_names() -> list[str]:
+    _load_builtin()
+    return list(FAMILIES)
+
+
+def _load_builtin() -> None:
+    if "infinity" not in FAMILIES or "hart" not in FAMILIES:
+        from .hart import family as _hart  # noqa: F401  (registers itself)
+        from .infinity import family as _infinity  # noqa: F401
+
+        # Infinity, HART, then any other family: the order of menus and charts.
+        others = {k: v for k, v in FAMILIES.items() if k not in ("infinity", "hart")}
+        builtin = {k: FAMILIES[k] for k in ("infinity", "hart")}
+        FAMILIES.clear()
+        FAMILIES.update({**builtin, **others})
+
+
+def load_parts(family: str | Family, model: str | os.PathLike, vae: str | os.PathLike | None = None,
+               text_encoder: str | os.PathLike | None = None, *, tokenizer=None, device: torch.device,
+               dtype: torch.dtype = torch.float32, text_dtype: torch.dtype | None = None):
+    """(transformer, VAE, text encoder or None) of one release, checked to belong together."""
+    fam = get_family(family)
+    if vae is None and not fam.has_default_vae:
+        raise ConfigError(f"a VAE is required for {fam.label} (--vae, or vae= of Pipeline.load)")
+    net = fam.load_model(model, device=device, dtype=dtype)
+    vae = vae if vae is not None else fam.default_vae(model)
+    ae = fam.load_vae(vae, device=device)
+    check_pair(fam, net, ae, f"model '{model}' and VAE '{vae}'")
+    enc = None
+    if text_encoder:
+        enc = fam.load_text_encoder(text_encoder, tokenizer, device=device, dtype=text_dtype)
+        check_text_encoder(fam, net, enc, f"text encoder '{text_encoder}'", f"the model '{model}'")
+    return net, ae, enc
+
+
+def check_pair(family: str | Family, model, vae, names: str = "") -> None:
+    """The family's model/VAE check; its error names the two parts."""
+    try:
+        get_family(family).check_pair(model, vae)
+    except IncompatibleModelsError as exc:
+        raise IncompatibleModelsError(f"{names}: {exc}" if names else str(exc)) from None
+
+
+def check_text_encoder(family: str | Family, model, encoder, enc_name: str = "the text encoder",
+                       model_name: str = "the model") -> None:
+    """IncompatibleModelsError when the encoder's feature width is not the transformer's."""
+    fam = get_family(family)
+    width = fam.text_width(model)
+    if encoder.width != width:
+        raise IncompatibleModelsError(
+            f"{enc_name} makes {encoder.width}-wide features, but {model_name} expects {width} "
+            f"({fam.text_encoder_name}): use the text encoder of this model's release"
+        )
+
+
+def _features(cond) -> torch.Tensor:
+    """The feature tensor of a conditioning (Infinity's packed kv_compact, else ``context``)."""
+    return cond.kv_compact if hasattr(cond, "kv_compact") else cond.context
+
+
+def sample(family: str | Family, model, cond, schedule: ScaleSchedule, *, vae=None, negative=None,
+           cfg=None, tau=None, top_k: int | None = None, top_p: float | None = None, seed: int = 0,
+           pruning=None, callback: ProgressCallback | None = None, record_kept: bool = False,
+           hooks: SamplingHooks | None = None) -> SampleResult:
+    """Run a family's scale loop with the checks every front door shares.
+
+    ``pruning`` is a PruningConfig (or None = off); None for a knob means the family's official default.
+    A knob the family does not have (HART: tau) is ignored; a negative conditioning it cannot use is refused.
+    """
+    fam = get_family(family)
+    seed = check_seed(seed)
+    if negative is not None and not fam.negative_prompt:
+        raise ConfigError(f"{fam.label} has no negative prompt (its unconditional branch is an empty context)")
+    for name, c in (("text conditioning", cond), ("negative text conditioning", negative)):
+        if c is not None:
+            check_finite(_features(c), name)
+    if pruning is not None:
+        pruning = pruning.validate(schedule.num_scales, fam.depth(model), can_skip_last=fam.can_skip_last)
+    knobs = dict(cfg=cfg, tau=tau if fam.has_tau else None, top_k=fam.sampler_top_k(top_k), top_p=top_p)
+    knobs = {k: v for k, v in knobs.items() if v is not None}
+    result = fam.run_sampler(model, vae, cond, schedule, negative=negative, knobs=knobs, seed=seed, pruning=pruning,
+                             callback=callback, record_kept=record_kept, hooks=hooks)
+    check_finite(result.latent, "the sampled latent", NUMERIC_HINT)
+    return result
+
+
+def decode(family: str | Family, vae, latent: torch.Tensor, tiling: str | int | None = "auto") -> torch.Tensor:
+    """(B, H, W, 3) float RGB in [0, 1] on the VAE's device.
+
+    ``tiling``: "auto" tiles latents larger than the 1024 px one, "on" always, "off" (or None) never,
+    an int is the tile size in latent cells.
+    """
+    fam = get_family(family)
+    if tiling == "auto":
+        tile = fam.decode_tile(vae, latent)
+    elif tiling == "on":
+        tile = TILE
+    elif tiling in ("off", None):
+        tile = None
+    elif isinstance(tiling, int) and not isinstance(tiling, bool) and tiling > 0:
+        tile = tiling
+    else:
+        raise ConfigError(f"tiling must be one of {list(TILINGS)} or a positive tile size, got {tiling!r}")
+    with torch.inference_mode():
+        images = vae.to_image(latent, tile=tile).float()
+    check_finite(images, "the decoded image", NUMERIC_HINT)
+    return images

@@ -1,0 +1,102 @@
+"""HART as a :class:`fastvar_core.families.Family` (docs/architecture.md §2, docs/hart.md)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..archs import HART_0_7B
+from ..errors import ConfigError
+from ..families import Family, register
+from ..schedules import hart_schedule, hart_schedule_for_size
+
+
+class HARTFamily(Family):
+    name = "hart"
+    label = "HART"
+    text_encoder_name = "Qwen2-VL-1.5B-Instruct"
+    negative_prompt = False  # the unconditional branch is an empty context
+    has_tau = False
+    can_skip_last = False  # the last scale carries the residual diffusion (docs/hart.md)
+    attention_sublayer = "attn"
+    defaults = {"cfg": 4.5, "tau": None, "top_k": None, "top_p": 0.0}
+    scales_1024 = 14
+    # Official: 48->0.5, 64->0.75, cache 36, all layers (docs/fastvar.md); 2k extends it by one scale.
+    preset_tails = {
+        "paper": ({2: 0.5, 1: 0.75}, 3),
+        "2k": ({3: 0.5, 2: 0.5, 1: 0.75}, 4),
+    }
+    # top_k values that mean "the official 600 (scales 0-6) / 300 rule": None, 0 and Infinity's
+    # default 900, so one top-k widget serves both families.
+    OFFICIAL_TOP_K = (None, 0, 900)
+
+    def load_model(self, path, *, device, dtype):
+        from .loader import load_hart_model
+
+        return load_hart_model(path, device=device, dtype=dtype)
+
+    def load_vae(self, path, *, device):
+        from .vae import load_hart_vae
+
+        return load_hart_vae(path, device=device)
+
+    def load_text_encoder(self, path, tokenizer=None, *, device, dtype=None):
+        from .text import load_qwen_encoder
+
+        return load_qwen_encoder(path, device=device, **({} if dtype is None else {"dtype": dtype}))
+
+    def check_pair(self, model, vae):
+        from .loader import check_vae_matches
+
+        check_vae_matches(model, vae)
+
+    def text_width(self, model):
+        return model.config.context_dim
+
+    has_default_vae = True
+
+    def default_vae(self, model_path):
+        return hart_tokenizer_folder(model_path)
+
+    def sampler_needs_vae(self):
+        return True
+
+    def schedule_for_size(self, model, width, height, budget):
+        patch_nums = tuple(model.config.patch_nums)
+        if width is None and height is None:
+            return hart_schedule(patch_nums, 1.0, budget or "1M")
+        return hart_schedule_for_size(width, height, budget, patch_nums)
+
+    def schedule_for_template(self, model, aspect, budget):
+        return hart_schedule(tuple(model.config.patch_nums), aspect, budget)
+
+    def preset_layers(self, depth):
+        return (0, depth)
+
+    def chart_models(self):
+        return {
+            "HART-0.7B 1024px": (HART_0_7B, lambda: hart_schedule()),
+            "HART-0.7B 2K": (HART_0_7B, lambda: hart_schedule(budget="2K")),
+        }
+
+    def sampler_top_k(self, top_k):
+        return None if top_k in self.OFFICIAL_TOP_K else top_k
+
+    def run_sampler(self, model, vae, cond, schedule, *, negative, knobs, seed, pruning, callback, record_kept, hooks):
+        from .sampler import sample_hart
+
+        if vae is None:
+            raise ConfigError("HART samples with its VAE's codebook: pass the VAE")
+        return sample_hart(model, vae, cond, schedule, seed=seed, pruning=pruning, callback=callback,
+                           record_kept=record_kept, hooks=hooks, **knobs)
+
+
+def hart_tokenizer_folder(model) -> Path:
+    """HART's VAE is the sibling tokenizer/ folder of llm/ (or tokenizer/ inside the release folder)."""
+    path = Path(model)
+    for candidate in (path / "tokenizer", path.parent / "tokenizer"):
+        if candidate.is_dir():
+            return candidate
+    raise ConfigError(f"no tokenizer/ folder next to '{path}': pass the HART VAE folder explicitly")
+
+
+HART = register(HARTFamily())

@@ -1,0 +1,86 @@
+"""Infinity as a :class:`fastvar_core.families.Family` (docs/architecture.md §2, docs/infinity.md)."""
+
+from __future__ import annotations
+
+from ..archs import INFINITY_2B, INFINITY_8B
+from ..families import Family, register
+from ..schedules import infinity_schedule, infinity_schedule_for_size
+
+
+class InfinityFamily(Family):
+    name = "infinity"
+    label = "Infinity"
+    text_encoder_name = "flan-t5-xl"
+    negative_prompt = True
+    has_tau = True
+    can_skip_last = True
+    attention_sublayer = "sa"
+    defaults = {"cfg": 3.0, "tau": 0.5, "top_k": 900, "top_p": 0.97}
+    scales_1024 = 13
+    # Official 1:1 1M: 32->0.4, 40->0.5, skip 48 and 64, cache 24 (docs/fastvar.md); 2k is our own choice.
+    preset_tails = {
+        "paper": ({4: 0.4, 3: 0.5, 2: 1.0, 1: 1.0}, 5),
+        "2k": ({6: 0.4, 5: 0.5, 4: 0.5, 3: 0.75, 2: 0.75, 1: 1.0}, 7),
+    }
+
+    def load_model(self, path, *, device, dtype):
+        from .loader import load_infinity_model
+
+        return load_infinity_model(path, device=device, dtype=dtype)
+
+    def load_vae(self, path, *, device):
+        from .vae import load_infinity_vae
+
+        return load_infinity_vae(path, device=device)
+
+    def load_text_encoder(self, path, tokenizer=None, *, device, dtype=None):
+        from .text import load_t5_encoder
+
+        return load_t5_encoder(path, tokenizer, device=device, **({} if dtype is None else {"dtype": dtype}))
+
+    def check_pair(self, model, vae):
+        from .loader import check_vae_matches
+
+        check_vae_matches(model, vae)
+
+    def text_width(self, model):
+        return model.config.text_channels
+
+    def arch_spec(self, model, cond=None):
+        # Cross-attention keys per row: the conditioning's longest prompt (0 when not known).
+        return model.arch_spec(text_tokens=cond.max_seqlen if cond is not None else 0)
+
+    def schedule_for_size(self, model, width, height, budget):
+        if width is None and height is None:
+            return infinity_schedule(1.0, budget or "1M")
+        return infinity_schedule_for_size(width, height, budget)
+
+    def schedule_for_template(self, model, aspect, budget):
+        return infinity_schedule(aspect, budget)
+
+    def preset_layers(self, depth):
+        # The official fixed range 3..27, clipped, for D <= 32; else 3 .. D-5 (docs/fastvar.md).
+        if depth <= 32:
+            return (min(3, depth), max(min(3, depth), min(depth, 28)))
+        return (3, depth - 4)
+
+    def chart_models(self):
+        return {
+            "Infinity-2B 1024px": (INFINITY_2B, lambda: infinity_schedule(1.0, "1M")),
+            "Infinity-2B 2K": (INFINITY_2B, lambda: infinity_schedule(1.0, "2K")),
+            "Infinity-8B 1024px": (INFINITY_8B, lambda: infinity_schedule(1.0, "1M")),
+        }
+
+    def run_sampler(self, model, vae, cond, schedule, *, negative, knobs, seed, pruning, callback, record_kept, hooks):
+        from .sampler import sample_infinity
+
+        return sample_infinity(model, cond, schedule, negative=negative, seed=seed, pruning=pruning, callback=callback,
+                               record_kept=record_kept, hooks=hooks, **knobs)
+
+    def decode_tile(self, vae, latent):
+        # The 8B's f8 patchify VAE decodes a latent twice the token map's side (docs/infinity.md §1.3).
+        limit = 64 * (2 if vae.config.patch_size == 8 else 1)
+        return 64 if max(latent.shape[-2:]) > limit else None
+
+
+INFINITY = register(InfinityFamily())

@@ -1,0 +1,153 @@
+"""The Family interface (docs/architecture.md §2): registry, shared checks, and a third family run unchanged
+through the Pipeline and the ComfyUI nodes (docs/architecture.md §4)."""
+
+from __future__ import annotations
+
+import importlib
+import re
+from types import SimpleNamespace
+
+import pytest
+import torch
+from conftest import ROOT
+from pack import load_pack
+from toy_family import ToyConditioning, ToyModel, ToyTextEncoder, ToyVAE, register_toy
+
+from fastvar_core import families
+from fastvar_core.errors import ConfigError
+from fastvar_core.pipeline import Pipeline
+
+PACK = load_pack()
+
+
+def pack_module(name: str):
+    return importlib.import_module(f"{PACK.__name__}.{name}")
+
+
+@pytest.fixture
+def toy():
+    """The toy family registered in the library's registry and in the pack's copy of it; removed afterwards."""
+    copies = [families, pack_module("fastvar_core.families")]
+    registered = [register_toy(f) for f in copies]
+    yield registered[0]
+    for f in copies:
+        f.FAMILIES.pop("toy", None)
+
+
+def test_registry_lists_the_builtin_families_first_and_refuses_unknown_names():
+    assert families.family_names()[:2] == ["infinity", "hart"]
+    assert families.get_family("hart").label == "HART"
+    assert families.get_family(families.get_family("infinity")) is families.get_family("infinity")
+    with pytest.raises(ConfigError, match=r"model family 'sd' is unknown; allowed: \['infinity', 'hart'"):
+        families.get_family("sd")
+
+
+def test_top_k_meaning_is_the_familys():
+    hart, infinity = families.get_family("hart"), families.get_family("infinity")
+    assert [hart.sampler_top_k(k) for k in (None, 0, 900, 50)] == [None, None, None, 50]
+    assert [infinity.sampler_top_k(k) for k in (None, 0, 900, 50)] == [None, 0, 900, 50]
+
+
+def test_decode_tiling_rule_is_written_once():
+    infinity, hart = families.get_family("infinity"), families.get_family("hart")
+    vae16, vae8 = (SimpleNamespace(config=SimpleNamespace(patch_size=p)) for p in (16, 8))
+    assert infinity.decode_tile(vae16, torch.zeros(1, 32, 64, 64)) is None
+    assert infinity.decode_tile(vae16, torch.zeros(1, 32, 64, 128)) == 64
+    assert infinity.decode_tile(vae8, torch.zeros(1, 32, 128, 128)) is None  # 8B: twice the token map
+    assert hart.decode_tile(None, torch.zeros(1, 32, 65, 64)) == 64
+    with pytest.raises(ConfigError, match="tiling must be one of"):
+        families.decode("hart", None, torch.zeros(1, 32, 4, 4), "sometimes")
+
+
+def test_a_third_family_runs_through_the_pipeline(toy):
+    pipe = Pipeline.load("toy", "nowhere", "nowhere", "nowhere", device="cpu")
+    assert pipe.spec is toy and pipe.depth == 2
+    images, result = pipe.generate("a toy", "not this", width=64, height=48, pruning="paper", seed=3,
+                                   record_kept=True)
+    assert images.shape == (1, 48, 64, 3) and torch.isfinite(images).all()
+    assert result.schedule.scales == ((1, 1), (2, 2), (3, 3), (3, 4)) and result.pruning.name == "paper"
+    assert {s for (s, _, _) in result.kept} == {3}  # the preset's last scale, half its tokens
+    again, _ = pipe.generate("a toy", "not this", width=64, height=48, pruning="paper", seed=3)
+    assert torch.equal(images, again)
+
+
+def test_shared_checks_hold_for_a_third_family(toy):
+    pipe = Pipeline("toy", ToyModel(), ToyVAE(), ToyTextEncoder())
+    schedule = pipe.schedule()
+    bad = ToyConditioning(torch.full((1, 2, 4), float("nan")))
+    with pytest.raises(ConfigError, match="text conditioning contains NaN"):
+        pipe.sample(bad, schedule)
+    with pytest.raises(ConfigError, match="seed must be an integer"):
+        pipe.sample(pipe.encode(["x"])[0], schedule, seed=-1)
+    broken = ToyModel()
+    with torch.no_grad():
+        broken.codebook.fill_(float("nan"))
+    with pytest.raises(ConfigError, match="scale 1: the model produced NaN or Inf logits"):
+        Pipeline("toy", broken, ToyVAE()).sample(pipe.encode(["x"])[0], schedule)
+
+
+def test_the_shared_path_checks_every_familys_latent(toy, monkeypatch):
+    pipe = Pipeline("toy", ToyModel(), ToyVAE(), ToyTextEncoder())
+    run = type(toy).run_sampler
+
+    def nan_latent(self, *args, **kwargs):
+        result = run(self, *args, **kwargs)
+        result.latent[0, 0, 0, 0] = float("nan")
+        return result
+
+    monkeypatch.setattr(type(toy), "run_sampler", nan_latent)
+    with pytest.raises(ConfigError, match=r"the sampled latent contains NaN or Inf \(first at index"):
+        pipe.generate("x")
+
+
+def test_a_third_family_runs_through_the_nodes_unchanged(toy):
+    generation, objects = pack_module("nodes.generation"), pack_module("nodes.objects")
+    Part = objects.Part
+    encoder = Part("toy", ToyTextEncoder(), "toy")
+    positive, negative = generation.TextEncode().encode(encoder, "a toy", "not this")
+    (spec,) = generation.FastVARPruning().build("paper", 2.0, 5, -1, -1, "Infinity-2B 1024px")
+    out = generation.FastVARSampler().sample(
+        Part("toy", ToyModel(), "toy"), positive, seed=3, width=64, height=48, aspect_ratio="from width/height",
+        pixel_budget="auto", cfg=2.0, tau=0.5, top_k=0, top_p=0.0, batch_size=2, negative=negative, pruning=spec)
+    latent, info = out["result"]
+    assert info.startswith("toy 64x48 (4 scales), pruning paper")
+    (image,) = generation.FastVARDecode().decode(Part("toy", ToyVAE(), "toy"), latent, "auto")
+    assert image.shape == (2, 48, 64, 3)
+    maps, mask = generation.FastVARTokenMap().render(latent, -1, "attention", 0)
+    assert maps.shape == (1, 48, 64, 3) and 0 < float(mask.mean()) < 1
+    # The same request through the Pipeline gives the same pixels: one shared path.
+    pipe = Pipeline("toy", ToyModel(), ToyVAE(), ToyTextEncoder())
+    images, _ = pipe.generate("a toy", "not this", width=64, height=48, pruning="paper", seed=3, cfg=2.0, batch=2)
+    assert torch.equal(images, image.cpu())
+
+
+def test_front_doors_speak_only_to_the_family_interface():
+    """No node imports a family folder; no family-name branch outside the family folders (issue #13)."""
+    branch = re.compile(r"\bfamily\s*(==|!=|in\s*\()|\.family\s*(==|!=)")
+    offenders = []
+    for path in sorted([*ROOT.joinpath("nodes").glob("*.py"), *ROOT.joinpath("fastvar_core").rglob("*.py")]):
+        rel = path.relative_to(ROOT).as_posix()
+        if rel.startswith(("fastvar_core/infinity/", "fastvar_core/hart/")):
+            continue
+        text = path.read_text(encoding="utf-8")
+        if branch.search(text):
+            offenders.append(rel)
+        if rel.startswith("nodes/") and re.search(r"fastvar_core\.(infinity|hart)\b|fastvar_core import (infinity|hart)",
+                                                  text):
+            offenders.append(f"{rel} imports a family folder")
+    assert offenders == []
+
+
+@pytest.mark.parametrize("name", ["infinity", "hart"])
+def test_declared_defaults_are_the_samplers(name):
+    """Family.defaults documents what a None knob gets: the scale loop's own defaults."""
+    import inspect
+
+    sampler = {"infinity": "fastvar_core.infinity.sampler:sample_infinity", "hart": "fastvar_core.hart.sampler:sample_hart"}
+    module, func = sampler[name].split(":")
+    params = inspect.signature(getattr(importlib.import_module(module), func)).parameters
+    family = families.get_family(name)
+    for knob, value in family.defaults.items():
+        if value is None and knob not in params:
+            continue  # a knob the family does not have (HART: tau)
+        assert params[knob].default == value, knob
