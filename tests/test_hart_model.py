@@ -16,8 +16,8 @@ import torch
 from conftest import PARITY, StopSampling
 from safetensors.torch import load_file, save_file
 
-from fastvar_core.errors import CheckpointError, ConfigError, IncompatibleModelsError
 from fastvar_core import families
+from fastvar_core.errors import CheckpointError, ConfigError, IncompatibleModelsError
 from fastvar_core.families import get_family
 from fastvar_core.hart import (
     HARTTextConditioning,
