@@ -194,7 +194,8 @@ def check_text_encoder(family: str | Family, model, encoder, enc_name: str = "th
         )
 
 
-def resolve_pruning(family: str | Family, pruning, schedule: ScaleSchedule, config, cond=None) -> PruningConfig:
+def resolve_pruning(family: str | Family, pruning: PruningRequest | PruningConfig | None, schedule: ScaleSchedule,
+                    config, cond=None) -> PruningConfig:
     """The validated plan for a run: a PruningRequest resolved, or a PruningConfig validated (None: off).
 
     ``config`` is the model's config (``model.config``); the one place where a plan is checked against a

@@ -138,12 +138,14 @@ class Pipeline:
                cfg: float | None = None, tau: float | None = None, top_k: int | None = None,
                top_p: float | None = None, callback: ProgressCallback | None = None,
                record_kept: bool = False, hooks: SamplingHooks | None = None) -> SampleResult:
-        """Run the scale loop (fastvar_core.families.sample); None for a knob means the family's official default."""
+        """Run the scale loop (fastvar_core.families.sample); None for a knob means the family's official default.
+
+        ``pruning``: a preset name, a JSON file, a PruningRequest or a PruningConfig (None: off).
+        """
         check_seed(seed)  # before the pruning file is read: the cheaper error first
         return families.sample(self.family, self.model, cond, schedule, vae=self.vae, negative=negative, cfg=cfg,
                                tau=tau, top_k=top_k, top_p=top_p, seed=seed, pruning=load_pruning(pruning),
-                               callback=callback,
-                               record_kept=record_kept, hooks=hooks)
+                               callback=callback, record_kept=record_kept, hooks=hooks)
 
     def decode(self, result: SampleResult, tile: str | int | None = "auto") -> torch.Tensor:
         """(B, H, W, 3) float RGB in [0, 1] on the CPU; ``tile``: "auto" (tiles at 2K), "on", "off"/None or a size."""
