@@ -65,7 +65,7 @@ def save_images(images, out: Path) -> list[Path]:
 def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
-    from .pipeline import Pipeline, check_batch, check_image_size
+    from .pipeline import Pipeline, check_batch, check_image_size, load_pruning
     from .sampling import check_seed
 
     # Cheap checks first: a typo should not cost a multi-GB model load.
@@ -74,6 +74,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.width is not None and args.height is not None:
         check_image_size(args.width, args.height)
     check_output(Path(args.out))
+    pruning = load_pruning(args.pruning)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
     pipe = Pipeline.load(args.family, args.model, args.vae, args.text_encoder, tokenizer=args.tokenizer,
                          device=args.device, dtype=dtype)
@@ -85,7 +86,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     prompts = [args.prompt] * args.batch
     cond, neg = pipe.encode(prompts, [args.negative] * args.batch if args.negative else None)
     t0 = time.perf_counter()
-    result = pipe.sample(cond, schedule, negative=neg, pruning=args.pruning, seed=args.seed, cfg=args.cfg,
+    result = pipe.sample(cond, schedule, negative=neg, pruning=pruning, seed=args.seed, cfg=args.cfg,
                          tau=args.tau, top_k=args.top_k, top_p=args.top_p, callback=_progress_bar("sampling"))
     t1 = time.perf_counter()
     images = pipe.decode(result)  # tiles at 2K (fastvar_core.families.decode)
@@ -106,6 +107,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from .families import family_names
+    from .pipeline import PRESETS
 
     parser = argparse.ArgumentParser(prog="python -m fastvar_core", description=__doc__)
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
@@ -124,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--budget", choices=["0.06M", "0.25M", "0.60M", "1M", "2K"],
                      help="pixel budget (default: the closest to width x height); HART: 1M or 2K only")
     gen.add_argument("--preset", choices=["2k"], help="2k: zero-shot 2K schedule")
-    gen.add_argument("--pruning", default="paper", help="off, paper, 2k, fast or a JSON file (default: paper)")
+    gen.add_argument("--pruning", default="paper", help=f"{', '.join(PRESETS)} or a JSON file (default: paper)")
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--cfg", type=float)
     gen.add_argument("--tau", type=float)

@@ -81,7 +81,7 @@ def estimate(arch: ArchSpec, scales: list[tuple[int, int]], config: PruningConfi
     """Cost of generating one image row over ``scales`` with ``config`` (None = no pruning).
 
     ``guided``: count both CFG rows (the unconditional one only before ``config.cfg_cutoff``).
-    Keys a scale leaves out of the KV cache (``config.kv_ratios``) are not attended to by later scales.
+    Keys a scale leaves out of the KV cache (``config.kv_drop_ratios``) are not attended to by later scales.
     """
     config = config or PruningConfig(name="off")
     c, f, d = arch.width, arch.ffn_hidden, arch.depth

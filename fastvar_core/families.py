@@ -19,7 +19,10 @@ from pathlib import Path
 
 import torch
 
+from .cost import ArchSpec
 from .errors import ConfigError, IncompatibleModelsError
+from .pruning import PresetTable, PruningConfig
+from .pruning_request import PruningRequest
 from .sampling import ProgressCallback, SampleResult, SamplingHooks, check_finite, check_seed
 from .schedules import ScaleSchedule
 
@@ -37,14 +40,12 @@ class Family(ABC):
     # Capabilities
     negative_prompt: bool  # a negative prompt replaces the unconditional branch
     has_tau: bool  # the sampler takes a logit temperature divisor
-    can_skip_last: bool  # pruning may skip the last scale entirely (docs/fastvar.md)
+    can_skip: bool  # pruning may skip whole scales (docs/fastvar.md §3.7)
+    min_cache_scale = 0  # the earliest scale that can refill pruned tokens (it must hold a token map)
     attention_sublayer: str  # name of self-attention in the kept-token records (token maps)
     # Official sampling defaults; None for a knob the family does not have.
     defaults: dict[str, float | int | None]
-    # Pruning presets (docs/fastvar.md): scales of the 1024 px schedule, and for each preset name
-    # ({offset from the end: drop ratio}, cache offset from the end).
-    scales_1024: int
-    preset_tails: dict[str, tuple[dict[int, float], int]]
+    presets: PresetTable  # the pruning presets' numbers (docs/fastvar.md §4)
 
     # ---- parts ---------------------------------------------------------------------------------
     @abstractmethod
@@ -81,9 +82,13 @@ class Family(ABC):
     def depth(self, model: torch.nn.Module) -> int:
         return model.config.depth
 
-    def arch_spec(self, model: torch.nn.Module, cond=None):
-        """The cost model's view of a loaded transformer (fastvar_core.cost.ArchSpec), for ``cond`` if given."""
-        return model.arch_spec()
+    @abstractmethod
+    def arch_spec(self, config, cond=None) -> ArchSpec:
+        """The cost model's view of a transformer of this ``config`` (a loaded model's ``model.config``).
+
+        ``cond``: the run's conditioning, when it changes the cost (Infinity's prompt length); None: the
+        family's documented assumption, which the chart uses.
+        """
 
     # ---- request -> schedule --------------------------------------------------------------------
     @abstractmethod
@@ -96,12 +101,8 @@ class Family(ABC):
 
     # ---- pruning and cost tables ---------------------------------------------------------------
     @abstractmethod
-    def preset_layers(self, depth: int) -> tuple[int, int]:
-        """Layer range [start, stop) that the presets prune for a model of this depth."""
-
-    @abstractmethod
     def chart_models(self) -> dict[str, tuple[object, Callable[[], ScaleSchedule]]]:
-        """Released models for the schedule chart: label -> (ArchSpec, schedule factory)."""
+        """Released models for the schedule chart: label -> (their model config, schedule factory)."""
 
     # ---- sampling ---------------------------------------------------------------------------------
     def sampler_top_k(self, top_k: int | None) -> int | None:
@@ -193,6 +194,23 @@ def check_text_encoder(family: str | Family, model, encoder, enc_name: str = "th
         )
 
 
+def resolve_pruning(family: str | Family, pruning: PruningRequest | PruningConfig | None, schedule: ScaleSchedule,
+                    config, cond=None) -> PruningConfig:
+    """The validated plan for a run: a PruningRequest resolved, or a PruningConfig validated (None: off).
+
+    ``config`` is the model's config (``model.config``); the one place where a plan is checked against a
+    schedule and model, for the sampler and the chart alike.
+    """
+    fam = get_family(family)
+    if pruning is None:
+        return PruningConfig(name="off")
+    arch = fam.arch_spec(config, cond)
+    if isinstance(pruning, PruningRequest):
+        return pruning.resolve(fam, list(schedule.scales), arch)
+    return pruning.validate(schedule.num_scales, arch.depth, can_skip=fam.can_skip,
+                            min_cache_scale=fam.min_cache_scale)
+
+
 def _features(cond) -> torch.Tensor:
     """The feature tensor of a conditioning (Infinity's packed kv_compact, else ``context``)."""
     return cond.kv_compact if hasattr(cond, "kv_compact") else cond.context
@@ -204,7 +222,8 @@ def sample(family: str | Family, model, cond, schedule: ScaleSchedule, *, vae=No
            hooks: SamplingHooks | None = None) -> SampleResult:
     """Run a family's scale loop with the checks every front door shares.
 
-    ``pruning`` is a PruningConfig (or None = off); None for a knob means the family's official default.
+    ``pruning`` is a PruningRequest, a PruningConfig or None (off), checked once by :func:`resolve_pruning`;
+    None for a knob means the family's official default.
     A knob the family does not have (HART: tau) is ignored; a negative conditioning it cannot use is refused.
     """
     fam = get_family(family)
@@ -214,8 +233,7 @@ def sample(family: str | Family, model, cond, schedule: ScaleSchedule, *, vae=No
     for name, c in (("text conditioning", cond), ("negative text conditioning", negative)):
         if c is not None:
             check_finite(_features(c), name)
-    if pruning is not None:
-        pruning = pruning.validate(schedule.num_scales, fam.depth(model), can_skip_last=fam.can_skip_last)
+    pruning = resolve_pruning(fam, pruning, schedule, model.config, cond)
     knobs = dict(cfg=cfg, tau=tau if fam.has_tau else None, top_k=fam.sampler_top_k(top_k), top_p=top_p)
     knobs = {k: v for k, v in knobs.items() if v is not None}
     result = fam.run_sampler(model, vae, cond, schedule, negative=negative, knobs=knobs, seed=seed, pruning=pruning,

@@ -3,7 +3,7 @@
 A next-scale model appends each scale's keys/values to every layer's cache and attends to all of them.
 Re-concatenating the cache at every scale copies it again and again (and allocates a fresh block each
 time); here every layer owns one buffer sized for the whole generation, new keys are written in place
-and attention reads a view. Optionally (a KV budget, ``PruningConfig.kv_ratios``) only some of a
+and attention reads a view. Optionally (a KV budget, ``PruningConfig.kv_drop_ratios``) only some of a
 scale's keys stay for later scales.
 """
 

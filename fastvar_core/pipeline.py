@@ -19,9 +19,12 @@ import torch
 from . import families
 from .errors import ConfigError
 from .families import NUMERIC_HINT, Family, get_family  # noqa: F401  (NUMERIC_HINT: re-exported)
-from .pruning import PruningConfig, make_preset
+from .pruning import ACCELERATED_PRESETS, PRESET_NAMES, PruningConfig
+from .pruning_request import PruningRequest
 from .sampling import ProgressCallback, SampleResult, SamplingHooks, check_seed
 from .schedules import ScaleSchedule, snap_template
+
+PRESETS = PRESET_NAMES + ACCELERATED_PRESETS  # the names ``pruning=`` and the CLI's --pruning take
 
 
 def check_batch(batch: int) -> int:
@@ -54,26 +57,24 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def resolve_pruning(spec: str | os.PathLike | PruningConfig | None, family: str | Family, schedule: ScaleSchedule,
-                    depth: int) -> PruningConfig:
-    """A PruningConfig from a preset name (off, paper, 2k, fast), a JSON file path, or a config; validated."""
-    can_skip_last = get_family(family).can_skip_last
-    if spec is None:
-        spec = "off"
-    if isinstance(spec, PruningConfig):
-        config = spec
-    elif str(spec) in ("off", "paper", "2k", "fast"):
-        config = make_preset(family, str(spec), schedule.num_scales, depth)
-    else:
-        path = Path(spec)
-        if not path.is_file():
-            raise ConfigError(f"pruning must be off, paper, 2k, fast or a JSON file; '{spec}' is none of these")
-        try:
-            return PruningConfig.from_json(path.read_text()).validate(
-                schedule.num_scales, depth, can_skip_last=can_skip_last)
-        except (ConfigError, OSError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"pruning file '{path}': {exc}") from None
-    return config.validate(schedule.num_scales, depth, can_skip_last=can_skip_last)
+def load_pruning(pruning: str | os.PathLike | PruningRequest | PruningConfig | None) -> PruningRequest | PruningConfig:
+    """A request from a preset name (off, paper, 2k, fast), a config from a JSON file; requests and configs pass.
+
+    Nothing here depends on the schedule: ``families.sample`` resolves or validates the result once.
+    """
+    if pruning is None:
+        return PruningRequest(mode="off")
+    if isinstance(pruning, (PruningRequest, PruningConfig)):
+        return pruning
+    if str(pruning) in PRESETS:
+        return PruningRequest(mode=str(pruning))
+    path = Path(pruning)
+    if not path.is_file():
+        raise ConfigError(f"pruning must be {', '.join(PRESETS)} or a JSON file; '{pruning}' is none of these")
+    try:
+        return PruningConfig.from_json(path.read_text())
+    except (ConfigError, OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"pruning file '{path}': {exc}") from None
 
 
 @dataclass
@@ -137,12 +138,14 @@ class Pipeline:
                cfg: float | None = None, tau: float | None = None, top_k: int | None = None,
                top_p: float | None = None, callback: ProgressCallback | None = None,
                record_kept: bool = False, hooks: SamplingHooks | None = None) -> SampleResult:
-        """Run the scale loop (fastvar_core.families.sample); None for a knob means the family's official default."""
-        check_seed(seed)  # before the pruning is resolved: the cheaper error first
-        config = resolve_pruning(pruning, self.family, schedule, self.depth)
+        """Run the scale loop (fastvar_core.families.sample); None for a knob means the family's official default.
+
+        ``pruning``: a preset name, a JSON file, a PruningRequest or a PruningConfig (None: off).
+        """
+        check_seed(seed)  # before the pruning file is read: the cheaper error first
         return families.sample(self.family, self.model, cond, schedule, vae=self.vae, negative=negative, cfg=cfg,
-                               tau=tau, top_k=top_k, top_p=top_p, seed=seed, pruning=config, callback=callback,
-                               record_kept=record_kept, hooks=hooks)
+                               tau=tau, top_k=top_k, top_p=top_p, seed=seed, pruning=load_pruning(pruning),
+                               callback=callback, record_kept=record_kept, hooks=hooks)
 
     def decode(self, result: SampleResult, tile: str | int | None = "auto") -> torch.Tensor:
         """(B, H, W, 3) float RGB in [0, 1] on the CPU; ``tile``: "auto" (tiles at 2K), "on", "off"/None or a size."""

@@ -4,31 +4,32 @@ from __future__ import annotations
 
 from ..fastvar_core.cost import estimate
 from ..fastvar_core.errors import ConfigError
-from ..fastvar_core.families import family_names, get_family
+from ..fastvar_core.families import family_names, get_family, resolve_pruning
 
-# label -> (family name, ArchSpec, schedule factory), from every registered family's released models.
+# label -> (family name, released model config, schedule factory), from every registered family.
 CHART_MODELS = {
-    label: (name, arch, make_schedule)
+    label: (name, config, make_schedule)
     for name in family_names()
-    for label, (arch, make_schedule) in get_family(name).chart_models().items()
+    for label, (config, make_schedule) in get_family(name).chart_models().items()
 }
 
 
-def schedule_chart(chart_for: str, spec) -> dict:
+def schedule_chart(chart_for: str, request) -> dict:
     """Bars per scale (tokens forwarded vs total), skipped steps, the cache scale and the predicted speedup.
 
-    Returns ``{"error": message}`` instead of raising when the settings are impossible, so the chart can
-    show the same message that the node's validation gives.
+    The plan and the cost model's shape come from the released config through the same functions as a
+    run's (``families.resolve_pruning``, ``Family.arch_spec``). Returns ``{"error": message}`` instead of
+    raising when the settings are impossible for this model and size.
     """
     if chart_for not in CHART_MODELS:
         return {"error": f"unknown chart model {chart_for!r}; allowed: {list(CHART_MODELS)}"}
-    family, arch, make_schedule = CHART_MODELS[chart_for]
+    family, model_config, make_schedule = CHART_MODELS[chart_for]
     schedule = make_schedule()
     try:
-        config = spec.resolve(family, list(schedule.scales), arch.depth, arch,
-                              can_skip_last=get_family(family).can_skip_last)
+        config = resolve_pruning(family, request, schedule, model_config)
     except ConfigError as exc:
         return {"error": str(exc)}
+    arch = get_family(family).arch_spec(model_config)
     base = estimate(arch, list(schedule.scales))
     pruned = estimate(arch, list(schedule.scales), config)
     scales = []

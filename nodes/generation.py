@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
 
 import torch
@@ -11,7 +12,7 @@ import torch.nn.functional as F
 from ..fastvar_core import families
 from ..fastvar_core.errors import ConfigError
 from ..fastvar_core.families import get_family
-from ..fastvar_core.pruning_spec import PruningSpec
+from ..fastvar_core.pruning_request import MODES, SPEED_TARGET_RANGE, PruningRequest
 
 from . import compat
 from .chart import CHART_MODELS
@@ -83,8 +84,8 @@ class FastVARPruning:
             for k in range(1, TAIL_SLIDERS + 1)
         }
         return {"required": {
-            "preset": (["off", "paper", "2k", "speed target", "custom", "fast"], {"default": "paper", "tooltip": "off: no pruning. paper: the official FastVAR setting. 2k: for the zero-shot 2K schedule. speed target: ratios chosen by the cost model. custom: the sliders below. fast: paper (2k on 2K schedules) plus two accelerations beyond the paper: no unconditional CFG branch at the last two scales and half the KV cache of the two scales before (trades some guidance fidelity for speed)."}),
-            "speed_target": ("FLOAT", {"default": 2.0, "min": 1.0, "max": 10.0, "step": 0.1, "tooltip": "speed target only: desired speedup of the transformer; the latest scales are pruned first."}),
+            "preset": (list(MODES), {"default": "paper", "tooltip": "off: no pruning. paper: the official FastVAR setting. 2k: for the zero-shot 2K schedule. speed target: ratios chosen by the cost model. custom: the sliders below. fast: paper (2k on 2K schedules) plus two accelerations beyond the paper: no unconditional CFG branch at the last two scales and half the KV cache of the two scales before (trades some guidance fidelity for speed)."}),
+            "speed_target": ("FLOAT", {"default": 2.0, "min": SPEED_TARGET_RANGE[0], "max": SPEED_TARGET_RANGE[1], "step": 0.1, "tooltip": "speed target only: desired speedup of the transformer; the latest scales are pruned first."}),
             **sliders,
             "cache_from_end": ("INT", {"default": 5, "min": 2, "max": 12, "tooltip": "custom only: which scale (counted from the end) refills the pruned tokens; must come before every pruned scale."}),
             "first_layer": ("INT", {"default": -1, "min": -1, "max": 128, "tooltip": "First transformer layer that prunes; -1 = the family's default (Infinity 3, HART 0)."}),
@@ -93,25 +94,26 @@ class FastVARPruning:
         }}
 
     @staticmethod
-    def make_spec(preset, speed_target, cache_from_end, first_layer, last_layer, **sliders) -> PruningSpec:
+    @functools.lru_cache(maxsize=64)
+    def make_request(preset, speed_target, cache_from_end, first_layer, last_layer, **sliders) -> PruningRequest:
+        """The request of the widget values (checked as it is built: ConfigError). Cached, so VALIDATE_INPUTS and
+        build share one request per set of values."""
         tail = tuple(sliders.get(f"last_{k}_drop", 0) / 100 for k in range(1, TAIL_SLIDERS + 1))
-        return PruningSpec(
-            mode=preset, tail_ratios=tail, cache_from_end=cache_from_end, speed_target=speed_target,
+        return PruningRequest(
+            mode=preset, tail_drop_ratios=tail, cache_from_end=cache_from_end, speed_target=speed_target,
             layer_start=None if first_layer < 0 else first_layer, layer_stop=None if last_layer < 0 else last_layer + 1,
         )
 
     @classmethod
     def VALIDATE_INPUTS(cls, preset, speed_target, cache_from_end, first_layer, last_layer, **sliders):
         try:
-            cls.make_spec(preset, speed_target, cache_from_end, first_layer, last_layer, **sliders).check()
+            cls.make_request(preset, speed_target, cache_from_end, first_layer, last_layer, **sliders)
         except ConfigError as exc:
             return str(exc)
         return True
 
     def build(self, preset, speed_target, cache_from_end, first_layer, last_layer, chart_for, **sliders):
-        spec = self.make_spec(preset, speed_target, cache_from_end, first_layer, last_layer, **sliders)
-        spec.check()
-        return (spec,)
+        return (self.make_request(preset, speed_target, cache_from_end, first_layer, last_layer, **sliders),)
 
 
 def _ordinal(k: int) -> str:
@@ -183,9 +185,6 @@ class FastVARSampler:
         same_family("the conditioning", model.family, positive.family, "use the text encoder of the model's family")
         family = get_family(model.family)
         schedule = pick_schedule(model, width, height, aspect_ratio, pixel_budget)
-        spec = pruning or PruningSpec(mode="off")
-        config = spec.resolve(family.name, list(schedule.scales), family.depth(model.module),
-                              family.arch_spec(model.module), can_skip_last=family.can_skip_last)
         cond = positive.value.repeat(batch_size) if batch_size > 1 else positive.value
         neg = None
         if negative is not None and negative.value is not None:
@@ -202,12 +201,12 @@ class FastVARSampler:
                 on_compute_device(model.module) as device, _maybe_on(model.companion, device):
             result = families.sample(family, model.module, cond.to(device), schedule, vae=model.companion,
                                      negative=neg.to(device) if neg is not None else None, cfg=cfg, tau=tau,
-                                     top_k=top_k, top_p=top_p, seed=seed, pruning=config, callback=callback,
+                                     top_k=top_k, top_p=top_p, seed=seed, pruning=pruning, callback=callback,
                                      record_kept=True)
         seconds = time.perf_counter() - start
         result.latent = result.latent.to(compat.intermediate_device())
         h, w = schedule.image_size
-        info = (f"{model.family} {w}x{h} ({schedule.num_scales} scales), pruning {config.name}, "
+        info = (f"{model.family} {w}x{h} ({schedule.num_scales} scales), pruning {result.pruning.name}, "
                 f"sampling {seconds:.2f}s, seed {seed}")
         return {"ui": {"fastvar_info": [info]}, "result": (Latent(model.family, result, info), info)}
 

@@ -23,17 +23,15 @@ def chart_from_query(query) -> dict:
     """Build the chart for the Pruning node's widget values given as query parameters."""
     try:
         sliders = {f"last_{k}_drop": int(query.get(f"last_{k}_drop", 0)) for k in range(1, TAIL_SLIDERS + 1)}
-        spec = FastVARPruning.make_spec(
-            query.get("preset", "paper"), float(query.get("speed_target", 2.0)), int(query.get("cache_from_end", 5)),
-            int(query.get("first_layer", -1)), int(query.get("last_layer", -1)), **sliders,
-        )
+        values = (query.get("preset", "paper"), float(query.get("speed_target", 2.0)),
+                  int(query.get("cache_from_end", 5)), int(query.get("first_layer", -1)), int(query.get("last_layer", -1)))
     except (TypeError, ValueError) as exc:
         return {"error": f"bad chart request: {exc}"}
     try:
-        spec.check()
+        request = FastVARPruning.make_request(*values, **sliders)
     except FastVARError as exc:
         return {"error": str(exc)}
-    return schedule_chart(query.get("chart_for", "Infinity-2B 1024px"), spec)
+    return schedule_chart(query.get("chart_for", "Infinity-2B 1024px"), request)
 
 
 if _routes is not None:  # pragma: no cover

@@ -6,11 +6,15 @@ Only a smoke run of a few seconds: real benchmarks never run inside the tests.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 from PIL import Image
 
+from fastvar_core import families
 from fastvar_core.cost import predicted_speedup
+from fastvar_core.families import get_family
+from fastvar_core.infinity.config import INFINITY_2B
 from fastvar_core.pruning import make_preset
 from fastvar_core.schedules import hart_schedule, infinity_schedule
 from tools.bench import chart, main
@@ -55,10 +59,11 @@ def test_speedups_are_relative_to_the_baseline_and_ideal_matches_the_cost_model(
         shape = SHAPES[r["model"]].with_overrides(depth=4, width=64, heads=1, text_channels=128)
         model = models.setdefault(r["model"], build_transformer(shape))
         if shape.family == "infinity":
-            sched, arch = infinity_schedule(1.0, "0.06M"), model.arch_spec(text_tokens=24)
+            sched, arch = infinity_schedule(1.0, "0.06M"), replace(get_family("infinity").arch_spec(model.config),
+                                                                     text_tokens=24)
         else:
-            sched, arch = hart_schedule((1, 2, 3, 4, 5, 7, 9, 12, 16)), model.arch_spec()
-        config = make_preset(shape.family, r["pruning"], sched.num_scales, 4)
+            sched, arch = hart_schedule((1, 2, 3, 4, 5, 7, 9, 12, 16)), get_family("hart").arch_spec(model.config)
+        config = make_preset(get_family(shape.family).presets, r["pruning"], sched.num_scales, 4)
         assert r["config"] == config.to_dict()
         assert r["ideal_speedup"] == pytest.approx(predicted_speedup(arch, list(sched.scales), config, guided=True))
 
@@ -196,7 +201,7 @@ def test_cost_model_counts_cfg_rows_and_the_kv_budget():
     plain = estimate(arch, scales, guided=True)
     assert [s.rows for s in plain.scales] == [2, 2, 2]
     # scale 1 keeps 4 - floor(4 * 0.5) = 2 of its keys: scale 2 attends to 1 + 2 + 4 keys instead of 1 + 4 + 4
-    budget = estimate(arch, scales, PruningConfig(cfg_cutoff=2, kv_ratios={1: 0.5}), guided=True)
+    budget = estimate(arch, scales, PruningConfig(cfg_cutoff=2, kv_drop_ratios={1: 0.5}), guided=True)
     assert [s.rows for s in budget.scales] == [2, 2, 1]
     assert plain.scales[2].flops["attention"] == 2 * (8 * 4 * 16 + 4 * 4 * 9 * 4)
     assert budget.scales[2].flops["attention"] == 1 * (8 * 4 * 16 + 4 * 4 * 7 * 4)
@@ -206,21 +211,23 @@ def test_cost_model_counts_cfg_rows_and_the_kv_budget():
 def test_fast_preset_and_accelerated_configs_round_trip_and_validate():
     from fastvar_core.errors import ConfigError
     from fastvar_core.pruning import PruningConfig
-    from fastvar_core.pruning_spec import PruningSpec
+    from fastvar_core.pruning_request import PruningRequest
 
-    fast = make_preset("infinity", "fast", 13, 32)
-    assert (fast.cfg_cutoff, fast.kv_ratios) == (9, {8: 0.5, 9: 0.5})  # the pruned 32x32 and 40x40 run unguided
-    assert fast.ratios == make_preset("infinity", "paper", 13, 32).ratios
+    fast = make_preset(get_family("infinity").presets, "fast", 13, 32)
+    assert (fast.cfg_cutoff, fast.kv_drop_ratios) == (9, {8: 0.5, 9: 0.5})  # the pruned 32x32 and 40x40 run unguided
+    assert fast.drop_ratios == make_preset(get_family("infinity").presets, "paper", 13, 32).drop_ratios
     assert PruningConfig.from_json(fast.to_json()) == fast
-    assert "cfg_cutoff" not in make_preset("infinity", "paper", 13, 32).to_dict()  # paper JSON unchanged
-    two_k = make_preset("infinity", "fast", 15, 32)
-    assert two_k.ratios == make_preset("infinity", "2k", 15, 32).ratios and two_k.cfg_cutoff == 12
-    assert PruningSpec(mode="2k", accelerate=True).resolve("infinity", list(infinity_schedule(1.0, "2K").scales), 32) \
-        .kv_ratios == two_k.kv_ratios
+    assert "cfg_cutoff" not in make_preset(get_family("infinity").presets, "paper", 13, 32).to_dict()  # paper JSON unchanged
+    two_k = make_preset(get_family("infinity").presets, "fast", 15, 32)
+    assert two_k.drop_ratios == make_preset(get_family("infinity").presets, "2k", 15, 32).drop_ratios and two_k.cfg_cutoff == 12
+    infinity = get_family("infinity")
+    two_k_request = PruningRequest(mode="2k", accelerate=True)
+    assert families.resolve_pruning(infinity, two_k_request, infinity_schedule(1.0, "2K"), INFINITY_2B) \
+        .kv_drop_ratios == two_k.kv_drop_ratios
     with pytest.raises(ConfigError, match="pruning.cfg_cutoff = 0 .*allowed: 1..12"):
         PruningConfig(cfg_cutoff=0).validate(13, 32)
-    with pytest.raises(ConfigError, match=r"pruning.kv_ratios\[3\] = 1.0 is outside \[0, 1\)"):
-        PruningConfig(kv_ratios={3: 1.0}).validate(13, 32)
+    with pytest.raises(ConfigError, match=r"pruning.kv_drop_ratios\[3\] = 1.0 is outside \[0, 1\)"):
+        PruningConfig(kv_drop_ratios={3: 1.0}).validate(13, 32)
     with pytest.raises(ConfigError, match="pruning.cfg_cutoff must be a scale index"):
         PruningConfig.from_dict({"cfg_cutoff": "late"})
 
@@ -237,9 +244,9 @@ def test_hart_fast_matches_paper_before_its_cutoff_and_runs_one_row_after():
     model, vae = build_transformer(shape), build_vae(replace(shape, vae_base=32))
     cond = random_conditioning(shape, batch=1, tokens=4)
     sched = hart_schedule((1, 2, 3, 4, 5, 6))
-    paper = sample_hart(model, vae, cond, sched, pruning=make_preset("hart", "paper", 6, 2))
-    fast_cfg = make_preset("hart", "fast", 6, 2)
-    assert fast_cfg.cfg_cutoff == 4 and fast_cfg.kv_ratios == {3: 0.5, 4: 0.5}
+    paper = sample_hart(model, vae, cond, sched, pruning=make_preset(get_family("hart").presets, "paper", 6, 2))
+    fast_cfg = make_preset(get_family("hart").presets, "fast", 6, 2)
+    assert fast_cfg.cfg_cutoff == 4 and fast_cfg.kv_drop_ratios == {3: 0.5, 4: 0.5}
     rows = []
     original = model.forward_blocks
     model.forward_blocks = lambda x, *a, **k: rows.append(x.shape[0]) or original(x, *a, **k)

@@ -43,7 +43,7 @@ for package in (fastvar_core, importlib.import_module(pack.__name__ + ".nodes"))
 print(json.dumps({{"pack": pack.__name__, "walked": walked, "loaded": sorted(sys.modules)}}))
 """)
     pack = found["pack"]
-    assert {"fastvar_core.cli", "fastvar_core.pipeline", "fastvar_core.pruning_spec", "fastvar_core.infinity.sampler",
+    assert {"fastvar_core.cli", "fastvar_core.pipeline", "fastvar_core.pruning_request", "fastvar_core.infinity.sampler",
             "fastvar_core.hart.sampler", f"{pack}.nodes.generation", f"{pack}.nodes.loaders"} <= set(found["walked"])
     assert [m for m in found["loaded"] if is_tooling(m, pack)] == []
     assert [m for m in found["loaded"] if m.startswith(DRAWING)] == []

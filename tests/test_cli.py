@@ -216,7 +216,7 @@ def bad_inputs(tmp_path_factory) -> Path:
                  "model-00002-of-00002.safetensors"):
         (d / "t5_no_tokenizer" / name).symlink_to(T5 / name)
     _write_narrow_t5(d)
-    (d / "pruning.json").write_text(json.dumps({"ratios": {"9": 0.5}, "cache_scale": 3, "layers": [0, 2]}))
+    (d / "pruning.json").write_text(json.dumps({"drop_ratios": {"9": 0.5}, "cache_scale": 3, "layers": [0, 2]}))
     (d / "out_folder").mkdir()
     return d
 
@@ -272,7 +272,7 @@ ERROR_CASES = {
                         "512x512 is smaller than either"),
     "pruning_names_missing_scale": (
         lambda d: infinity_args(d / "o.png", "--pruning", str(d / "pruning.json")),
-        "pruning file '{d}/pruning.json': pruning.ratios: scale index 9 does not exist; this schedule has scales 0..6"),
+        "pruning.drop_ratios: scale index 9 does not exist; this schedule has scales 0..6"),
     "pruning_neither_preset_nor_file": (lambda d: infinity_args(d / "o.png", "--pruning", "fastest"),
                                         "pruning must be off, paper, 2k, fast or a JSON file; 'fastest' is none of these"),
     "batch_zero": (lambda d: infinity_args(d / "o.png", "--batch", "0"),

@@ -5,13 +5,14 @@ from __future__ import annotations
 import pytest
 
 from fastvar_core.cost import ArchSpec, estimate, predicted_speedup
+from fastvar_core.families import get_family
 from fastvar_core.pruning import PruningConfig, make_preset
 from fastvar_core.schedules import infinity_schedule
 
 # depth 2, width C=4, FFN F=8 (2 matrices), 64 logits, 32 input channels; scales 1x1 then 2x2.
 TINY = ArchSpec(depth=2, width=4, ffn_hidden=8)
 SCALES = [(1, 1), (2, 2)]
-PRUNE = PruningConfig(ratios={1: 0.5}, cache_scale=0, layers=(1, 2))
+PRUNE = PruningConfig(drop_ratios={1: 0.5}, cache_scale=0, layers=(1, 2))
 
 
 def test_baseline_by_hand():
@@ -37,7 +38,7 @@ def test_pruned_by_hand():
 
 
 def test_skipped_scale_costs_nothing():
-    report = estimate(TINY, SCALES, PruningConfig(ratios={1: 1.0}))
+    report = estimate(TINY, SCALES, PruningConfig(drop_ratios={1: 1.0}))
     assert report.scales[1].skipped and report.scales[1].total_flops == 0
     assert report.total_flops == 288 + 256 + 768
 
@@ -54,5 +55,5 @@ def test_infinity_2b_paper_ideal_is_near_the_published_analysis():
     # not known, so only the neighbourhood is checked.
     sched = infinity_schedule(1.0, "1M")
     arch = ArchSpec(depth=32, width=2048, ffn_hidden=8192, text_tokens=32)
-    cfg = make_preset("infinity", "paper", sched.num_scales, 32)
+    cfg = make_preset(get_family("infinity").presets, "paper", sched.num_scales, 32)
     assert 3.9 < predicted_speedup(arch, list(sched.scales), cfg) < 4.5

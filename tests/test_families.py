@@ -71,6 +71,20 @@ def test_a_third_family_runs_through_the_pipeline(toy):
     assert torch.equal(images, again)
 
 
+@pytest.mark.parametrize("pruning", ["paper", "fast", "hand-built"])
+def test_a_plan_is_validated_exactly_once_per_run(toy, monkeypatch, pruning):
+    from fastvar_core.pruning import PruningConfig
+
+    if pruning == "hand-built":
+        pruning = PruningConfig({3: 0.5}, cache_scale=1, layers=(0, 2))
+    calls = []
+    original = PruningConfig.validate
+    monkeypatch.setattr(PruningConfig, "validate", lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
+    pipe = Pipeline.load("toy", "nowhere", "nowhere", "nowhere", device="cpu")
+    pipe.generate("a toy", width=64, height=48, pruning=pruning, seed=3)
+    assert calls == [1]
+
+
 def test_shared_checks_hold_for_a_third_family(toy):
     pipe = Pipeline("toy", ToyModel(), ToyVAE(), ToyTextEncoder())
     schedule = pipe.schedule()

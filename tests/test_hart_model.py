@@ -16,10 +16,11 @@ import torch
 from conftest import PARITY, StopSampling
 from safetensors.torch import load_file, save_file
 
+from fastvar_core import families
 from fastvar_core.errors import CheckpointError, ConfigError, IncompatibleModelsError
+from fastvar_core.families import get_family
 from fastvar_core.hart import (
     HARTTextConditioning,
-    check_hart_pruning,
     check_text_width,
     check_vae_matches,
     detect_hart_config,
@@ -204,7 +205,7 @@ def test_vae_and_text_compatibility(model, vae, cond):
 
 
 def test_arch_spec(model):
-    spec = model.arch_spec()
+    spec = get_family("hart").arch_spec(model.config)
     assert (spec.depth, spec.width, spec.ffn_hidden, spec.ffn_matrices) == (4, 128, 512, 3)
     assert (spec.prefix_tokens, spec.head_outputs, spec.token_channels) == (300, 4096, 32)
     # diffusion head: 8 steps of a 2-block, width-128 MLP per token, plus the condition projection
@@ -312,31 +313,31 @@ def test_diffusion_rng_consumption_and_reproducibility(model, guidance, first_ro
 
 def test_hart_paper_preset_on_the_1024_schedule():
     sched = hart_schedule()
-    cfg = make_preset("hart", "paper", sched.num_scales, 24)
-    assert cfg.ratios == {12: 0.5, 13: 0.75} and cfg.cache_scale == 11 and cfg.layers == (0, 24)
+    cfg = make_preset(get_family("hart").presets, "paper", sched.num_scales, 24)
+    assert cfg.drop_ratios == {12: 0.5, 13: 0.75} and cfg.cache_scale == 11 and cfg.layers == (0, 24)
     assert sched.scales[11] == (36, 36)
     assert cfg.kept_tokens(12, 48 * 48) == 1152 and cfg.kept_tokens(13, 64 * 64) == 1024  # docs/fastvar.md §4.3
-    check_hart_pruning(cfg, sched, 24)
+    cfg.validate(sched.num_scales, 24, can_skip=False, min_cache_scale=1)
 
 
 @pytest.mark.parametrize(
     "cfg, words",
     [
-        (PruningConfig(ratios={0: 0.5}, cache_scale=0, layers=(0, 4)), "cache_scale"),
-        (PruningConfig(ratios={3: 0.5}, cache_scale=0, layers=(0, 4)), "scale 0 runs the text tokens"),
-        (PruningConfig(ratios={12: 1.0}, cache_scale=11, layers=(0, 4)), "skip"),
+        (PruningConfig(drop_ratios={0: 0.5}, cache_scale=0, layers=(0, 4)), "cache_scale"),
+        (PruningConfig(drop_ratios={3: 0.5}, cache_scale=0, layers=(0, 4)), "scales before 1 hold no token map"),
+        (PruningConfig(drop_ratios={12: 1.0}, cache_scale=11, layers=(0, 4)), "skip"),
     ],
 )
-def test_hart_pruning_rules(cfg, words):
+def test_hart_pruning_rules(model, cfg, words):
     with pytest.raises(ConfigError, match=words):
-        check_hart_pruning(cfg, hart_schedule(), 4)
+        families.resolve_pruning("hart", cfg, hart_schedule(), model.config)
 
 
 def test_kv_cache_holds_only_kept_tokens(model, cond):
     """Under pruning only the tokens that went through append K/V; a last scale stores nothing."""
     depth, pns = model.config.depth, model.config.patch_nums
     # prune scale 2 (3x3: keep 9 - floor(4.5) = 5) in layers 1 and 2 only, restoring from scale 1
-    config = PruningConfig(ratios={2: 0.5}, cache_scale=1, layers=(1, 3))
+    config = PruningConfig(drop_ratios={2: 0.5}, cache_scale=1, layers=(1, 3))
     run = PruningRun(config, hart_schedule(pns).scales, depth, record=True)
     cache = KVCache(depth)
     hd, gen = model.config.head_dim, torch.Generator().manual_seed(0)
@@ -391,7 +392,7 @@ def test_sampler_rejects_bad_teacher_tokens(model, vae, cond):
 def test_non_square_schedule_samples_prunes_and_decodes(model, vae, cond):
     sched = hart_schedule((1, 2, 3, 4, 6, 8), template=0.5)  # (1,1) (2,3) (2,4) (3,6) (5,8) (6,11)
     assert sched.scales[1:] == ((2, 3), (2, 4), (3, 6), (5, 8), (6, 11))
-    config = PruningConfig(ratios={4: 0.5, 5: 0.75}, cache_scale=3, layers=(0, model.config.depth), name="t")
+    config = PruningConfig(drop_ratios={4: 0.5, 5: 0.75}, cache_scale=3, layers=(0, model.config.depth), name="t")
     base = sample_hart(model, vae, cond, sched, seed=2)
     pruned = sample_hart(model, vae, cond, sched, seed=2, pruning=config, record_kept=True)
     for result in (base, pruned):

@@ -137,7 +137,7 @@ def _pruning_from_case(case: dict, patch_nums: tuple[int, ...], depth: int) -> P
     if isinstance(layers, str):
         assert layers.startswith("all"), f"case {case['name']}: cannot read pruned_layers {layers!r}"
         layers = (0, depth)
-    return PruningConfig(ratios=ratios, cache_scale=index[int(fv["cache_scale"])], layers=tuple(layers), name="case")
+    return PruningConfig(drop_ratios=ratios, cache_scale=index[int(fv["cache_scale"])], layers=tuple(layers), name="case")
 
 
 class Mismatches:

@@ -18,6 +18,7 @@ from conftest import PARITY, StopSampling
 from safetensors.torch import load_file, save_file
 
 from fastvar_core.errors import CheckpointError, IncompatibleModelsError
+from fastvar_core.families import get_family
 from fastvar_core.infinity import (
     InfinityConfig,
     ScaleRope,
@@ -275,8 +276,8 @@ def test_rope_table_layout_and_gather():
 
 
 def test_paper_preset_matches_official_selection_1x1_1M():
-    cfg = make_preset("infinity", "paper", infinity_schedule(1.0, "1M").num_scales, 32)
-    assert cfg.ratios == {9: 0.4, 10: 0.5, 11: 1.0, 12: 1.0}
+    cfg = make_preset(get_family("infinity").presets, "paper", infinity_schedule(1.0, "1M").num_scales, 32)
+    assert cfg.drop_ratios == {9: 0.4, 10: 0.5, 11: 1.0, 12: 1.0}
     assert cfg.cache_scale == 8
     assert cfg.layers == (3, 28)
     assert cfg.kept_tokens(9, 32 * 32) == 615 and cfg.kept_tokens(10, 40 * 40) == 800

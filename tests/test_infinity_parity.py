@@ -33,6 +33,7 @@ from parity_rule import TOLERATED, ReferenceDraws, Selections
 from safetensors.torch import load_file
 
 from fastvar_core.errors import ConfigError
+from fastvar_core.families import get_family
 from fastvar_core.infinity import load_infinity_model, sample_infinity
 from fastvar_core.infinity.vae import load_infinity_vae
 from fastvar_core.pruning import PruningConfig, make_preset
@@ -135,7 +136,7 @@ def _pruning(case: dict, scales) -> PruningConfig | None:
     ratios.update({int(s): 1.0 for s in fv["skipped_scales"]})
     layers = [int(x) for x in fv["pruned_layers"]]
     cache = fv["cache_scales_576_tokens"]
-    return PruningConfig(ratios=ratios, cache_scale=int(cache[-1]) if cache else None,
+    return PruningConfig(drop_ratios=ratios, cache_scale=int(cache[-1]) if cache else None,
                          layers=(min(layers), max(layers) + 1) if layers else (0, 0), name="case")
 
 
@@ -311,7 +312,7 @@ def _run_error_case(name, case_dir, case, inputs):
         configs.append(recorded.validate(base.num_scales, model.config.depth))
     except ConfigError as exc:
         assert "pruning.cache_scale" in str(exc), f"{name}: unclear refusal: {exc}"
-    configs.append(make_preset("infinity", "paper", base.num_scales, model.config.depth))
+    configs.append(make_preset(get_family("infinity").presets, "paper", base.num_scales, model.config.depth))
     for pruning in configs:
         _check_error_case_run(name, case_dir, case, inputs, base, model, pruning)
 
@@ -336,7 +337,7 @@ def _check_error_case_run(name, case_dir, case, inputs, base, model, pruning):
     # Scales before the first pruned/skipped one are untouched by FastVAR: they must equal a run without
     # pruning. That run stops after them (skipping the rest keeps the full-size latent accumulator, so
     # the earlier scales compute exactly what an unpruned run computes).
-    stop = PruningConfig(ratios={s: 1.0 for s in range(first, base.num_scales)}, name="prefix")
+    stop = PruningConfig(drop_ratios={s: 1.0 for s in range(first, base.num_scales)}, name="prefix")
     _, plain, _, _ = _run(case_dir, case, inputs, stop)
     assert plain.executed_scales == list(range(first)), name
     for si in range(first):

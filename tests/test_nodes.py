@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import types
 
 import pytest
 from pack import load_pack
@@ -79,13 +80,91 @@ def test_pruning_validate_inputs_reports_the_engine_message():
     assert "start 9 is after stop 4" in node.VALIDATE_INPUTS(**_pruning_args(first_layer=9, last_layer=3))
 
 
+def _core(name: str):
+    return sys.modules[f"{PACK.__name__}.fastvar_core.{name}"]
+
+
 def test_pruning_node_resolves_per_schedule():
     node = MAPPINGS["FastVAR_Pruning"]()
-    (spec,) = node.build(chart_for="Infinity-2B 1024px", **_pruning_args(preset="paper"))
-    from fastvar_core.schedules import infinity_schedule
+    (request,) = node.build(chart_for="Infinity-2B 1024px", **_pruning_args(preset="paper"))
+    schedule = _core("schedules").infinity_schedule(0.5, "1M")
+    config = _core("families").resolve_pruning("infinity", request, schedule, _core("infinity.config").INFINITY_2B)
+    assert config.drop_ratios == {9: 0.4, 10: 0.5, 11: 1.0, 12: 1.0}  # non-square gets the paper acceleration too
 
-    config = spec.resolve("infinity", list(infinity_schedule(0.5, "1M").scales), 32)
-    assert config.ratios == {9: 0.4, 10: 0.5, 11: 1.0, 12: 1.0}  # non-square gets the paper acceleration too
+
+@pytest.mark.parametrize("fault, message", [
+    (dict(last_5_drop=40, cache_from_end=4), "cache scale 4 from the end must come before the earliest pruned scale"),
+    (dict(first_layer=9, last_layer=3), "pruned layers start 9 is after stop 4"),
+    (dict(preset="fastest"), "pruning mode 'fastest' is unknown"),
+])
+def test_an_invalid_request_gives_one_message_everywhere(fault, message):
+    """VALIDATE_INPUTS returns one message; building the node's output and the chart give that same message."""
+    node = MAPPINGS["FastVAR_Pruning"]
+    args = _pruning_args(**fault)
+    found = node.VALIDATE_INPUTS(**args)
+    assert isinstance(found, str) and found.startswith(message) and "\n" not in found
+    with pytest.raises(Exception) as err:
+        node().build(chart_for="Infinity-2B 1024px", **args)
+    assert str(err.value) == found
+    routes = sys.modules[PACK.__name__ + ".nodes.routes"]
+    assert routes.chart_from_query({k: str(v) for k, v in args.items()}) == {"error": found}
+
+
+def test_validate_inputs_and_build_share_one_request():
+    node = MAPPINGS["FastVAR_Pruning"]
+    args = _pruning_args(last_1_drop=50, last_2_drop=40)
+    assert node.VALIDATE_INPUTS(**args) is True
+    assert node().build(chart_for="Infinity-2B 1024px", **args)[0] is node.make_request(
+        args.pop("preset"), args.pop("speed_target"), args.pop("cache_from_end"), args.pop("first_layer"),
+        args.pop("last_layer"), **args)
+
+
+def test_a_schedule_fault_is_reported_once_by_resolution(monkeypatch):
+    """A request valid on its own but not for the schedule: VALIDATE_INPUTS passes, resolution validates once."""
+    node = MAPPINGS["FastVAR_Pruning"]
+    args = _pruning_args(last_1_drop=50, cache_from_end=12)
+    assert node.VALIDATE_INPUTS(**args) is True
+    (request,) = node().build(chart_for="Infinity-2B 1024px", **args)
+    config_cls = _core("pruning.config").PruningConfig
+    calls = []
+    original = config_cls.validate
+    monkeypatch.setattr(config_cls, "validate", lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
+    families = _core("families")
+    with pytest.raises(Exception, match="^cache_from_end = 12, but this schedule has only 7 scales"):
+        families.resolve_pruning("infinity", request, _core("schedules").infinity_schedule(1.0, "0.06M"),
+                                 _core("infinity.config").INFINITY_2B)
+    assert calls == []  # refused before a plan exists
+    families.resolve_pruning("infinity", node.make_request("paper", 2.0, 5, -1, -1),
+                             _core("schedules").infinity_schedule(1.0, "1M"), _core("infinity.config").INFINITY_2B)
+    assert calls == [1]
+
+
+@pytest.mark.parametrize("label", ["Infinity-2B 1024px", "Infinity-2B 2K", "Infinity-8B 1024px", "HART-0.7B 1024px",
+                                   "HART-0.7B 2K"])
+@pytest.mark.parametrize("mode", ["paper", "fast", "speed target", "custom"])
+def test_chart_predicts_the_speedup_of_the_plan_the_sampler_runs(label, mode):
+    """The chart's speedup for a released config is the cost model's for the plan a run of that model and size gets."""
+    import torch
+
+    chart = sys.modules[PACK.__name__ + ".nodes.chart"]
+    families, cost = _core("families"), _core("cost")
+    family_name, model_config, make_schedule = chart.CHART_MODELS[label]
+    family = families.get_family(family_name)
+    request = MAPPINGS["FastVAR_Pruning"].make_request(mode, 2.5, 5, -1, -1, last_1_drop=75, last_2_drop=50)
+    charted = chart.schedule_chart(label, request)
+    if family_name == "infinity":
+        builder, budget = _core("infinity.model").InfinityTransformer, "2K" if "2K" in label else "1M"
+        cond = types.SimpleNamespace(max_seqlen=_core("infinity.family").CHART_TEXT_TOKENS)  # a prompt of that length
+    else:
+        builder, budget, cond = _core("hart.model").HARTTransformer, "2K" if "2K" in label else None, None
+    with torch.device("meta"):
+        model = builder(model_config)
+    schedule = family.schedule_for_size(model, None, None, budget)  # what the sampler picks for a square image
+    assert schedule.scales == make_schedule().scales
+    plan = families.resolve_pruning(family, request, schedule, model.config, cond)
+    assert charted["config"] == plan.to_dict()
+    predicted = cost.predicted_speedup(family.arch_spec(model.config, cond), list(schedule.scales), plan)
+    assert charted["speedup"] == pytest.approx(predicted, rel=1e-12)
 
 
 def test_schedule_chart_data():

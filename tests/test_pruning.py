@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fastvar_core.errors import ConfigError, InternalError
+from fastvar_core.families import get_family
 from fastvar_core.pruning import (
     PruningConfig,
     PruningRun,
@@ -25,25 +26,25 @@ from fastvar_core.schedules import hart_schedule, infinity_schedule
 
 
 def test_json_round_trip():
-    cfg = PruningConfig(ratios={9: 0.4, 10: 0.5, 11: 1.0}, cache_scale=8, layers=(3, 28), name="mine")
+    cfg = PruningConfig(drop_ratios={9: 0.4, 10: 0.5, 11: 1.0}, cache_scale=8, layers=(3, 28), name="mine")
     back = PruningConfig.from_json(cfg.to_json())
     assert back == cfg
-    assert json.loads(cfg.to_json())["ratios"] == {"9": 0.4, "10": 0.5, "11": 1.0}
+    assert json.loads(cfg.to_json())["drop_ratios"] == {"9": 0.4, "10": 0.5, "11": 1.0}
 
 
 @pytest.mark.parametrize(
     "config, fragment",
     [
-        (PruningConfig(ratios={9: 1.2}, cache_scale=8, layers=(0, 4)), "pruning.ratios[9] = 1.2 is outside [0, 1]"),
-        (PruningConfig(ratios={9: -0.1}, cache_scale=8, layers=(0, 4)), "pruning.ratios[9] = -0.1 is outside [0, 1]"),
-        (PruningConfig(ratios={9: float("nan")}, cache_scale=8, layers=(0, 4)), "outside [0, 1]"),
-        (PruningConfig(ratios={9: 0.4}, cache_scale=9, layers=(0, 4)), "cache_scale = 9 must come strictly before"),
-        (PruningConfig(ratios={9: 0.4, 11: 1.0}, cache_scale=10, layers=(0, 4)), "strictly before the first pruned or skipped scale (9)"),
-        (PruningConfig(ratios={9: 0.4}, cache_scale=None, layers=(0, 4)), "pruning.cache_scale is missing"),
-        (PruningConfig(ratios={13: 0.4}, cache_scale=8, layers=(0, 4)), "scale index 13 does not exist; this schedule has scales 0..12"),
-        (PruningConfig(ratios={9: 0.4}, cache_scale=8, layers=(3, 40)), "pruning.layers = [3, 40) is outside the model's layers; allowed: 0 <= start <= stop <= 32"),
-        (PruningConfig(ratios={9: 0.4}, cache_scale=8, layers=(5, 3)), "pruning.layers = [5, 3)"),
-        (PruningConfig(ratios={0: 1.0}, layers=(0, 4)), "skip the first scale"),
+        (PruningConfig(drop_ratios={9: 1.2}, cache_scale=8, layers=(0, 4)), "pruning.drop_ratios[9] = 1.2 is outside [0, 1]"),
+        (PruningConfig(drop_ratios={9: -0.1}, cache_scale=8, layers=(0, 4)), "pruning.drop_ratios[9] = -0.1 is outside [0, 1]"),
+        (PruningConfig(drop_ratios={9: float("nan")}, cache_scale=8, layers=(0, 4)), "outside [0, 1]"),
+        (PruningConfig(drop_ratios={9: 0.4}, cache_scale=9, layers=(0, 4)), "cache_scale = 9 must come strictly before"),
+        (PruningConfig(drop_ratios={9: 0.4, 11: 1.0}, cache_scale=10, layers=(0, 4)), "strictly before the first pruned or skipped scale (9)"),
+        (PruningConfig(drop_ratios={9: 0.4}, cache_scale=None, layers=(0, 4)), "pruning.cache_scale is missing"),
+        (PruningConfig(drop_ratios={13: 0.4}, cache_scale=8, layers=(0, 4)), "scale index 13 does not exist; this schedule has scales 0..12"),
+        (PruningConfig(drop_ratios={9: 0.4}, cache_scale=8, layers=(3, 40)), "pruning.layers = [3, 40) is outside the model's layers; allowed: 0 <= start <= stop <= 32"),
+        (PruningConfig(drop_ratios={9: 0.4}, cache_scale=8, layers=(5, 3)), "pruning.layers = [5, 3)"),
+        (PruningConfig(drop_ratios={0: 1.0}, layers=(0, 4)), "skip the first scale"),
     ],
 )
 def test_validation_names_field_value_and_allowed(config, fragment):
@@ -53,12 +54,19 @@ def test_validation_names_field_value_and_allowed(config, fragment):
 
 
 def test_skip_only_needs_no_cache():
-    PruningConfig(ratios={11: 1.0, 12: 1.0}, layers=(0, 0)).validate(13, 32)
+    PruningConfig(drop_ratios={11: 1.0, 12: 1.0}, layers=(0, 0)).validate(13, 32)
 
 
-def test_family_that_must_run_its_last_scale():
-    with pytest.raises(ConfigError, match="skip the last scale"):
-        PruningConfig(ratios={13: 1.0}).validate(14, 24, can_skip_last=False)
+def test_family_that_cannot_skip():
+    with pytest.raises(ConfigError, match="cannot skip scales \\[13\\]"):
+        PruningConfig(drop_ratios={13: 1.0}).validate(14, 24, can_skip=False)
+
+
+def test_old_json_keys_are_refused_with_the_new_name():
+    with pytest.raises(ConfigError, match="old field name\\(s\\) 'ratios' \\(now 'drop_ratios'\\)"):
+        PruningConfig.from_json('{"ratios": {"9": 0.4}, "cache_scale": 8, "layers": [3, 28]}')
+    with pytest.raises(ConfigError, match="'kv_ratios' \\(now 'kv_drop_ratios'\\)"):
+        PruningConfig.from_dict({"drop_ratios": {}, "kv_ratios": {"3": 0.5}})
 
 
 def test_from_dict_rejects_unknown_fields():
@@ -67,12 +75,12 @@ def test_from_dict_rejects_unknown_fields():
 
 
 def test_kept_count_uses_official_rounding():
-    cfg = PruningConfig(ratios={9: 0.4, 10: 0.5}, cache_scale=8, layers=(3, 28))
+    cfg = PruningConfig(drop_ratios={9: 0.4, 10: 0.5}, cache_scale=8, layers=(3, 28))
     # Official FastVAR on Infinity: 32x32 keeps 615 of 1024, 40x40 keeps 800 of 1600 (docs/fastvar.md §5.1).
     assert cfg.kept_tokens(9, 1024) == 615
     assert cfg.kept_tokens(10, 1600) == 800
     # HART: 48x48 keeps 1152, 64x64 keeps 1024 (docs/fastvar.md §5.2).
-    hart = PruningConfig(ratios={12: 0.5, 13: 0.75}, cache_scale=11, layers=(0, 24))
+    hart = PruningConfig(drop_ratios={12: 0.5, 13: 0.75}, cache_scale=11, layers=(0, 24))
     assert hart.kept_tokens(12, 2304) == 1152
     assert hart.kept_tokens(13, 4096) == 1024
 
@@ -82,8 +90,8 @@ def test_kept_count_uses_official_rounding():
 
 def test_infinity_paper_preset_on_1024_square_matches_official():
     sched = infinity_schedule(1.0, "1M")
-    cfg = make_preset("infinity", "paper", sched.num_scales, depth=32)
-    widths = {sched.scales[s][1]: r for s, r in cfg.ratios.items()}
+    cfg = make_preset(get_family("infinity").presets, "paper", sched.num_scales, depth=32)
+    widths = {sched.scales[s][1]: r for s, r in cfg.drop_ratios.items()}
     assert widths == {32: 0.4, 40: 0.5, 48: 1.0, 64: 1.0}
     assert sched.scales[cfg.cache_scale] == (24, 24)
     assert cfg.layers == (3, 28)  # layers 3..27
@@ -92,8 +100,8 @@ def test_infinity_paper_preset_on_1024_square_matches_official():
 
 def test_hart_paper_preset_matches_official():
     sched = hart_schedule()
-    cfg = make_preset("hart", "paper", sched.num_scales, depth=24)
-    sides = {sched.scales[s][0]: r for s, r in cfg.ratios.items()}
+    cfg = make_preset(get_family("hart").presets, "paper", sched.num_scales, depth=24)
+    sides = {sched.scales[s][0]: r for s, r in cfg.drop_ratios.items()}
     assert sides == {48: 0.5, 64: 0.75}
     assert sched.scales[cfg.cache_scale] == (36, 36)
     assert cfg.layers == (0, 24)
@@ -103,8 +111,8 @@ def test_hart_paper_preset_matches_official():
 def test_infinity_paper_preset_accelerates_every_aspect_ratio(template):
     """Unlike the width-keyed official code, non-square schedules get the same scale-index rule."""
     sched = infinity_schedule(template, "1M")
-    cfg = make_preset("infinity", "paper", sched.num_scales, depth=32)
-    assert cfg.ratios == {9: 0.4, 10: 0.5, 11: 1.0, 12: 1.0}
+    cfg = make_preset(get_family("infinity").presets, "paper", sched.num_scales, depth=32)
+    assert cfg.drop_ratios == {9: 0.4, 10: 0.5, 11: 1.0, 12: 1.0}
     assert cfg.cache_scale == 8
     cfg.validate(sched.num_scales, 32)
 
@@ -116,20 +124,20 @@ def test_presets_are_valid_on_every_infinity_schedule():
         for budget in ("0.06M", "0.25M", "0.60M", "1M", "2K"):
             sched = infinity_schedule(template, budget)
             for name in ("off", "paper", "2k"):
-                make_preset("infinity", name, sched.num_scales, depth=32).validate(sched.num_scales, 32)
+                make_preset(get_family("infinity").presets, name, sched.num_scales, depth=32).validate(sched.num_scales, 32)
 
 
 def test_preset_layers_for_shallow_and_deep_models():
-    assert make_preset("infinity", "paper", 13, depth=8).layers == (3, 8)  # official range clipped
-    assert make_preset("infinity", "paper", 13, depth=6).layers == (3, 6)  # parity checkpoint: layers 3, 4, 5
-    assert make_preset("infinity", "paper", 13, depth=40).layers == (3, 36)  # 8B: all but 3 first, 4 last
+    assert make_preset(get_family("infinity").presets, "paper", 13, depth=8).layers == (3, 8)  # official range clipped
+    assert make_preset(get_family("infinity").presets, "paper", 13, depth=6).layers == (3, 6)  # parity checkpoint: layers 3, 4, 5
+    assert make_preset(get_family("infinity").presets, "paper", 13, depth=40).layers == (3, 36)  # 8B: all but 3 first, 4 last
 
 
 def test_unknown_preset_and_family():
     with pytest.raises(ConfigError, match="allowed: \\['off', 'paper', '2k'\\]"):
-        make_preset("infinity", "fastest", 13, 32)
+        make_preset(get_family("infinity").presets, "fastest", 13, 32)
     with pytest.raises(ConfigError, match="model family 'var'"):
-        make_preset("var", "paper", 13, 32)
+        get_family("var")
 
 
 # ---------------------------------------------------------------- selection and restoration
@@ -254,7 +262,7 @@ def _run_scales(run, scales, x_per_scale, weight, calls, layers=(0, 1)):
 
 def test_ratio_zero_leaves_the_output_unchanged():
     scales = [(1, 1), (2, 2), (4, 4)]
-    cfg = PruningConfig(ratios={2: 0.0}, cache_scale=1, layers=(0, 2))
+    cfg = PruningConfig(drop_ratios={2: 0.0}, cache_scale=1, layers=(0, 2))
     weight = torch.randn(5, 5)
     x = torch.randn(2, 16, 5)
     run = PruningRun(cfg, scales, depth=2)
@@ -267,7 +275,7 @@ def test_ratio_zero_leaves_the_output_unchanged():
 def test_exactly_k_tokens_go_through_and_restoration_is_exact(ratio, b, seed):
     gen = torch.Generator().manual_seed(seed)
     scales = [(1, 1), (3, 3), (5, 4)]
-    cfg = PruningConfig(ratios={2: ratio}, cache_scale=1, layers=(1, 2))
+    cfg = PruningConfig(drop_ratios={2: ratio}, cache_scale=1, layers=(1, 2))
     weight = torch.randn(4, 4, generator=gen)
     calls: list = []
     xs = {1: torch.randn(b, 9, 4, generator=gen), 2: torch.randn(b, 20, 4, generator=gen)}
@@ -294,7 +302,7 @@ def test_exactly_k_tokens_go_through_and_restoration_is_exact(ratio, b, seed):
 
 def test_cache_is_dropped_when_the_run_ends_or_fails():
     scales = [(1, 1), (2, 2), (4, 4)]
-    cfg = PruningConfig(ratios={2: 0.5}, cache_scale=1, layers=(0, 1))
+    cfg = PruningConfig(drop_ratios={2: 0.5}, cache_scale=1, layers=(0, 1))
     weight = torch.eye(3)
     run = PruningRun(cfg, scales, depth=1)
     with pytest.raises(RuntimeError):
@@ -312,7 +320,7 @@ def test_cache_is_dropped_when_the_run_ends_or_fails():
 
 
 def test_skipped_scale_cannot_begin():
-    run = PruningRun(PruningConfig(ratios={2: 1.0}), [(1, 1), (2, 2), (4, 4)], depth=1)
+    run = PruningRun(PruningConfig(drop_ratios={2: 1.0}), [(1, 1), (2, 2), (4, 4)], depth=1)
     assert run.is_skipped(2)
     with pytest.raises(InternalError, match="skipped"):
         run.begin_scale(2)
@@ -320,7 +328,7 @@ def test_skipped_scale_cannot_begin():
 
 def test_kept_mask_marks_kept_tokens():
     scales = [(1, 1), (2, 2), (2, 3)]
-    cfg = PruningConfig(ratios={2: 0.5}, cache_scale=1, layers=(0, 1))
+    cfg = PruningConfig(drop_ratios={2: 0.5}, cache_scale=1, layers=(0, 1))
     with PruningRun(cfg, scales, depth=1, record=True) as run:
         run.begin_scale(1)
         run.sublayer(0, "ffn", torch.randn(2, 4, 3), lambda t, i: t)
@@ -338,34 +346,38 @@ def test_kept_mask_marks_kept_tokens():
 # ---------------------------------------------------------------- schedule-independent requests (nodes, CLI)
 
 
-def test_spec_custom_counts_scales_from_the_end():
-    from fastvar_core.pruning_spec import PruningSpec
+def test_request_custom_counts_scales_from_the_end():
+    from fastvar_core.infinity.config import INFINITY_2B
+    from fastvar_core.pruning_request import PruningRequest
 
-    spec = PruningSpec(mode="custom", tail_ratios=(1.0, 1.0, 0.5, 0.4), cache_from_end=5)
-    square = spec.resolve("infinity", list(infinity_schedule(1.0, "1M").scales), depth=32)
+    infinity = get_family("infinity")
+    request = PruningRequest(mode="custom", tail_drop_ratios=(1.0, 1.0, 0.5, 0.4), cache_from_end=5)
+    square = request.resolve(infinity, list(infinity_schedule(1.0, "1M").scales), infinity.arch_spec(INFINITY_2B))
     assert square == PruningConfig({12: 1.0, 11: 1.0, 10: 0.5, 9: 0.4}, 8, (3, 28), name="custom")
-    short = spec.resolve("infinity", list(infinity_schedule(0.5, "0.25M").scales), depth=32)
-    assert short.ratios == {9: 1.0, 8: 1.0, 7: 0.5, 6: 0.4} and short.cache_scale == 5
+    short = request.resolve(infinity, list(infinity_schedule(0.5, "0.25M").scales), infinity.arch_spec(INFINITY_2B))
+    assert short.drop_ratios == {9: 1.0, 8: 1.0, 7: 0.5, 6: 0.4} and short.cache_scale == 5
 
 
-def test_spec_checks_without_a_schedule():
-    from fastvar_core.pruning_spec import PruningSpec
+def test_request_is_checked_when_built():
+    from fastvar_core.pruning_request import PruningRequest
 
     with pytest.raises(ConfigError, match="cache scale 2 from the end must come before the earliest pruned scale"):
-        PruningSpec(mode="custom", tail_ratios=(0.5, 0.5, 0.5), cache_from_end=2).check()
+        PruningRequest(mode="custom", tail_drop_ratios=(0.5, 0.5, 0.5), cache_from_end=2)
     with pytest.raises(ConfigError, match="pruned layers start 9 is after stop 3"):
-        PruningSpec(mode="paper", layer_start=9, layer_stop=3).check()
+        PruningRequest(mode="paper", layer_start=9, layer_stop=3)
     with pytest.raises(ConfigError, match="pruning mode 'fastest' is unknown"):
-        PruningSpec(mode="fastest").check()
+        PruningRequest(mode="fastest")
+    with pytest.raises(ConfigError, match="drop ratio of scale 2 from the end = 1.5"):
+        PruningRequest(mode="custom", tail_drop_ratios=(0.5, 1.5))
 
 
-def test_spec_speed_target_reaches_the_target_favouring_late_scales():
+def test_request_speed_target_reaches_the_target_favouring_late_scales():
     from fastvar_core.cost import ArchSpec, predicted_speedup
-    from fastvar_core.pruning_spec import PruningSpec
+    from fastvar_core.pruning_request import PruningRequest
 
     scales = list(infinity_schedule(1.0, "1M").scales)
     arch = ArchSpec(depth=32, width=2048, ffn_hidden=8192, text_tokens=32)
-    config = PruningSpec(mode="speed target", speed_target=2.0).resolve("infinity", scales, 32, arch)
+    config = PruningRequest(mode="speed target", speed_target=2.0).resolve(get_family("infinity"), scales, arch)
     assert predicted_speedup(arch, scales, config) >= 2.0
     ratios = [config.drop_ratio(s) for s in range(9, 13)]
     assert ratios == sorted(ratios) and ratios[-1] > ratios[0]  # later scales drop more

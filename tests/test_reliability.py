@@ -44,7 +44,7 @@ from fastvar_core.hart import model as hart_model_module
 from fastvar_core.infinity import load_infinity_model
 from fastvar_core.infinity.text import load_t5_encoder
 from fastvar_core.infinity.vae import BSQVAEConfig, InfinityVAE
-from fastvar_core.pipeline import Pipeline, resolve_pruning
+from fastvar_core.pipeline import Pipeline
 from fastvar_core.pruning import PruningConfig, PruningRun
 from fastvar_core.schedules import INFINITY_TEMPLATES, ScaleSchedule, hart_schedule, infinity_schedule
 from tools.measure import current_rss
@@ -320,12 +320,15 @@ def test_pruning_naming_scales_the_schedule_lacks(inf_pipe, hart_pipe, tmp_path)
     with pytest.raises(ConfigError, match="scale index 9 does not exist; this schedule has scales 0..4"):
         inf_pipe.sample(cond, schedule, pruning=PruningConfig({9: 0.5}, cache_scale=2, layers=(0, 2)))
     path = tmp_path / "my_pruning.json"
-    path.write_text(json.dumps({"ratios": {"7": 0.5}, "cache_scale": 3, "layers": [0, 2]}))
-    with pytest.raises(ConfigError, match=f"pruning file '{re.escape(str(path))}': pruning.ratios: scale index 7"):
-        resolve_pruning(path, "infinity", schedule, 2)
+    path.write_text(json.dumps({"drop_ratios": {"7": 0.5}, "cache_scale": 3, "layers": [0, 2]}))
+    with pytest.raises(ConfigError, match="^pruning.drop_ratios: scale index 7 does not exist"):
+        inf_pipe.sample(cond, schedule, pruning=path)
+    path.write_text("{not json")
+    with pytest.raises(ConfigError, match=f"pruning file '{re.escape(str(path))}': pruning config is not valid JSON"):
+        inf_pipe.sample(cond, schedule, pruning=path)
     with pytest.raises(ConfigError, match=r"pruning.layers = \[0, 9\) is outside the model's layers"):
         inf_pipe.sample(cond, schedule, pruning=PruningConfig({4: 0.5}, cache_scale=2, layers=(0, 9)))
-    with pytest.raises(ConfigError, match="HART cannot skip scales"):
+    with pytest.raises(ConfigError, match="cannot skip scales"):
         hart_pipe.sample(hart_conditioning(), hart_schedule((1, 2, 3, 4)),
                          pruning=PruningConfig({2: 1.0}, cache_scale=1, layers=(0, 4)))
 
@@ -469,8 +472,8 @@ def _track(monkeypatch, cls) -> list:
 def test_node_interrupt_stops_within_one_scale_frees_caches_and_next_run_matches(monkeypatch, node_parts):
     model, cond = node_parts
     compat = pack_module("nodes.compat")
-    spec = pack_module("fastvar_core.pruning_spec").PruningSpec(mode="custom", tail_ratios=(0.5, 0.5), cache_from_end=4,
-                                                           layer_start=0, layer_stop=2)
+    spec = pack_module("fastvar_core.pruning_request").PruningRequest(mode="custom", tail_drop_ratios=(0.5, 0.5),
+                                                                      cache_from_end=4, layer_start=0, layer_stop=2)
     sampler = PACK.NODE_CLASS_MAPPINGS["FastVAR_Sampler"]()
     reference = sampler.sample(model, cond, pruning=spec, **SAMPLER_ARGS)["result"][0].result
 
@@ -568,7 +571,8 @@ def test_node_sampler_refuses_an_impossible_aspect_ratio(node_parts):
 
 def test_node_pruning_cache_beyond_the_schedule_names_the_slider(node_parts):
     model, cond = node_parts
-    spec = pack_module("fastvar_core.pruning_spec").PruningSpec(mode="custom", tail_ratios=(0.5,), cache_from_end=12)
+    spec = pack_module("fastvar_core.pruning_request").PruningRequest(mode="custom", tail_drop_ratios=(0.5,),
+                                                                      cache_from_end=12)
     sampler = PACK.NODE_CLASS_MAPPINGS["FastVAR_Sampler"]()
     with pytest.raises(Exception) as err:
         sampler.sample(model, cond, pruning=spec, **SAMPLER_ARGS)
@@ -718,9 +722,9 @@ INFINITY_INVALID = {  # field -> (override, regex of the expected error)
     "cfg": ({"cfg": math.nan}, r"^cfg\[0\] = nan is not a finite number"),
     "seed": ({"seed": -3}, r"^seed must be an integer"),
     "pruning_scale": ({"pruning": PruningConfig({12: 0.5}, cache_scale=0, layers=(0, 2))},
-                      r"^pruning.ratios: scale index 12 does not exist"),
+                      r"^pruning.drop_ratios: scale index 12 does not exist"),
     "pruning_ratio": ({"pruning": PruningConfig({1: 1.5}, cache_scale=0, layers=(0, 2))},
-                      r"^pruning.ratios\[1\] = 1.5 is outside \[0, 1\]"),
+                      r"^pruning.drop_ratios\[1\] = 1.5 is outside \[0, 1\]"),
     "pruning_layers": ({"pruning": PruningConfig({1: 0.5}, cache_scale=0, layers=(1, 3))},
                        r"^pruning.layers = \[1, 3\) is outside"),
 }
@@ -728,11 +732,10 @@ HART_INVALID = {
     "cfg": ({"cfg": math.inf}, r"^cfg = inf is not a finite number"),
     "top_p": ({"top_p": -0.1}, r"^top_p must be in \[0, 1\]"),
     "seed": ({"seed": 2**64}, r"^seed must be an integer"),
-    # the last scale (generic rule) or a middle one (HART rule): either way the message says skip
     "pruning_skip": ({"pruning": PruningConfig({2: 1.0}, cache_scale=1, layers=(0, 4))},
-                     r"pruning.ratios(\[2\] = 1.0 would skip the last scale|: HART cannot skip scales \[2\])"),
+                     r"^pruning.drop_ratios: this model family cannot skip scales \[2\]"),
     "pruning_cache": ({"pruning": PruningConfig({1: 0.5}, cache_scale=0, layers=(0, 4))},
-                      r"^pruning.cache_scale = 0: HART's scale 0"),
+                      r"^pruning.cache_scale = 0 must come strictly before .*hold no token map"),
 }
 
 

@@ -78,6 +78,7 @@ def register_toy(families):
     schedules = importlib.import_module(core + ".schedules")
     cost = importlib.import_module(core + ".cost")
     errors = importlib.import_module(core + ".errors")
+    PresetTable = importlib.import_module(core + ".pruning").PresetTable
 
     @torch.no_grad()
     def toy_sample(model, cond, schedule, *, negative=None, cfg=2.0, seed=0, pruning=None, callback=None,
@@ -120,11 +121,11 @@ def register_toy(families):
         text_encoder_name = "the toy text encoder"
         negative_prompt = True
         has_tau = False
-        can_skip_last = True
+        can_skip = True
         attention_sublayer = "ffn"  # no attention: the token map shows the FFN selection
         defaults = {"cfg": 2.0, "tau": None, "top_k": None, "top_p": None}
-        scales_1024 = 4
-        preset_tails = {"paper": ({1: 0.5}, 2), "2k": ({1: 0.75}, 2)}
+        presets = PresetTable(scales_1024=4, tails={"paper": ({1: 0.5}, 2), "2k": ({1: 0.75}, 2)},
+                              layers=lambda depth: (0, depth))
 
         def load_model(self, path, *, device, dtype):
             return ToyModel().to(device)
@@ -142,8 +143,8 @@ def register_toy(families):
         def text_width(self, model):
             return model.config.text_width
 
-        def arch_spec(self, model, cond=None):
-            c = model.config
+        def arch_spec(self, config, cond=None):
+            c = config
             return cost.ArchSpec(depth=c.depth, width=c.width, ffn_hidden=2 * c.width, head_outputs=c.vocab,
                                  token_channels=c.channels)
 
@@ -154,9 +155,6 @@ def register_toy(families):
 
         def schedule_for_template(self, model, aspect, budget):
             return schedule(max(1, round(4 * math.sqrt(aspect))), max(1, round(4 / math.sqrt(aspect))))
-
-        def preset_layers(self, depth):
-            return (0, depth)
 
         def chart_models(self):
             return {}

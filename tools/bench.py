@@ -30,9 +30,10 @@ from matplotlib.figure import Figure
 
 from fastvar_core.cost import estimate
 from fastvar_core.errors import ConfigError
-from fastvar_core.families import get_family
+from fastvar_core.families import get_family, resolve_pruning
 from fastvar_core.linear import onednn_available, use_onednn
-from fastvar_core.pruning import ACCELERATED_PRESETS, PRESET_NAMES, PruningConfig, make_preset
+from fastvar_core.pruning import ACCELERATED_PRESETS, PRESET_NAMES, PruningConfig
+from fastvar_core.pruning_request import PruningRequest
 from fastvar_core.schedules import HART_PATCH_NUMS_1024, ScaleSchedule, hart_schedule, infinity_schedule
 
 from . import command
@@ -106,7 +107,7 @@ class Case:
         return self.shape.family
 
     def arch(self):
-        return get_family(self.family).arch_spec(self.model, self.cond)
+        return get_family(self.family).arch_spec(self.model.config, self.cond)
 
     def sample(self, config: PruningConfig, seed: int, time_pruning: dict | None = None, callback=None):
         if self.family == "infinity":
@@ -210,7 +211,8 @@ def measure_case(case: Case, presets: list[str], repeats: int, warmup: int, seed
     With ``quiet_retries`` a run during which other processes took more than ``quiet_share`` of the
     machine's CPU is run again (at most that many times; the quietest attempt is kept).
     """
-    configs = {name: make_preset(case.family, name, case.schedule.num_scales, case.shape.depth) for name in presets}
+    configs = {name: resolve_pruning(case.family, PruningRequest(mode=name), case.schedule, case.model.config, case.cond)
+               for name in presets}
     for config in configs.values():
         for _ in range(warmup):
             case.warm_up(config, seed)
@@ -432,9 +434,9 @@ def cost_curves(results: list[dict], cases_arch: dict) -> dict:
         series = {"off": [], "FastVAR": [], "fast": []}
         for res in xs:
             sched = bench_schedule(family, res)
-            n, depth = sched.num_scales, arch.depth
-            fastvar = make_preset(family, "2k" if res == "2K" else "paper", n, depth)
-            for label, cfg in (("off", None), ("FastVAR", fastvar), ("fast", make_preset(family, "fast", n, depth))):
+            plans = {label: PruningRequest(mode=mode).resolve(get_family(family), list(sched.scales), arch)
+                     for label, mode in (("FastVAR", "2k" if res == "2K" else "paper"), ("fast", "fast"))}
+            for label, cfg in (("off", None), *plans.items()):
                 series[label].append(estimate(arch, list(sched.scales), cfg, guided=True).total_flops / 1e12)
         curves[key] = {"resolutions": xs, "tflops": series}
     return curves

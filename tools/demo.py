@@ -18,9 +18,9 @@ import torch
 from fastvar_core import families
 from fastvar_core.cli import save_images
 from fastvar_core.cost import estimate
-from fastvar_core.families import get_family
+from fastvar_core.families import get_family, resolve_pruning
 from fastvar_core.pipeline import Pipeline
-from fastvar_core.pruning import make_preset
+from fastvar_core.pruning_request import PruningRequest
 from fastvar_core.schedules import hart_schedule, infinity_schedule
 
 from . import command
@@ -65,7 +65,7 @@ def run_random(args: argparse.Namespace) -> int:
         schedule = infinity_schedule(1.0, {256: "0.06M", 512: "0.25M", 768: "0.60M", 1024: "1M"}[args.size])
     else:
         schedule = hart_schedule()
-    arch = get_family(shape.family).arch_spec(model, cond)
+    arch = get_family(shape.family).arch_spec(model.config, cond)
     base_flops = estimate(arch, list(schedule.scales)).total_flops
     out = Path(args.out)
     with torch.inference_mode():  # warm-up: first calls pay for allocator and kernel set-up
@@ -73,7 +73,7 @@ def run_random(args: argparse.Namespace) -> int:
                 schedule.rope_grid, schedule.template, schedule.budget), None, args.seed)
     rows = []
     for name in ("off", "paper"):
-        config = make_preset(shape.family, name, schedule.num_scales, shape.depth)
+        config = resolve_pruning(shape.family, PruningRequest(mode=name), schedule, model.config, cond)
         with torch.inference_mode(), PeakMemory() as mem:
             t0 = time.perf_counter()
             result = _sample(shape.family, model, vae, cond, schedule, config, args.seed)

@@ -4,7 +4,7 @@ from .config import HARTConfig, detect_hart_config
 from .diffusion import ResidualDiffusion, RespacedSchedule
 from .loader import check_text_width, check_vae_matches, find_llm_folder, load_hart_model
 from .model import HARTTransformer
-from .sampler import check_hart_pruning, latent_preview, sample_hart
+from .sampler import latent_preview, sample_hart
 from .text import HARTTextConditioning, load_qwen_encoder
 from .vae import HARTVAE, load_hart_vae
 
@@ -15,7 +15,6 @@ __all__ = [
     "HARTVAE",
     "ResidualDiffusion",
     "RespacedSchedule",
-    "check_hart_pruning",
     "check_text_width",
     "check_vae_matches",
     "detect_hart_config",

@@ -215,3 +215,12 @@ def detect_hart_config(cfg: Mapping, state: Mapping[str, torch.Tensor], source: 
         patch_nums=patch_nums, attn_l2_norm=l2, use_context_norm=ctx_norm, use_timestep_embed=ts_embed,
         diff_width=W, diff_depth=J, num_sampling_steps=steps, vocab_size=V, vae_channels=Cvae,
     )
+
+
+# The release's config (docs/hart.md §1.3), for the schedule chart and cost predictions without weights.
+HART_0_7B = HARTConfig(
+    embed_dim=1536, depth=24, num_heads=24, ffn_hidden=llama_ffn_hidden(1536, 4.0), norm_eps=1e-6, context_token=300,
+    context_dim=1536, patch_nums=(1, 2, 3, 4, 5, 7, 9, 12, 16, 21, 27, 36, 48, 64), attn_l2_norm=True,
+    use_context_norm=False, use_timestep_embed=True, diff_width=1024, diff_depth=6, num_sampling_steps="8",
+    vocab_size=4096, vae_channels=32,
+)

@@ -214,10 +214,15 @@ class ResidualDiffusion(nn.Module):
             x = mean + torch.exp(0.5 * log_var) * noise * temperature if step > 0 else mean
         return x[:n] * VAE_SCALE
 
-    def flops_per_token(self, cond_width: int) -> float:
-        """Multiply-add FLOPs of one token's sampling, per CFG row (cost model)."""
-        w = self.net.input_proj.out_features
-        c = self.channels
-        depth = len(self.net.res_blocks)
-        per_eval = 2 * c * w + depth * (4 * w * w + 6 * w * w) + 4 * w * w + 4 * w * c
-        return self.schedule.num_steps * per_eval + 2 * cond_width * w
+
+def diffusion_flops_per_token(config) -> float:
+    """FLOPs of one token's residual diffusion over all sampling steps, per CFG row, for a HARTConfig.
+
+    Per step: input projection, ``diff_depth`` res-blocks (two W x W linears and a 3W x W AdaLN), the final
+    AdaLN (2W x W) and output (2Cvae x W) linears; once per token: the condition projection (W x C).
+    The time embedding is per step, not per token, and is left out.
+    """
+    w, c = config.diff_width, config.vae_channels
+    per_step = 2 * c * w + config.diff_depth * (4 * w * w + 6 * w * w) + 4 * w * w + 4 * w * c
+    steps = len(space_timesteps(TRAIN_STEPS, config.num_sampling_steps))
+    return steps * per_step + 2 * config.embed_dim * w

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..archs import HART_0_7B
+from ..cost import ArchSpec
 from ..errors import ConfigError
 from ..families import Family, register
+from ..pruning import PresetTable
 from ..schedules import hart_schedule, hart_schedule_for_size
+from .config import HART_0_7B
+from .diffusion import diffusion_flops_per_token
 
 
 class HARTFamily(Family):
@@ -16,15 +19,16 @@ class HARTFamily(Family):
     text_encoder_name = "Qwen2-VL-1.5B-Instruct"
     negative_prompt = False  # the unconditional branch is an empty context
     has_tau = False
-    can_skip_last = False  # the last scale carries the residual diffusion (docs/hart.md)
+    can_skip = False  # every scale feeds the next; the last carries the residual diffusion (docs/hart.md)
+    min_cache_scale = 1  # scale 0 runs the text tokens, not a token map
     attention_sublayer = "attn"
     defaults = {"cfg": 4.5, "tau": None, "top_k": None, "top_p": 0.0}
-    scales_1024 = 14
     # Official: 48->0.5, 64->0.75, cache 36, all layers (docs/fastvar.md); 2k extends it by one scale.
-    preset_tails = {
-        "paper": ({2: 0.5, 1: 0.75}, 3),
-        "2k": ({3: 0.5, 2: 0.5, 1: 0.75}, 4),
-    }
+    presets = PresetTable(
+        scales_1024=14,
+        tails={"paper": ({2: 0.5, 1: 0.75}, 3), "2k": ({3: 0.5, 2: 0.5, 1: 0.75}, 4)},
+        layers=lambda depth: (0, depth),
+    )
     # top_k values that mean "the official 600 (scales 0-6) / 300 rule": None, 0 and Infinity's
     # default 900, so one top-k widget serves both families.
     OFFICIAL_TOP_K = (None, 0, 900)
@@ -69,8 +73,11 @@ class HARTFamily(Family):
     def schedule_for_template(self, model, aspect, budget):
         return hart_schedule(tuple(model.config.patch_nums), aspect, budget)
 
-    def preset_layers(self, depth):
-        return (0, depth)
+    def arch_spec(self, config, cond=None):
+        # Scale 0 runs the fixed-length text context, whatever the prompt.
+        return ArchSpec(depth=config.depth, width=config.embed_dim, ffn_hidden=config.ffn_hidden, ffn_matrices=3,
+                        prefix_tokens=config.context_token, head_outputs=config.vocab_size,
+                        token_channels=config.vae_channels, last_scale_flops_per_token=diffusion_flops_per_token(config))
 
     def chart_models(self):
         return {

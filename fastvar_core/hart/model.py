@@ -20,7 +20,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..attention import attention
-from ..cost import ArchSpec
 from ..errors import ConfigError
 from ..kvcache import KVBuffer
 from ..linear import use_fast_linears
@@ -287,17 +286,3 @@ class HARTTransformer(nn.Module):
         """Hidden states (2B, L, C) -> logits (2B, L, V) float32 (head in fp32 like the official code)."""
         h = self.head_nm(x.float(), scale.float(), shift.float())
         return F.linear(h, self.head.weight.float(), self.head.bias.float())
-
-    def arch_spec(self) -> ArchSpec:
-        cfg = self.config
-        return ArchSpec(
-            depth=cfg.depth,
-            width=cfg.embed_dim,
-            ffn_hidden=cfg.ffn_hidden,
-            ffn_matrices=3,
-            prefix_tokens=cfg.context_token,
-            head_outputs=cfg.vocab_size,
-            token_channels=cfg.vae_channels,
-            last_scale_flops_per_token=self.diffloss.flops_per_token(cfg.embed_dim),
-            dtype_bytes=self.head.weight.element_size(),
-        )

@@ -116,22 +116,6 @@ def unguided_residual(diffloss, cond: torch.Tensor, generator: torch.Generator |
     return x * VAE_SCALE
 
 
-def check_hart_pruning(config: PruningConfig, schedule: ScaleSchedule, depth: int) -> PruningConfig:
-    """HART specifics on top of the generic validation: scale 0 is the text context, no scale is skipped."""
-    config.validate(schedule.num_scales, depth, can_skip_last=False)  # also refuses pruning scale 0
-    if config.cache_scale == 0 and not config.is_off:
-        raise ConfigError(
-            "pruning.cache_scale = 0: HART's scale 0 runs the text tokens, not a token map, so it cannot be "
-            "the restore cache (use cache_scale >= 1)"
-        )
-    if config.skipped_scales:
-        raise ConfigError(
-            f"pruning.ratios: HART cannot skip scales {config.skipped_scales} (ratio 1.0): every scale feeds the "
-            f"next one and the last runs the diffusion head; use ratios < 1"
-        )
-    return config
-
-
 def sample_hart(
     model: HARTTransformer,
     vae,
@@ -188,7 +172,7 @@ def sample_hart(
     sel_wanted = sorted(set(int(p) for p in logits_at))
     if sel_wanted and not 0 <= sel_wanted[0] <= sel_wanted[-1] < total:
         raise ConfigError(f"logits_at positions must lie in 0..{total - 1}, found {sel_wanted[0]}..{sel_wanted[-1]}")
-    pruning = check_hart_pruning(pruning or PruningConfig(name="off"), schedule, cfg_model.depth)
+    pruning = pruning or PruningConfig(name="off")
 
     device, dtype = model.device, model.dtype
     codebook = vae.quantize.embedding.weight

@@ -150,3 +150,14 @@ class InfinityConfig:
             text_channels=text_channels, bits=bits, block_chunks=block_chunks, cfg_uncond_rows=cfg_rows,
             pool_heads=pool[1], lvl_embed_rows=lvl_rows, patchify=bool(patchify),
         )
+
+
+# The releases' configs (docs/infinity.md §1.3), for the schedule chart and cost predictions without weights.
+INFINITY_2B = InfinityConfig(
+    depth=32, embed_dim=2048, num_heads=16, ffn_hidden=8192, text_channels=2048, bits=32, block_chunks=8,
+    cfg_uncond_rows=TEXT_MAXLEN, pool_heads=16, lvl_embed_rows=15, patchify=False,
+)
+INFINITY_8B = InfinityConfig(
+    depth=40, embed_dim=3584, num_heads=28, ffn_hidden=14336, text_channels=2048, bits=PATCHIFY_BITS, block_chunks=8,
+    cfg_uncond_rows=TEXT_MAXLEN, pool_heads=16, lvl_embed_rows=15, patchify=True,
+)

@@ -2,9 +2,22 @@
 
 from __future__ import annotations
 
-from ..archs import INFINITY_2B, INFINITY_8B
+from ..cost import ArchSpec
 from ..families import Family, register
+from ..pruning import PresetTable
 from ..schedules import infinity_schedule, infinity_schedule_for_size
+from .config import INFINITY_2B, INFINITY_8B
+
+# Cross-attention keys per row assumed when the prompt is unknown (the schedule chart); a run counts its
+# longest prompt's T5 tokens instead (docs/fastvar.md §4.6).
+CHART_TEXT_TOKENS = 32
+
+
+def preset_layers(depth: int) -> tuple[int, int]:
+    """The official fixed range 3..27, clipped, for D <= 32; else 3 .. D-5 (docs/fastvar.md §4.4)."""
+    if depth <= 32:
+        return (min(3, depth), max(min(3, depth), min(depth, 28)))
+    return (3, depth - 4)
 
 
 class InfinityFamily(Family):
@@ -13,15 +26,18 @@ class InfinityFamily(Family):
     text_encoder_name = "flan-t5-xl"
     negative_prompt = True
     has_tau = True
-    can_skip_last = True
+    can_skip = True
     attention_sublayer = "sa"
     defaults = {"cfg": 3.0, "tau": 0.5, "top_k": 900, "top_p": 0.97}
-    scales_1024 = 13
     # Official 1:1 1M: 32->0.4, 40->0.5, skip 48 and 64, cache 24 (docs/fastvar.md); 2k is our own choice.
-    preset_tails = {
-        "paper": ({4: 0.4, 3: 0.5, 2: 1.0, 1: 1.0}, 5),
-        "2k": ({6: 0.4, 5: 0.5, 4: 0.5, 3: 0.75, 2: 0.75, 1: 1.0}, 7),
-    }
+    presets = PresetTable(
+        scales_1024=13,
+        tails={
+            "paper": ({4: 0.4, 3: 0.5, 2: 1.0, 1: 1.0}, 5),
+            "2k": ({6: 0.4, 5: 0.5, 4: 0.5, 3: 0.75, 2: 0.75, 1: 1.0}, 7),
+        },
+        layers=preset_layers,
+    )
 
     def load_model(self, path, *, device, dtype):
         from .loader import load_infinity_model
@@ -46,9 +62,11 @@ class InfinityFamily(Family):
     def text_width(self, model):
         return model.config.text_channels
 
-    def arch_spec(self, model, cond=None):
-        # Cross-attention keys per row: the conditioning's longest prompt (0 when not known).
-        return model.arch_spec(text_tokens=cond.max_seqlen if cond is not None else 0)
+    def arch_spec(self, config, cond=None):
+        # Cross-attention keys per row: the conditioning's longest prompt, else CHART_TEXT_TOKENS.
+        return ArchSpec(depth=config.depth, width=config.embed_dim, ffn_hidden=config.ffn_hidden, ffn_matrices=2,
+                        text_tokens=cond.max_seqlen if cond is not None else CHART_TEXT_TOKENS,
+                        head_outputs=2 * config.bits, token_channels=config.bits)
 
     def schedule_for_size(self, model, width, height, budget):
         if width is None and height is None:
@@ -57,12 +75,6 @@ class InfinityFamily(Family):
 
     def schedule_for_template(self, model, aspect, budget):
         return infinity_schedule(aspect, budget)
-
-    def preset_layers(self, depth):
-        # The official fixed range 3..27, clipped, for D <= 32; else 3 .. D-5 (docs/fastvar.md).
-        if depth <= 32:
-            return (min(3, depth), max(min(3, depth), min(depth, 28)))
-        return (3, depth - 4)
 
     def chart_models(self):
         return {

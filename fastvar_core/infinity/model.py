@@ -20,7 +20,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..attention import VarlenKV, attention, varlen_cross_attention
-from ..cost import ArchSpec
 from ..kvcache import KVBuffer
 from ..linear import linear, use_fast_linears
 from ..pruning.run import PruningRun
@@ -324,14 +323,5 @@ class InfinityTransformer(nn.Module):
         return self.head(self.head_nm(h.float(), cond))
 
     # ----- introspection -----
-    def arch_spec(self, text_tokens: int = 0):
-        """The cost model's view of this transformer (fastvar_core.cost.ArchSpec)."""
-        c = self.config
-        return ArchSpec(
-            depth=c.depth, width=c.embed_dim, ffn_hidden=c.ffn_hidden, ffn_matrices=2,
-            text_tokens=text_tokens, head_outputs=2 * c.bits, token_channels=c.bits,
-            dtype_bytes=torch.finfo(self.block_dtype).bits // 8,
-        )
-
     def extra_repr(self) -> str:
         return self.config.describe()

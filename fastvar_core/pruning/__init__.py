@@ -1,20 +1,20 @@
 """FastVAR cached token pruning, model agnostic: config, presets, token selection/restoration, run state."""
 
 from .config import PruningConfig
-from .presets import ACCELERATED_PRESETS, PRESET_NAMES, accelerate, make_preset, preset_layers
+from .presets import ACCELERATED_PRESETS, PRESET_NAMES, PresetTable, accelerate, make_preset
 from .run import PruningRun
 from .tokens import gather_tokens, pivotal_scores, resize_token_map, restore_tokens, select_pivotal
 
 __all__ = [
     "ACCELERATED_PRESETS",
     "PRESET_NAMES",
+    "PresetTable",
     "PruningConfig",
     "PruningRun",
     "accelerate",
     "gather_tokens",
     "make_preset",
     "pivotal_scores",
-    "preset_layers",
     "resize_token_map",
     "restore_tokens",
     "select_pivotal",

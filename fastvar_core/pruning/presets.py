@@ -26,7 +26,8 @@ and memory; ``off``, ``paper`` and ``2k`` never use them.
 
 from __future__ import annotations
 
-from dataclasses import replace
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 
 from ..errors import ConfigError
 from .config import PruningConfig
@@ -36,53 +37,51 @@ ACCELERATED_PRESETS = ("fast",)  # FastVAR plus the optional accelerations beyon
 FAST_KV_DROP = 0.5  # share of a scale's keys/values left out of the KV cache
 
 
-def _family(family):
-    from ..families import get_family  # the family tables sit above the pruning engine
+@dataclass(frozen=True)
+class PresetTable:
+    """One family's preset numbers, supplied by the family (``Family.presets``).
 
-    return get_family(family)
-
-
-def preset_layers(family, depth: int) -> tuple[int, int]:
-    """Layer range [start, stop) that a family's presets prune for a model of this depth."""
-    return _family(family).preset_layers(depth)
-
-
-def make_preset(family, name: str, num_scales: int, depth: int) -> PruningConfig:
-    """Build a named preset for a schedule of ``num_scales`` scales and a model of ``depth`` layers.
-
-    ``family`` is a Family or its name; its ``preset_tails``, ``scales_1024`` and ``preset_layers`` hold
-    the per-family numbers.
+    ``tails[name]`` is ({scale offset from the end: drop ratio}, cache offset from the end); ``scales_1024``
+    is the length of the family's 1024 px schedule (``fast`` switches to ``2k`` above it); ``layers(depth)``
+    is the layer range [start, stop) the presets prune.
     """
-    fam = _family(family)
+
+    scales_1024: int
+    tails: dict[str, tuple[dict[int, float], int]]
+    layers: Callable[[int], tuple[int, int]]
+
+
+def make_preset(table: PresetTable, name: str, num_scales: int, depth: int) -> PruningConfig:
+    """The named preset of a family's ``table`` for a schedule of ``num_scales`` scales and ``depth`` layers."""
     if name not in PRESET_NAMES + ACCELERATED_PRESETS:
         raise ConfigError(
             f"pruning preset {name!r} is unknown; allowed: {list(PRESET_NAMES)} (FastVAR as published) "
             f"or {list(ACCELERATED_PRESETS)} (with the accelerations beyond the paper)"
         )
     if name == "fast":
-        base = "2k" if num_scales > fam.scales_1024 else "paper"
-        fast = accelerate(make_preset(family, base, num_scales, depth), num_scales)
+        base = "2k" if num_scales > table.scales_1024 else "paper"
+        fast = accelerate(make_preset(table, base, num_scales, depth), num_scales)
         fast.name = "fast"
         return fast
     if name == "off":
         return PruningConfig(name="off")
-    tail, cache_offset = fam.preset_tails[name]
+    tail, cache_offset = table.tails[name]
     cache = num_scales - cache_offset
-    ratios = {num_scales - k: r for k, r in tail.items() if num_scales - k > max(cache, 0)}
-    if cache < 1 or not ratios:
+    drop_ratios = {num_scales - k: r for k, r in tail.items() if num_scales - k > max(cache, 0)}
+    if cache < 1 or not drop_ratios:
         return PruningConfig(name=name)  # too few scales: nothing worth pruning
-    return PruningConfig(ratios=ratios, cache_scale=cache, layers=fam.preset_layers(depth), name=name)
+    return PruningConfig(drop_ratios=drop_ratios, cache_scale=cache, layers=table.layers(depth), name=name)
 
 
 def accelerate(config: PruningConfig, num_scales: int) -> PruningConfig:
     """``config`` plus the accelerations beyond the paper, placed relative to its last executed scale.
 
     The last two executed scales drop the unconditional CFG branch (``cfg_cutoff``); the two executed
-    scales before the last one leave half of their keys/values out of the KV cache (``kv_ratios``).
+    scales before the last one leave half of their keys/values out of the KV cache (``kv_drop_ratios``).
     Schedules with fewer than four executed scales are returned unchanged.
     """
     executed = [s for s in range(num_scales) if not config.skips(s)]
     if len(executed) < 4:
         return replace(config)
     return replace(config, name=f"{config.name}+fast", cfg_cutoff=executed[-2],
-                   kv_ratios={executed[-3]: FAST_KV_DROP, executed[-2]: FAST_KV_DROP})
+                   kv_drop_ratios={executed[-3]: FAST_KV_DROP, executed[-2]: FAST_KV_DROP})

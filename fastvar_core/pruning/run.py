@@ -29,7 +29,7 @@ SelectObserver = Callable[[int, int, str, torch.Tensor, torch.Tensor], "torch.Te
 
 
 class PruningRun:
-    """FastVAR cached token pruning for one generation."""
+    """FastVAR cached token pruning for one generation; ``config`` is a validated plan (families.resolve_pruning)."""
 
     def __init__(
         self,
@@ -46,7 +46,6 @@ class PruningRun:
         self.depth = depth
         self.record = record
         self.on_select = on_select
-        self.config.validate(len(self.scales), depth)
         self.kept: dict[tuple[int, int, str], torch.Tensor] = {}  # (scale, layer, sublayer) -> (B, K) int32
         # timing=True: wall seconds of pruned sub-layers, split into token selection, the branch on the
         # kept tokens and restoration (CUDA is synchronised around each part, so only for measurements)

@@ -1,0 +1,105 @@
+"""What a user asks of FastVAR before the image size is known, and its resolution to a PruningConfig.
+
+A :class:`PruningRequest` (from the FastVAR Pruning node, the CLI or a library user) names a mode and its
+knobs. It is checked completely when it is built; :meth:`PruningRequest.resolve` turns it into the plan
+for one schedule and model (a validated PruningConfig). It sits above the pruning engine and the cost
+model (a speed target is solved with it); neither imports it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from .cost import ArchSpec, predicted_speedup
+from .errors import ConfigError
+from .pruning import ACCELERATED_PRESETS, PRESET_NAMES, PruningConfig, accelerate, make_preset
+
+MODES = (*PRESET_NAMES, "speed target", "custom", *ACCELERATED_PRESETS)
+SPEED_TARGET_RANGE = (1.0, 20.0)
+# How strongly each late scale is pruned relative to the last one when aiming at a speed target: the
+# paper's sensitivity study finds the latest scales the most tolerant.
+_TARGET_WEIGHTS = (1.0, 0.85, 0.7, 0.55)
+_TARGET_CAP = 0.9
+
+
+@dataclass(frozen=True)
+class PruningRequest:
+    """A pruning request, checked when built (ConfigError). ``tail_drop_ratios[k]``: scale k+1 from the end.
+
+    ``layer_start``/``layer_stop`` (half-open, None: the family's preset range) override the pruned layers;
+    ``accelerate`` adds the accelerations beyond the paper (CFG cut-off, KV budget) to the mode.
+    """
+
+    mode: str = "paper"
+    tail_drop_ratios: tuple[float, ...] = ()
+    cache_from_end: int = 5
+    layer_start: int | None = None
+    layer_stop: int | None = None
+    speed_target: float = 2.0
+    accelerate: bool = False
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ConfigError(f"pruning mode {self.mode!r} is unknown; allowed: {list(MODES)}")
+        for k, r in enumerate(self.tail_drop_ratios):
+            if not 0.0 <= r <= 1.0:
+                raise ConfigError(f"drop ratio of scale {k + 1} from the end = {r} is outside [0, 1]")
+        if self.mode == "custom":
+            pruned = [k + 1 for k, r in enumerate(self.tail_drop_ratios) if r > 0]
+            if pruned and self.cache_from_end <= max(pruned):
+                raise ConfigError(
+                    f"cache scale {self.cache_from_end} from the end must come before the earliest pruned scale "
+                    f"({max(pruned)} from the end); allowed: cache_from_end > {max(pruned)}"
+                )
+        for name, layer in (("start", self.layer_start), ("stop", self.layer_stop)):
+            if layer is not None and layer < 0:
+                raise ConfigError(f"pruned layers {name} {layer} is negative")
+        if self.layer_start is not None and self.layer_stop is not None and self.layer_start > self.layer_stop:
+            raise ConfigError(f"pruned layers start {self.layer_start} is after stop {self.layer_stop}")
+        low, high = SPEED_TARGET_RANGE
+        if self.mode == "speed target" and not low <= self.speed_target <= high:
+            raise ConfigError(f"speed target {self.speed_target} is outside [{low:g}, {high:g}]")
+
+    def resolve(self, family, scales: list[tuple[int, int]], arch: ArchSpec) -> PruningConfig:
+        """The validated plan for a schedule's ``scales`` and a model of shape ``arch`` of ``family``.
+
+        ``family`` supplies the preset table (``presets``) and the rules ``can_skip`` and ``min_cache_scale``.
+        Only the checks that need the schedule and model run here.
+        """
+        n, depth = len(scales), arch.depth
+        if self.mode in PRESET_NAMES + ACCELERATED_PRESETS:
+            config = make_preset(family.presets, self.mode, n, depth)
+        elif self.mode == "custom":
+            if self.cache_from_end > n:
+                raise ConfigError(f"cache_from_end = {self.cache_from_end}, but this schedule has only {n} scales; "
+                                  f"allowed: 2..{n}")
+            drop = {n - 1 - k: r for k, r in enumerate(self.tail_drop_ratios) if r > 0 and n - 1 - k > 0}
+            cache = n - self.cache_from_end if drop else None
+            config = PruningConfig(drop, cache, self._layers(family, depth), name="custom")
+        else:
+            config = self._solve_target(family, scales, arch)
+        if config.layers != (0, 0) and (self.layer_start is not None or self.layer_stop is not None):
+            config = replace(config, layers=self._layers(family, depth))
+        if self.accelerate:
+            config = accelerate(config, n)
+        return config.validate(n, depth, can_skip=family.can_skip, min_cache_scale=family.min_cache_scale)
+
+    def _layers(self, family, depth: int) -> tuple[int, int]:
+        start, stop = family.presets.layers(depth)
+        start = start if self.layer_start is None else self.layer_start
+        stop = stop if self.layer_stop is None else min(self.layer_stop, depth)
+        return (start, stop)
+
+    def _solve_target(self, family, scales, arch) -> PruningConfig:
+        n = len(scales)
+        tail = [k for k in range(len(_TARGET_WEIGHTS)) if n - 1 - k > 1]
+        cache = n - 1 - len(tail)
+        best = PruningConfig(name="speed target")
+        for step in range(1, 21):  # aggressiveness 5 % .. 100 %
+            level = step / 20
+            drop = {n - 1 - k: round(min(_TARGET_CAP, level * _TARGET_WEIGHTS[k]) * 20) / 20 for k in tail}
+            drop = {s: r for s, r in drop.items() if r > 0}
+            best = PruningConfig(drop, cache, self._layers(family, arch.depth), name="speed target")
+            if predicted_speedup(arch, scales, best) >= self.speed_target:
+                break
+        return best
