@@ -45,8 +45,8 @@ TraceObserver = Callable[[str, torch.Tensor], None]
 class SamplingHooks:
     """What a test or tool attaches to one sampling run to observe it or force its outcome.
 
-    Generation never needs any of it; with ``hooks=None`` a sampler does no extra work and no
-    GPU->CPU copy. Every field is optional.
+    Generation never needs any of it; with ``hooks=None`` a sampler does no instrumentation work and
+    no extra GPU->CPU copy. Every field is optional.
     """
 
     on_select: SelectObserver | None = None  # every pruned sub-layer (see PruningRun)
