@@ -111,7 +111,7 @@ class Family(ABC):
 
     @abstractmethod
     def run_sampler(self, model, vae, cond, schedule: ScaleSchedule, *, negative, knobs: dict, seed: int,
-                    pruning, callback, record_kept: bool, hooks: SamplingHooks | None) -> SampleResult:
+                    pruning, callback, hooks: SamplingHooks | None) -> SampleResult:
         """The family's scale loop; ``knobs`` holds only the guidance knobs given (cfg, tau, top_k, top_p)."""
 
     # ---- decoding ---------------------------------------------------------------------------------
@@ -218,13 +218,14 @@ def _features(cond) -> torch.Tensor:
 
 def sample(family: str | Family, model, cond, schedule: ScaleSchedule, *, vae=None, negative=None,
            cfg=None, tau=None, top_k: int | None = None, top_p: float | None = None, seed: int = 0,
-           pruning=None, callback: ProgressCallback | None = None, record_kept: bool = False,
+           pruning=None, callback: ProgressCallback | None = None,
            hooks: SamplingHooks | None = None) -> SampleResult:
     """Run a family's scale loop with the checks every front door shares.
 
     ``pruning`` is a PruningRequest, a PruningConfig or None (off), checked once by :func:`resolve_pruning`;
     None for a knob means the family's official default.
     A knob the family does not have (HART: tau) is ignored; a negative conditioning it cannot use is refused.
+    ``hooks``: observers for tests and tools; ``SamplingHooks(record_kept=True)`` fills ``result.kept``.
     """
     fam = get_family(family)
     seed = check_seed(seed)
@@ -237,7 +238,7 @@ def sample(family: str | Family, model, cond, schedule: ScaleSchedule, *, vae=No
     knobs = dict(cfg=cfg, tau=tau if fam.has_tau else None, top_k=fam.sampler_top_k(top_k), top_p=top_p)
     knobs = {k: v for k, v in knobs.items() if v is not None}
     result = fam.run_sampler(model, vae, cond, schedule, negative=negative, knobs=knobs, seed=seed, pruning=pruning,
-                             callback=callback, record_kept=record_kept, hooks=hooks)
+                             callback=callback, hooks=hooks)
     check_finite(result.latent, "the sampled latent", NUMERIC_HINT)
     return result
 

@@ -4,7 +4,8 @@
     pipe = Pipeline.load("infinity", model="infinity_2b_reg.pth", vae="infinity_vae_d32reg.pth",
                          text_encoder="flan-t5-xl")
     images, result = pipe.generate("a red fox in the snow", width=1024, height=1024, pruning="paper", seed=1)
-    # images: (B, H, W, 3) float in [0, 1], RGB; result.seconds, result.kept_mask(scale) ...
+    # images: (B, H, W, 3) float in [0, 1], RGB; result.seconds ...; hooks=SamplingHooks(record_kept=True)
+    # makes result.kept_mask(scale) available
 """
 
 from __future__ import annotations
@@ -137,7 +138,7 @@ class Pipeline:
     def sample(self, cond, schedule: ScaleSchedule, *, negative=None, pruning=None, seed: int = 0,
                cfg: float | None = None, tau: float | None = None, top_k: int | None = None,
                top_p: float | None = None, callback: ProgressCallback | None = None,
-               record_kept: bool = False, hooks: SamplingHooks | None = None) -> SampleResult:
+               hooks: SamplingHooks | None = None) -> SampleResult:
         """Run the scale loop (fastvar_core.families.sample); None for a knob means the family's official default.
 
         ``pruning``: a preset name, a JSON file, a PruningRequest or a PruningConfig (None: off).
@@ -145,7 +146,7 @@ class Pipeline:
         check_seed(seed)  # before the pruning file is read: the cheaper error first
         return families.sample(self.family, self.model, cond, schedule, vae=self.vae, negative=negative, cfg=cfg,
                                tau=tau, top_k=top_k, top_p=top_p, seed=seed, pruning=load_pruning(pruning),
-                               callback=callback, record_kept=record_kept, hooks=hooks)
+                               callback=callback, hooks=hooks)
 
     def decode(self, result: SampleResult, tile: str | int | None = "auto") -> torch.Tensor:
         """(B, H, W, 3) float RGB in [0, 1] on the CPU; ``tile``: "auto" (tiles at 2K), "on", "off"/None or a size."""

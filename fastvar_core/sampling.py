@@ -5,14 +5,14 @@ from __future__ import annotations
 import math
 import numbers
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
 from .errors import ConfigError
 from .pruning.config import PruningConfig
-from .pruning.run import SelectObserver, kept_mask
+from .pruning.run import PruningRun, SelectObserver, kept_mask
 from .schedules import ScaleSchedule
 
 # callback(step, total_steps, preview) is called after every scale step; ``preview()`` returns a cheap
@@ -28,12 +28,73 @@ ProgressCallback = Callable[[int, int, Callable[[], torch.Tensor]], None]
 DrawObserver = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], "torch.Tensor | None"]
 
 
+# on_logits(scale, logits): the guided logits of every executed scale, before the NaN check, top-k/top-p
+# and the draw (Infinity: (B, L, 2d) bit-pair logits divided by tau; HART: (B, l, V)). Read-only: the
+# sampler filters them in place afterwards, so copy what you keep.
+LogitsObserver = Callable[[int, torch.Tensor], None]
+
+# on_trace(name, tensor): intermediate tensors of the scale loop, in run order, for parity checks.
+# Both families: "next_input" (the next scale's input before embedding, after every scale but the
+# last) and "latent" (the accumulated latent after every scale). HART also: "latent_before_last",
+# "diffusion_cond" (the residual diffusion's conditioning, (rows, l, C)) and "diffusion_out" (its
+# residual, (B, l, Cvae)). Read-only, like on_logits.
+TraceObserver = Callable[[str, torch.Tensor], None]
+
+
 @dataclass
 class SamplingHooks:
-    """Observers of one sampling run, for tests and tools; generation itself never needs them."""
+    """What a test or tool attaches to one sampling run to observe it or force its outcome.
+
+    Generation never needs any of it; with ``hooks=None`` a sampler does no instrumentation work and
+    no extra GPU->CPU copy. Every field is optional.
+    """
 
     on_select: SelectObserver | None = None  # every pruned sub-layer (see PruningRun)
     on_draw: DrawObserver | None = None  # every token draw
+    on_logits: LogitsObserver | None = None  # guided logits of every executed scale
+    on_trace: TraceObserver | None = None  # intermediate tensors (see TraceObserver)
+    # Teacher forcing: scale -> the tokens that scale must produce (Infinity: (B, h, w, d) bits, HART:
+    # (B, h*w) code indices). Infinity still draws, so its generator advances as in the reference,
+    # then takes these bits; HART skips the draw and embeds the codes without Gumbel smoothing.
+    teacher: Mapping[int, torch.Tensor] | None = None
+    # Fill SampleResult.kept with every pruned sub-layer's kept indices (one GPU->CPU copy each).
+    record_kept: bool = False
+    # A dict to which the wall seconds of pruned sub-layers are added under "select", "branch" and
+    # "restore" (CUDA is synchronised around each part: for measurements only).
+    pruning_seconds: dict[str, float] | None = None
+    # HART: the generator of the residual-diffusion noise (default: the run's seeded generator), e.g.
+    # to reproduce the official code, which draws it from the global RNG.
+    diffusion_generator: torch.Generator | None = None
+
+
+def forced_tokens(hooks: SamplingHooks | None, scale: int, shape: tuple[int, ...]) -> torch.Tensor | None:
+    """The teacher's tokens for ``scale`` reshaped to ``shape`` (int64), or None when it has none."""
+    if hooks is None or hooks.teacher is None:
+        return None
+    forced = hooks.teacher.get(scale)
+    if forced is None:
+        return None
+    if forced.numel() != math.prod(shape):
+        raise ConfigError(f"hooks.teacher[{scale}] has shape {tuple(forced.shape)}, but scale {scale} produces "
+                          f"{math.prod(shape)} tokens, shape {tuple(shape)}")
+    return forced.reshape(shape).long()
+
+
+def pruning_run_for(config: PruningConfig | None, scales: Sequence[tuple[int, int]], depth: int,
+                    hooks: SamplingHooks | None) -> PruningRun:
+    """A sampler's PruningRun, observed, recording and timed as ``hooks`` asks (plain without hooks)."""
+    if hooks is None:
+        return PruningRun(config, scales, depth)
+    return PruningRun(config, scales, depth, record=hooks.record_kept, timing=hooks.pruning_seconds is not None,
+                      on_select=hooks.on_select)
+
+
+def close_pruning_run(run: PruningRun, hooks: SamplingHooks | None) -> None:
+    """Release the run's caches and add its pruning seconds to ``hooks.pruning_seconds``."""
+    run.close()
+    if hooks is not None and hooks.pruning_seconds is not None:
+        for part, seconds in run.seconds.items():
+            hooks.pruning_seconds[part] = hooks.pruning_seconds.get(part, 0.0) + seconds
 
 
 def draw_tokens(logits: torch.Tensor, generator: torch.Generator, scale: int,
@@ -119,9 +180,8 @@ class SampleResult:
     pruning: PruningConfig
     executed_scales: list[int]
     scale_seconds: dict[int, float] = field(default_factory=dict)
-    kept: dict[tuple[int, int, str], torch.Tensor] = field(default_factory=dict)
+    kept: dict[tuple[int, int, str], torch.Tensor] = field(default_factory=dict)  # with hooks.record_kept
     tokens: dict[int, torch.Tensor] = field(default_factory=dict)  # sampled bits / indices per scale
-    extras: dict[str, torch.Tensor] = field(default_factory=dict)  # e.g. teacher-forced logits
 
     @property
     def seconds(self) -> float:

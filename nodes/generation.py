@@ -13,6 +13,7 @@ from ..fastvar_core import families
 from ..fastvar_core.errors import ConfigError
 from ..fastvar_core.families import get_family
 from ..fastvar_core.pruning_request import MODES, SPEED_TARGET_RANGE, PruningRequest
+from ..fastvar_core.sampling import SamplingHooks
 
 from . import compat
 from .chart import CHART_MODELS
@@ -202,7 +203,7 @@ class FastVARSampler:
             result = families.sample(family, model.module, cond.to(device), schedule, vae=model.companion,
                                      negative=neg.to(device) if neg is not None else None, cfg=cfg, tau=tau,
                                      top_k=top_k, top_p=top_p, seed=seed, pruning=pruning, callback=callback,
-                                     record_kept=True)
+                                     hooks=SamplingHooks(record_kept=True))  # for the Token Map node
         seconds = time.perf_counter() - start
         result.latent = result.latent.to(compat.intermediate_device())
         h, w = schedule.image_size

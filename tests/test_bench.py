@@ -16,6 +16,7 @@ from fastvar_core.cost import predicted_speedup
 from fastvar_core.families import get_family
 from fastvar_core.infinity.config import INFINITY_2B
 from fastvar_core.pruning import make_preset
+from fastvar_core.sampling import SamplingHooks
 from fastvar_core.schedules import hart_schedule, infinity_schedule
 from tools.bench import chart, main
 from tools.randomized import SHAPES, build_transformer
@@ -183,13 +184,18 @@ def test_cfg_cutoff_equals_unguided_logits_from_that_scale_with_half_the_rows():
     rows = []
     original = model.forward_scale
     model.forward_scale = lambda x, *a, **k: rows.append(x.shape[0]) or original(x, *a, **k)
-    dropped = sample_infinity(model, cond, sched, cfg=3.0, pruning=cut, return_logits=True)
+    logits = {"dropped": {}, "plain": {}}
+
+    def recorder(name):
+        return SamplingHooks(on_logits=lambda si, guided: logits[name].__setitem__(si, guided.clone()))
+
+    sample_infinity(model, cond, sched, cfg=3.0, pruning=cut, hooks=recorder("dropped"))
     assert rows == [4] * 5 + [2] * 2
     del model.forward_scale
-    guided_then_plain = sample_infinity(model, cond, sched, cfg=[3.0] * 5 + [1.0] * 2, return_logits=True)
+    sample_infinity(model, cond, sched, cfg=[3.0] * 5 + [1.0] * 2, hooks=recorder("plain"))
+    assert sorted(logits["dropped"]) == sorted(logits["plain"]) == list(range(7))
     for si in range(7):
-        torch.testing.assert_close(dropped.extras[f"logits.{si:02d}"], guided_then_plain.extras[f"logits.{si:02d}"],
-                                   atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(logits["dropped"][si], logits["plain"][si], atol=1e-4, rtol=1e-4)
 
 
 def test_cost_model_counts_cfg_rows_and_the_kv_budget():
@@ -244,13 +250,13 @@ def test_hart_fast_matches_paper_before_its_cutoff_and_runs_one_row_after():
     model, vae = build_transformer(shape), build_vae(replace(shape, vae_base=32))
     cond = random_conditioning(shape, batch=1, tokens=4)
     sched = hart_schedule((1, 2, 3, 4, 5, 6))
-    paper = sample_hart(model, vae, cond, sched, pruning=make_preset(get_family("hart").presets, "paper", 6, 2))
+    paper = sample_hart(model, cond, sched, vae=vae, pruning=make_preset(get_family("hart").presets, "paper", 6, 2))
     fast_cfg = make_preset(get_family("hart").presets, "fast", 6, 2)
     assert fast_cfg.cfg_cutoff == 4 and fast_cfg.kv_drop_ratios == {3: 0.5, 4: 0.5}
     rows = []
     original = model.forward_blocks
     model.forward_blocks = lambda x, *a, **k: rows.append(x.shape[0]) or original(x, *a, **k)
-    fast = sample_hart(model, vae, cond, sched, pruning=fast_cfg)
+    fast = sample_hart(model, cond, sched, vae=vae, pruning=fast_cfg)
     assert rows == [2, 2, 2, 2, 1, 1]
     assert all(torch.equal(paper.tokens[s], fast.tokens[s]) for s in range(4))
     assert fast.latent.shape == paper.latent.shape and torch.isfinite(fast.latent).all()

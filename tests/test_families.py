@@ -16,6 +16,7 @@ from toy_family import ToyConditioning, ToyModel, ToyTextEncoder, ToyVAE, regist
 from fastvar_core import families
 from fastvar_core.errors import ConfigError
 from fastvar_core.pipeline import Pipeline
+from fastvar_core.sampling import SamplingHooks
 
 PACK = load_pack()
 
@@ -63,7 +64,7 @@ def test_a_third_family_runs_through_the_pipeline(toy):
     pipe = Pipeline.load("toy", "nowhere", "nowhere", "nowhere", device="cpu")
     assert pipe.spec is toy and pipe.depth == 2
     images, result = pipe.generate("a toy", "not this", width=64, height=48, pruning="paper", seed=3,
-                                   record_kept=True)
+                                   hooks=SamplingHooks(record_kept=True))
     assert images.shape == (1, 48, 64, 3) and torch.isfinite(images).all()
     assert result.schedule.scales == ((1, 1), (2, 2), (3, 3), (3, 4)) and result.pruning.name == "paper"
     assert {s for (s, _, _) in result.kept} == {3}  # the preset's last scale, half its tokens

@@ -31,6 +31,7 @@ from fastvar_core.hart import (
 from fastvar_core.hart.diffusion import RespacedSchedule, timestep_features
 from fastvar_core.hart.model import KVCache, RMSNorm, apply_rope, image_positions, rope_context, rope_image
 from fastvar_core.pruning import PruningConfig, PruningRun, make_preset
+from fastvar_core.sampling import SamplingHooks
 from fastvar_core.schedules import hart_schedule
 
 CKPT = PARITY / "hart" / "checkpoint"
@@ -375,14 +376,37 @@ def test_interrupt_releases_and_preview(model, vae, cond):
             raise StopSampling("stop")
 
     with pytest.raises(StopSampling):
-        sample_hart(model, vae, cond, hart_schedule(model.config.patch_nums), callback=callback)
+        sample_hart(model, cond, hart_schedule(model.config.patch_nums), vae=vae, callback=callback)
     assert [s[:3] for s in seen] == [(1, 14, (1, 64, 64, 3)), (2, 14, (1, 64, 64, 3))]
     assert all(0.0 <= lo <= hi <= 1.0 for *_, lo, hi in seen)
 
 
 def test_sampler_rejects_bad_teacher_tokens(model, vae, cond):
-    with pytest.raises(ConfigError, match="teacher_tokens"):
-        sample_hart(model, vae, cond, hart_schedule(model.config.patch_nums), teacher_tokens=torch.zeros(1, 10).long())
+    with pytest.raises(ConfigError, match=r"hooks.teacher\[1\] has shape \(1, 10\), but scale 1 produces 4 tokens"):
+        sample_hart(model, cond, hart_schedule(model.config.patch_nums), vae=vae,
+                    hooks=SamplingHooks(teacher={1: torch.zeros(1, 10).long()}))
+
+
+def test_sampler_needs_the_vae_and_refuses_a_negative(model, vae, cond):
+    sched = hart_schedule(model.config.patch_nums)
+    with pytest.raises(ConfigError, match="HART samples with its VAE's codebook"):
+        sample_hart(model, cond, sched)
+    with pytest.raises(ConfigError, match="HART has no negative prompt"):
+        sample_hart(model, cond, sched, vae=vae, negative=cond)
+
+
+def test_teacher_forcing_skips_the_draw_and_the_smoothing(model, vae, cond):
+    """A forced scale produces the teacher's codes without drawing; the other scales still draw."""
+    sched = hart_schedule((1, 2, 3, 4))
+    free = sample_hart(model, cond, sched, vae=vae, seed=4)
+    forced = (free.tokens[2] + 1) % vae.quantize.embedding.weight.shape[0]  # (1, 9), surely not the free draw
+    draws = []
+    hooks = SamplingHooks(teacher={2: forced}, on_draw=lambda si, *_: draws.append(si))
+    run = sample_hart(model, cond, sched, vae=vae, seed=4, hooks=hooks)
+    assert torch.equal(run.tokens[2], forced) and draws == [0, 1, 3]
+    assert torch.equal(run.tokens[1], free.tokens[1])
+    # smoothing consumes the generator; a forced scale does not, so scale 3 draws from another state
+    assert not torch.equal(run.latent, free.latent)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -393,8 +417,9 @@ def test_non_square_schedule_samples_prunes_and_decodes(model, vae, cond):
     sched = hart_schedule((1, 2, 3, 4, 6, 8), template=0.5)  # (1,1) (2,3) (2,4) (3,6) (5,8) (6,11)
     assert sched.scales[1:] == ((2, 3), (2, 4), (3, 6), (5, 8), (6, 11))
     config = PruningConfig(drop_ratios={4: 0.5, 5: 0.75}, cache_scale=3, layers=(0, model.config.depth), name="t")
-    base = sample_hart(model, vae, cond, sched, seed=2)
-    pruned = sample_hart(model, vae, cond, sched, seed=2, pruning=config, record_kept=True)
+    base = sample_hart(model, cond, sched, vae=vae, seed=2)
+    pruned = sample_hart(model, cond, sched, vae=vae, seed=2, pruning=config, hooks=SamplingHooks(record_kept=True))
+    assert base.kept == {}  # kept indices are recorded only when asked for
     for result in (base, pruned):
         assert result.latent.shape == (1, model.config.vae_channels, 6, 11)
         assert [tuple(t.shape) for t in result.tokens.values()] == [(1, h * w) for h, w in sched.scales]

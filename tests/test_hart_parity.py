@@ -242,7 +242,9 @@ def _run_model_case(case_dir: Path, case: dict, files: SetFiles, root: Path, att
     # README: the diffusion noise comes from the global RNG seeded with torch_global_seed right before the call
     diff_gen = torch.Generator().manual_seed(int(case["torch_global_seed"]))
     sel_positions = exp["logits_sel_positions"].tolist() if "logits_sel_positions" in exp else []
-    teacher = inputs.get("teacher_tokens")
+    teacher = inputs.get("teacher_tokens")  # (B, N) in the flat scale-major layout
+    if teacher is not None:
+        teacher = {si: teacher[:, offsets[si]: offsets[si] + pn * pn] for si, pn in enumerate(pns)}
     draws = None
     if teacher is None:
         def per_scale(name):
@@ -251,13 +253,68 @@ def _run_model_case(case_dir: Path, case: dict, files: SetFiles, root: Path, att
         draws = ReferenceDraws(case["name"], per_scale("tokens"), lambda si: by_side(SAMPLED_LOGIT_ATOL, pns[si]),
                                argmax_reference=per_scale("logits_argmax"))
     selections = Selections(_reference_kept(exp, pns))
+    observed = Observed(offsets, sel_positions, teacher)
+    hooks = SamplingHooks(on_select=selections, on_draw=draws, on_logits=observed.logits, on_trace=observed.trace,
+                          teacher=teacher, diffusion_generator=diff_gen)
     res = sample_hart(
-        model, files.vae, cond, schedule,
+        model, cond, schedule, vae=files.vae,
         cfg=case["cfg"], top_k=None, top_p=case["top_p"], more_smooth=case["more_smooth"], seed=case["g_seed"],
-        pruning=pruning, teacher_tokens=teacher, diffusion_generator=diff_gen, return_logits=True,
-        logits_at=sel_positions, trace=True, hooks=SamplingHooks(on_select=selections, on_draw=draws),
+        pruning=pruning, hooks=hooks,
     )
-    return res.extras, res.latent, draws, selections, pns, offsets
+    return observed.quantities(), res.latent, draws, selections, pns, offsets
+
+
+class Observed:
+    """The run's quantities that a case compares, gathered by ``on_logits`` / ``on_trace`` (CPU copies).
+
+    Guided logits (before top-k/top-p): per flat position their logsumexp, max and argmax, the full rows
+    at ``sel_positions`` and, on a teacher-forced run, the value of the teacher's token. Trace: the
+    next-scale inputs, the latent's (mean, std, max|x|) per row after every scale, the latent before the
+    last scale, the diffusion residual and its conditioning's stats.
+    """
+
+    def __init__(self, offsets, sel_positions, teacher):
+        self.offsets, self.sel_positions, self.teacher = offsets, sel_positions, teacher
+        self.stats = {"lse": [], "max": [], "argmax": []}
+        self.sel: dict[int, torch.Tensor] = {}
+        self.at_teacher: list[torch.Tensor] = []
+        self.traced: dict[str, list[torch.Tensor]] = {}
+
+    def logits(self, si: int, logits: torch.Tensor) -> None:
+        self.stats["lse"].append(logits.logsumexp(-1).cpu())
+        top = logits.max(-1)
+        self.stats["max"].append(top.values.cpu())
+        self.stats["argmax"].append(top.indices.cpu())
+        start, stop = self.offsets[si], self.offsets[si] + logits.shape[1]
+        for p in self.sel_positions:
+            if start <= p < stop:
+                self.sel[p] = logits[:, p - start].float().cpu().clone()  # the sampler filters logits in place
+        if self.teacher is not None:
+            self.at_teacher.append(logits.gather(-1, self.teacher[si].to(logits.device).long()[..., None])[..., 0].cpu())
+
+    def trace(self, name: str, tensor: torch.Tensor) -> None:
+        if name == "latent":
+            flat = tensor.float().flatten(1)
+            tensor = torch.stack([flat.mean(1), flat.std(1), flat.abs().amax(1)], dim=1)
+        elif name == "diffusion_cond":
+            zf = tensor.float()
+            tensor = torch.stack([zf.mean(), zf.std(), zf.abs().amax()])
+        elif name == "diffusion_out":
+            tensor = tensor.float()
+        self.traced.setdefault(name, []).append(tensor.cpu())
+
+    def quantities(self) -> dict[str, torch.Tensor]:
+        out = {f"logits_{name}": torch.cat(parts, dim=1) for name, parts in self.stats.items()}
+        if self.at_teacher:
+            out["logits_teacher"] = torch.cat(self.at_teacher, dim=1)
+        if self.sel_positions:
+            out["logits_sel"] = torch.stack([self.sel[p] for p in self.sel_positions], dim=1)
+        out["f_hat_stats"] = torch.stack(self.traced["latent"], dim=1)
+        out["next_inputs"] = torch.cat(self.traced["next_input"], dim=1)
+        out["f_hat_pre_last"] = self.traced["latent_before_last"][0]
+        out["diff_out"] = self.traced["diffusion_out"][0]
+        out["diff_cond_stats"] = self.traced["diffusion_cond"][0]
+        return out
 
 
 def _reference_kept(exp: dict, pns: list[int]) -> dict:
@@ -286,10 +343,9 @@ def _compare_model_case(out, case, exp, ex, latent, draws, selections, pns, offs
             return SAMPLED_FINAL_STATS_ATOL if sampled else FINAL_STATS_ATOL
         return by_side(SAMPLED_LATENT_ATOL, pns[si]) if sampled else LATENT_ATOL
 
-    for name, ours in (("logits_lse", ex["logits_lse"]), ("logits_max", ex["logits_max"]),
-                       ("logits_teacher", ex["logits_chosen"])):
+    for name in ("logits_lse", "logits_max", "logits_teacher"):
         if name in exp:
-            _compare_per_scale(out, name, ours, exp[name], offsets, pns, logit_atol)
+            _compare_per_scale(out, name, ex[name], exp[name], offsets, pns, logit_atol)
     sel_positions = exp["logits_sel_positions"].tolist() if "logits_sel_positions" in exp else []
     if "logits_sel" in exp:
         _compare_dense(out, "logits_sel", ex["logits_sel"], exp["logits_sel"], LOGITS_ATOL)

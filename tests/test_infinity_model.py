@@ -32,6 +32,7 @@ from fastvar_core.infinity import (
 )
 from fastvar_core.infinity.sampler import unpatchify_bits
 from fastvar_core.pruning import make_preset
+from fastvar_core.sampling import SamplingHooks
 from fastvar_core.schedules import ScaleSchedule, infinity_schedule
 
 CKPT = PARITY / "infinity" / "checkpoints"
@@ -353,3 +354,24 @@ def test_interrupt_releases_and_next_run_is_unaffected(tiny_model):
     again = sample_infinity(tiny_model, cond, schedule, cfg=3.0, seed=5)
     assert torch.equal(again.latent, reference.latent)
     assert reference.latent.shape == (1, 32, 8, 8) and reference.executed_scales == list(range(5))
+
+
+def test_hooks_observe_and_force_without_changing_the_free_run(tiny_model):
+    """on_trace / on_logits see every executed scale; teacher bits replace the draw after it happened."""
+    inputs = load_file(str(NEG_CASE / "inputs.safetensors"))
+    cond = SimpleNamespace(kv_compact=inputs["text.kv_compact"], lens=inputs["text.lens"].tolist())
+    full = infinity_schedule(1.0, "0.06M")
+    schedule = ScaleSchedule("infinity", full.scales[:4], full.rope_grid, 1.0, "0.06M")
+    free = sample_infinity(tiny_model, cond, schedule, cfg=3.0, seed=5)
+    traced, logit_scales = [], []
+    hooks = SamplingHooks(on_trace=lambda name, t: traced.append((name, t.clone())),
+                          on_logits=lambda si, logits: logit_scales.append(si))
+    observed = sample_infinity(tiny_model, cond, schedule, cfg=3.0, seed=5, hooks=hooks)
+    assert torch.equal(observed.latent, free.latent) and logit_scales == [0, 1, 2, 3]
+    assert [n for n, _ in traced] == ["latent", "next_input", "latent", "next_input", "latent", "next_input", "latent"]
+    assert torch.equal(traced[-1][1].squeeze(2), free.latent)
+    forced = 1 - free.tokens[1].long()  # every bit of scale 1 flipped
+    teacher = sample_infinity(tiny_model, cond, schedule, cfg=3.0, seed=5, hooks=SamplingHooks(teacher={1: forced}))
+    assert torch.equal(teacher.tokens[1].long(), forced)
+    # scale 0 is untouched; the forced scale 1 changes everything after it
+    assert torch.equal(teacher.tokens[0], free.tokens[0]) and not torch.equal(teacher.latent, free.latent)

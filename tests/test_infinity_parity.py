@@ -160,7 +160,8 @@ def _load_model(case_dir: Path, case: dict):
 
 def _run(case_dir: Path, case: dict, inputs: dict, pruning, expected: dict | None = None, **overrides):
     """Run a case; with ``expected``, sampled bits are judged against it draw by draw and the run continues
-    on the reference bits (docs/parity.md). Returns (model, result, draws judge or None, selections)."""
+    on the reference bits (docs/parity.md). Returns (model, result, draws judge or None, selections,
+    logits): a teacher-forced case also records the guided logits of every executed scale as logits.SS."""
     model = _load_model(case_dir, case)
     negative = _text(inputs, "neg_text") if case.get("negative_text") else None
     teacher = None
@@ -168,18 +169,24 @@ def _run(case_dir: Path, case: dict, inputs: dict, pruning, expected: dict | Non
         teacher = {int(k.split(".")[1]): v for k, v in inputs.items() if k.startswith("gt_bits.")}
     kwargs = dict(
         negative=negative, cfg=case["cfg"], tau=case["tau"], top_k=case["top_k"], top_p=case["top_p"],
-        seed=case["seed"], pruning=pruning, teacher_bits=teacher, return_logits=bool(case.get("teacher_forcing")),
+        seed=case["seed"], pruning=pruning,
     )
+    logits: dict[str, torch.Tensor] = {}
+
+    def record_logits(si: int, guided: torch.Tensor) -> None:
+        logits[f"logits.{si:02d}"] = guided.detach().clone()
+
     draws = None
     if expected is not None and teacher is None:
         reference = {int(k.split(".")[1]): v for k, v in expected.items() if k.startswith("idx_Bld.")}
         atol = _logit_atol(float(case["cfg"]), float(case["tau"]))
         draws = ReferenceDraws(case_dir.name, reference, lambda si: atol)
     selections = Selections(_reference_kept(expected or {}))
-    kwargs["hooks"] = SamplingHooks(on_select=selections, on_draw=draws)
+    kwargs["hooks"] = SamplingHooks(on_select=selections, on_draw=draws, teacher=teacher,
+                                    on_logits=record_logits if teacher is not None else None)
     kwargs.update(overrides)
     result = sample_infinity(model, _text(inputs, "text"), _schedule(case), **kwargs)
-    return model, result, draws, selections
+    return model, result, draws, selections, logits
 
 
 # ----------------------------------------------------------------------------------------------
@@ -215,14 +222,14 @@ def _compare_kept(name, case, selections, expected, errors, tolerated) -> None:
         tolerated.extend(f"{name}: {swap}" for swap in swaps)
 
 
-def _compare_logits(name, case, result, expected, errors):
+def _compare_logits(name, case, logits, expected, errors):
     atol = _logit_atol(float(case["cfg"]), float(case["tau"]))
     for key in sorted(k for k in expected if k.startswith("logits.")):
         si = int(key.split(".")[1])
-        if key not in result.extras:
+        if key not in logits:
             errors.append(f"{name}: scale {si:02d}: no logits produced (scale not executed?)")
             continue
-        got, ref = result.extras[key].cpu(), expected[key]
+        got, ref = logits[key].cpu(), expected[key]
         if got.shape != ref.shape:
             errors.append(f"{name}: scale {si:02d}: logits shape {tuple(got.shape)} != reference {tuple(ref.shape)}")
             continue
@@ -230,7 +237,7 @@ def _compare_logits(name, case, result, expected, errors):
         worst = per_token.max().item()
         if worst > atol:
             errors.append(f"{name}: scale {si:02d}: logits max|d| = {worst:.3g} > {atol:g}")
-    produced = {k for k in result.extras if k.startswith("logits.")}
+    produced = set(logits)
     extra = sorted(produced - set(expected))
     if extra:
         errors.append(f"{name}: logits produced for scales the reference did not run: {extra}")
@@ -319,7 +326,7 @@ def _run_error_case(name, case_dir, case, inputs):
 
 def _check_error_case_run(name, case_dir, case, inputs, base, model, pruning):
     name = f"{name} [{pruning.name}]"
-    _, result, _, selections = _run(case_dir, case, inputs, pruning)
+    _, result, _, selections, _ = _run(case_dir, case, inputs, pruning)
     B = len(case["text"]["lens"])
     H, W = base.final_size
     scale = 2 if model.config.patchify else 1
@@ -338,7 +345,7 @@ def _check_error_case_run(name, case_dir, case, inputs, base, model, pruning):
     # pruning. That run stops after them (skipping the rest keeps the full-size latent accumulator, so
     # the earlier scales compute exactly what an unpruned run computes).
     stop = PruningConfig(drop_ratios={s: 1.0 for s in range(first, base.num_scales)}, name="prefix")
-    _, plain, _, _ = _run(case_dir, case, inputs, stop)
+    _, plain, _, _, _ = _run(case_dir, case, inputs, stop)
     assert plain.executed_scales == list(range(first)), name
     for si in range(first):
         assert torch.equal(result.tokens[si], plain.tokens[si]), (
@@ -365,12 +372,12 @@ def test_parity_case(family: str, case_dir: Path, request):
 
     expected = load_file(str(expected_file))
     pruning = _pruning(case, _schedule(case).scales)
-    _, result, draws, selections = _run(case_dir, case, inputs, pruning, expected)
+    _, result, draws, selections, logits = _run(case_dir, case, inputs, pruning, expected)
     errors: list[str] = []
     tolerated: list[str] = []
     if pruning is not None:
         _compare_kept(name, case, selections, expected, errors, tolerated)
-    _compare_logits(name, case, result, expected, errors)
+    _compare_logits(name, case, logits, expected, errors)
     _compare_bits(name, case, result, expected, draws, errors)
     _compare_latent(name, result, expected, errors)
     _compare_image(name, case_dir, case, result, expected, errors)

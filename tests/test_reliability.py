@@ -46,6 +46,7 @@ from fastvar_core.infinity.text import load_t5_encoder
 from fastvar_core.infinity.vae import BSQVAEConfig, InfinityVAE
 from fastvar_core.pipeline import Pipeline
 from fastvar_core.pruning import PruningConfig, PruningRun
+from fastvar_core.sampling import SamplingHooks
 from fastvar_core.schedules import INFINITY_TEMPLATES, ScaleSchedule, hart_schedule, infinity_schedule
 from tools.measure import current_rss
 from tools.randomized import ModelShape, build_transformer, random_conditioning
@@ -691,7 +692,7 @@ def test_memory_stays_flat_over_20_generations(inf_pipe):
     def generate(i: int) -> None:
         try:
             result = inf_pipe.sample(cond, schedule, seed=i, pruning=pruning if i % 2 else "off",
-                                     record_kept=True, callback=cancel if i % 4 == 3 else None)
+                                     hooks=SamplingHooks(record_kept=True), callback=cancel if i % 4 == 3 else None)
         except StopSampling:
             return
         inf_pipe.decode(result)

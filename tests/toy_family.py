@@ -74,18 +74,16 @@ def register_toy(families):
     """Define the toy Family against one copy of ``fastvar_core`` (the library's or the pack's) and register it."""
     core = families.__package__
     sampling = importlib.import_module(core + ".sampling")
-    pruning_run = importlib.import_module(core + ".pruning.run")
     schedules = importlib.import_module(core + ".schedules")
     cost = importlib.import_module(core + ".cost")
     errors = importlib.import_module(core + ".errors")
     PresetTable = importlib.import_module(core + ".pruning").PresetTable
 
     @torch.no_grad()
-    def toy_sample(model, cond, schedule, *, negative=None, cfg=2.0, seed=0, pruning=None, callback=None,
-                   record_kept=False, hooks=None, top_k=None, top_p=None):
+    def toy_sample(model, cond, schedule, *, vae=None, negative=None, cfg=2.0, top_k=None, top_p=None, seed=0,
+                   pruning=None, callback=None, hooks=None):
         B, (H, W), S = cond.batch_size, schedule.final_size, schedule.num_scales
-        run = pruning_run.PruningRun(pruning, schedule.scales, model.config.depth, record=record_kept,
-                                     on_select=hooks.on_select if hooks else None)
+        run = sampling.pruning_run_for(pruning, schedule.scales, model.config.depth, hooks)
         generator = torch.Generator().manual_seed(seed)
         text = model.text_proj(cond.context.mean(1))[:, None]  # (B, 1, width)
         uncond = model.text_proj(negative.context.mean(1))[:, None] if negative is not None else torch.zeros_like(text)
@@ -107,7 +105,7 @@ def register_toy(families):
                 if callback is not None:
                     callback(si + 1, S, lambda z=latent: z.permute(0, 2, 3, 1).sigmoid())
         finally:
-            run.close()
+            sampling.close_pruning_run(run, hooks)
         return sampling.SampleResult("toy", latent.detach(), schedule, run.config, executed, kept=dict(run.kept),
                                      tokens=tokens)
 
@@ -159,9 +157,8 @@ def register_toy(families):
         def chart_models(self):
             return {}
 
-        def run_sampler(self, model, vae, cond, schedule, *, negative, knobs, seed, pruning, callback, record_kept,
-                        hooks):
-            return toy_sample(model, cond, schedule, negative=negative, seed=seed, pruning=pruning, callback=callback,
-                              record_kept=record_kept, hooks=hooks, **knobs)
+        def run_sampler(self, model, vae, cond, schedule, *, negative, knobs, seed, pruning, callback, hooks):
+            return toy_sample(model, cond, schedule, vae=vae, negative=negative, seed=seed, pruning=pruning,
+                              callback=callback, hooks=hooks, **knobs)
 
     return families.register(ToyFamily())

@@ -34,6 +34,7 @@ from fastvar_core.families import get_family, resolve_pruning
 from fastvar_core.linear import onednn_available, use_onednn
 from fastvar_core.pruning import ACCELERATED_PRESETS, PRESET_NAMES, PruningConfig
 from fastvar_core.pruning_request import PruningRequest
+from fastvar_core.sampling import SamplingHooks
 from fastvar_core.schedules import HART_PATCH_NUMS_1024, ScaleSchedule, hart_schedule, infinity_schedule
 
 from . import command
@@ -109,16 +110,15 @@ class Case:
     def arch(self):
         return get_family(self.family).arch_spec(self.model.config, self.cond)
 
-    def sample(self, config: PruningConfig, seed: int, time_pruning: dict | None = None, callback=None):
+    def sample(self, config: PruningConfig, seed: int, pruning_seconds: dict | None = None, callback=None):
+        """The family's scale loop itself; ``pruning_seconds`` collects the pruned sub-layers' time."""
         if self.family == "infinity":
-            from fastvar_core.infinity import sample_infinity
-
-            return sample_infinity(self.model, self.cond, self.schedule, seed=seed, pruning=config,
-                                   time_pruning=time_pruning, callback=callback, **GUIDANCE["infinity"])
-        from fastvar_core.hart import sample_hart
-
-        return sample_hart(self.model, self.vae, self.cond, self.schedule, seed=seed, pruning=config,
-                           time_pruning=time_pruning, callback=callback, **GUIDANCE["hart"])
+            from fastvar_core.infinity import sample_infinity as sampler
+        else:
+            from fastvar_core.hart import sample_hart as sampler
+        hooks = SamplingHooks(pruning_seconds=pruning_seconds) if pruning_seconds is not None else None
+        return sampler(self.model, self.cond, self.schedule, vae=self.vae, seed=seed, pruning=config,
+                       callback=callback, hooks=hooks, **GUIDANCE[self.family])
 
     def warm_up(self, config: PruningConfig, seed: int) -> None:
         """A run stopped before its last (most expensive) scale: first calls pay for allocator growth and

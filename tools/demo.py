@@ -21,6 +21,7 @@ from fastvar_core.cost import estimate
 from fastvar_core.families import get_family, resolve_pruning
 from fastvar_core.pipeline import Pipeline
 from fastvar_core.pruning_request import PruningRequest
+from fastvar_core.sampling import SamplingHooks
 from fastvar_core.schedules import hart_schedule, infinity_schedule
 
 from . import command
@@ -101,7 +102,8 @@ def run_random(args: argparse.Namespace) -> int:
 
 def _sample(family, model, vae, cond, schedule, config, seed):
     """The family's scale loop with its official guidance, through the shared front door."""
-    return families.sample(family, model, cond, schedule, vae=vae, seed=seed, pruning=config, record_kept=True)
+    return families.sample(family, model, cond, schedule, vae=vae, seed=seed, pruning=config,
+                           hooks=SamplingHooks(record_kept=True))
 
 
 def run_real(paths: dict, args: argparse.Namespace) -> int:

@@ -88,13 +88,11 @@ class HARTFamily(Family):
     def sampler_top_k(self, top_k):
         return None if top_k in self.OFFICIAL_TOP_K else top_k
 
-    def run_sampler(self, model, vae, cond, schedule, *, negative, knobs, seed, pruning, callback, record_kept, hooks):
+    def run_sampler(self, model, vae, cond, schedule, *, negative, knobs, seed, pruning, callback, hooks):
         from .sampler import sample_hart
 
-        if vae is None:
-            raise ConfigError("HART samples with its VAE's codebook: pass the VAE")
-        return sample_hart(model, vae, cond, schedule, seed=seed, pruning=pruning, callback=callback,
-                           record_kept=record_kept, hooks=hooks, **knobs)
+        return sample_hart(model, cond, schedule, vae=vae, negative=negative, seed=seed, pruning=pruning,
+                           callback=callback, hooks=hooks, **knobs)
 
 
 def hart_tokenizer_folder(model) -> Path:

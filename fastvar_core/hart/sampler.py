@@ -6,21 +6,19 @@ embeddings), accumulate the codes into the 64x64 latent f_hat (bicubic up-sampli
 area-resized f_hat back as the next scale's input. The last scale adds a residual from the diffusion head.
 
 Differences from the official code, by design: the residual-diffusion noise comes from the run's own
-seeded generator (the official code uses the unseeded global RNG; pass ``diffusion_generator`` to
-reproduce a particular global state), pruning caches live only for one call, every cache is released
+seeded generator (the official code uses the unseeded global RNG; ``SamplingHooks.diffusion_generator``
+reproduces a particular global state), pruning caches live only for one call, every cache is released
 on error or interrupt.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 
 import torch
 
 from ..errors import ConfigError
 from ..pruning.config import PruningConfig
-from ..pruning.run import PruningRun
 from ..sampling import (
     ProgressCallback,
     SampleResult,
@@ -28,7 +26,10 @@ from ..sampling import (
     ScaleTimer,
     check_logits,
     check_sampling_args,
+    close_pruning_run,
     draw_tokens,
+    forced_tokens,
+    pruning_run_for,
 )
 from ..schedules import ScaleSchedule
 from .diffusion import VAE_SCALE
@@ -82,12 +83,6 @@ def latent_preview(f_hat: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
     return ((rgb - lo) / (hi - lo).clamp_min(1e-6)).cpu()
 
 
-def _stats(f_hat: torch.Tensor) -> torch.Tensor:
-    """(B, 3): mean, unbiased std and max |value| of each row's latent."""
-    flat = f_hat.float().flatten(1)
-    return torch.stack([flat.mean(1), flat.std(1), flat.abs().amax(1)], dim=1).cpu()
-
-
 def unguided_residual(diffloss, cond: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
     """The diffusion residual (N, Cvae) of N conditional rows without guidance (past a CFG cut-off).
 
@@ -118,42 +113,35 @@ def unguided_residual(diffloss, cond: torch.Tensor, generator: torch.Generator |
 
 def sample_hart(
     model: HARTTransformer,
-    vae,
     cond,
     schedule: ScaleSchedule,
     *,
+    vae=None,
+    negative=None,
     cfg: float = 4.5,
     top_k: int | None = None,
     top_p: float = 0.0,
-    more_smooth: bool = True,
     seed: int = 1,
     pruning: PruningConfig | None = None,
     callback: ProgressCallback | None = None,
-    record_kept: bool = False,
-    teacher_tokens: torch.Tensor | None = None,
-    diffusion_generator: torch.Generator | None = None,
-    return_logits: bool = False,
-    logits_at: Sequence[int] = (),
-    trace: bool = False,
-    time_pruning: dict[str, float] | None = None,
     hooks: SamplingHooks | None = None,
+    more_smooth: bool = True,
 ) -> SampleResult:
     """Generate HART latents for a batch of prompts; ``result.latent`` is f_hat (B, Cvae, H, W) for the VAE.
 
     cond: text conditioning with ``context`` (B, T, D_ctx), ``mask`` (B, T) and ``position_ids`` (B, T)
-    (e.g. HARTTextConditioning). top_k None = the official 600 (scales 0-6) / 300 rule, 0 = off.
+    (e.g. HARTTextConditioning). ``vae`` is required (its codebook embeds the tokens); ``negative`` must
+    be None (HART has no negative prompt). top_k None = the official 600 (scales 0-6) / 300 rule, 0 = off.
     ``seed`` seeds the token sampler's generator (the official ``g_seed``); the diffusion noise continues
-    from it unless ``diffusion_generator`` is given. ``teacher_tokens`` (B, N) forces the code index at
-    every position of the flat scale-major layout (N = sum of h*w) and embeds it without smoothing.
-    ``return_logits`` adds per-position statistics of the guided logits (before top-k/top-p) to
-    ``result.extras``: logits_lse, logits_max, logits_argmax, logits_chosen (B, N), plus the full logits
-    at the flat positions ``logits_at`` as logits_sel (B, P, V). ``trace`` adds f_hat_stats (B, S, 3),
-    next_inputs (B, N - 1, Cvae), f_hat_pre_last, diff_out (B, h*w, Cvae) and diff_cond_stats (3,).
-    A ``pruning`` config with a ``cfg_cutoff`` runs only the conditional rows from that scale on (logits
-    and the diffusion residual unguided). ``time_pruning``: a dict to which the wall seconds of pruned
-    sub-layers are added (``select``, ``branch``, ``restore``; CUDA synchronised: for measurements).
-    ``hooks``: observers of pruning selections and token draws (tests, tools).
+    from it. A ``pruning`` config with a ``cfg_cutoff`` runs only the conditional rows from that scale on
+    (logits and the diffusion residual unguided). ``hooks``: observers and teacher forcing for tests and
+    tools (SamplingHooks).
     """
+    if vae is None:
+        raise ConfigError("HART samples with its VAE's codebook: pass the HART VAE (vae=...)")
+    if negative is not None:
+        raise ConfigError("HART has no negative prompt (its unconditional branch is an empty context): "
+                          "leave the negative conditioning empty")
     cfg_model = model.config
     check_vae_matches(model, vae)
     check_text_width(model, cond)
@@ -165,31 +153,21 @@ def sample_hart(
     check_sampling_args(B, top_k or 0, top_p, [])
     S = schedule.num_scales
     scales = schedule.scales
-    offsets = schedule.offsets()
-    total = schedule.total_tokens
-    if teacher_tokens is not None and tuple(teacher_tokens.shape) != (B, total):
-        raise ConfigError(f"teacher_tokens must have shape {(B, total)}, found {tuple(teacher_tokens.shape)}")
-    sel_wanted = sorted(set(int(p) for p in logits_at))
-    if sel_wanted and not 0 <= sel_wanted[0] <= sel_wanted[-1] < total:
-        raise ConfigError(f"logits_at positions must lie in 0..{total - 1}, found {sel_wanted[0]}..{sel_wanted[-1]}")
     pruning = pruning or PruningConfig(name="off")
 
     device, dtype = model.device, model.dtype
     codebook = vae.quantize.embedding.weight
     generator = torch.Generator(device=device)
     generator.manual_seed(int(seed))
-    diff_gen = diffusion_generator if diffusion_generator is not None else generator
+    diff_gen = hooks.diffusion_generator if hooks is not None and hooks.diffusion_generator is not None else generator
+    on_logits = hooks.on_logits if hooks is not None else None
+    on_trace = hooks.on_trace if hooks is not None else None
 
-    run = PruningRun(pruning, schedule.scales, cfg_model.depth, record=record_kept, timing=time_pruning is not None,
-                     on_select=hooks.on_select if hooks else None)
+    run = pruning_run_for(pruning, schedule.scales, cfg_model.depth, hooks)
     tokens_run = [cond.context.shape[1], *schedule.tokens_per_scale[1:]]  # scale 0 runs the text tokens
     cache = KVCache(cfg_model.depth, [run.kv_capacity(layer, tokens_run, range(S - 1)) for layer in range(cfg_model.depth)])
     timer = ScaleTimer(device)
     tokens: dict[int, torch.Tensor] = {}
-    extras: dict[str, torch.Tensor] = {}
-    logit_stats: dict[str, list[torch.Tensor]] = {"lse": [], "max": [], "argmax": [], "chosen": []}
-    sel: dict[int, torch.Tensor] = {}
-    traced: dict[str, list[torch.Tensor]] = {"stats": [], "next": []}
     try:
         with torch.inference_mode():
             # CFG batch: [conditional; unconditional] with zero context, position ids 0 (docs/hart.md §3.3)
@@ -225,26 +203,19 @@ def sample_hart(
                 if si == 0:
                     logits = logits[:, -1:]  # the 1x1 token is predicted from the last text position
 
-                if teacher_tokens is not None:
-                    idx = teacher_tokens[:, offsets[si]: offsets[si] + ph * pw].to(device)
-                if return_logits:
-                    logit_stats["lse"].append(logits.logsumexp(-1).cpu())
-                    mx = logits.max(-1)
-                    logit_stats["max"].append(mx.values.cpu())
-                    logit_stats["argmax"].append(mx.indices.cpu())
-                    for p in sel_wanted:
-                        if offsets[si] <= p < offsets[si] + ph * pw:
-                            sel[p] = logits[:, p - offsets[si]].float().cpu()
-                if teacher_tokens is None:
+                if on_logits is not None:
+                    on_logits(si, logits)
+                idx = forced_tokens(hooks, si, (B, ph * pw))
+                forced = idx is not None
+                if forced:
+                    idx = idx.to(device)  # no draw: the teacher's codes, embedded without smoothing
+                else:
                     check_logits(logits, si, model.head.weight.dtype)
                     filter_logits_(logits, official_top_k(si) if top_k is None else top_k, top_p)
                     idx = draw_tokens(logits, generator, si, hooks)
-                if return_logits:
-                    # a sampled token is never masked, so the filtered logits still hold its guided value
-                    logit_stats["chosen"].append(logits.gather(-1, idx[..., None])[..., 0].cpu())
                 tokens[si] = idx.cpu()
 
-                if more_smooth and teacher_tokens is None:
+                if more_smooth and not forced:
                     h = smooth_embedding(logits, ratio, codebook, generator)  # (B, l, Cvae)
                 else:
                     h = vae.embed(idx.to(codebook.device))
@@ -254,8 +225,8 @@ def sample_hart(
                     h_map = h.transpose(1, 2).reshape(B, -1, ph, pw)
                     f_hat = vae.accumulate(f_hat, h_map, si, S, schedule.final_size).float()
                     nxt = vae.next_input(f_hat, scales[si + 1]).flatten(2).transpose(1, 2)  # (B, h'w', Cvae)
-                    if trace:
-                        traced["next"].append(nxt.cpu())
+                    if on_trace is not None:
+                        on_trace("next_input", nxt)
                     x = model.word_embed(nxt.to(dtype)) + levels[si + 1]
                     if pruning.guides(si + 1):
                         x = torch.cat([x, x])  # (2B, h'w', C)
@@ -268,33 +239,21 @@ def sample_hart(
                     else:
                         resid = unguided_residual(model.diffloss, z.flatten(0, 1), diff_gen)
                     resid = resid.view(B, -1, h.shape[-1])
-                    if trace:
-                        extras["f_hat_pre_last"] = f_hat.cpu()
-                        extras["diff_out"] = resid.float().cpu()
-                        zf = z.float()
-                        extras["diff_cond_stats"] = torch.stack([zf.mean(), zf.std(), zf.abs().amax()]).cpu()
+                    if on_trace is not None:
+                        on_trace("latent_before_last", f_hat)
+                        on_trace("diffusion_cond", z)
+                        on_trace("diffusion_out", resid)
                     final = (h + resid.float()).transpose(1, 2).reshape(B, -1, ph, pw)
                     f_hat = vae.accumulate(f_hat, final, si, S, schedule.final_size).float()
-                if trace:
-                    traced["stats"].append(_stats(f_hat))
+                if on_trace is not None:
+                    on_trace("latent", f_hat)
                 timer.stop(si)
                 if callback is not None:
                     callback(si + 1, S, lambda f=f_hat: latent_preview(f, codebook))
     finally:
-        run.close()
+        close_pruning_run(run, hooks)
         cache.clear()
-        if time_pruning is not None:
-            for part, seconds in run.seconds.items():
-                time_pruning[part] = time_pruning.get(part, 0.0) + seconds
 
-    if return_logits:
-        for name, parts in logit_stats.items():
-            extras[f"logits_{name}"] = torch.cat(parts, dim=1)
-        if sel_wanted:
-            extras["logits_sel"] = torch.stack([sel[p] for p in sel_wanted], dim=1)
-    if trace:
-        extras["f_hat_stats"] = torch.stack(traced["stats"], dim=1)
-        extras["next_inputs"] = torch.cat(traced["next"], dim=1)
     return SampleResult(
         family="hart",
         latent=f_hat,
@@ -304,6 +263,5 @@ def sample_hart(
         scale_seconds=timer.seconds,
         kept=dict(run.kept),
         tokens=tokens,
-        extras=extras,
     )
 

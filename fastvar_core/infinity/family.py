@@ -83,11 +83,11 @@ class InfinityFamily(Family):
             "Infinity-8B 1024px": (INFINITY_8B, lambda: infinity_schedule(1.0, "1M")),
         }
 
-    def run_sampler(self, model, vae, cond, schedule, *, negative, knobs, seed, pruning, callback, record_kept, hooks):
+    def run_sampler(self, model, vae, cond, schedule, *, negative, knobs, seed, pruning, callback, hooks):
         from .sampler import sample_infinity
 
-        return sample_infinity(model, cond, schedule, negative=negative, seed=seed, pruning=pruning, callback=callback,
-                               record_kept=record_kept, hooks=hooks, **knobs)
+        return sample_infinity(model, cond, schedule, vae=vae, negative=negative, seed=seed, pruning=pruning,
+                               callback=callback, hooks=hooks, **knobs)
 
     def decode_tile(self, vae, latent):
         # The 8B's f8 patchify VAE decodes a latent twice the token map's side (docs/infinity.md §1.3).

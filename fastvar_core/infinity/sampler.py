@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -19,7 +19,6 @@ import torch.nn.functional as F
 from ..errors import ConfigError, IncompatibleModelsError
 from ..kvcache import KVBuffer
 from ..pruning.config import PruningConfig
-from ..pruning.run import PruningRun
 from ..sampling import (
     ProgressCallback,
     SampleResult,
@@ -27,8 +26,11 @@ from ..sampling import (
     ScaleTimer,
     check_logits,
     check_sampling_args,
+    close_pruning_run,
     draw_tokens,
+    forced_tokens,
     per_scale,
+    pruning_run_for,
 )
 from ..schedules import ScaleSchedule
 from .config import TEXT_MAXLEN
@@ -89,46 +91,31 @@ def latent_preview(summed: torch.Tensor) -> torch.Tensor:
     return (rgb * math.sqrt(d) * 0.5 + 0.5).clamp(0, 1)  # codes are +-1/sqrt(d) per bit
 
 
-def _teacher(teacher_bits, si: int):
-    if teacher_bits is None:
-        return None
-    if isinstance(teacher_bits, Mapping):
-        return teacher_bits.get(si)
-    return teacher_bits[si] if si < len(teacher_bits) else None
-
-
 @torch.inference_mode()
 def sample_infinity(
     model: InfinityTransformer,
     cond,
     schedule: ScaleSchedule,
     *,
+    vae=None,
     negative=None,
     cfg: float | Sequence[float] = 3.0,
-    tau: float | Sequence[float] = 0.5,
     top_k: int = 900,
     top_p: float = 0.97,
     seed: int = 0,
     pruning: PruningConfig | None = None,
     callback: ProgressCallback | None = None,
-    record_kept: bool = False,
-    teacher_bits: Sequence[torch.Tensor] | Mapping[int, torch.Tensor] | None = None,
-    return_logits: bool = False,
-    generator_device: str | torch.device = "cpu",
-    time_pruning: dict[str, float] | None = None,
     hooks: SamplingHooks | None = None,
+    tau: float | Sequence[float] = 0.5,
 ) -> SampleResult:
     """Generate the latent (summed codes, (B, d_v, H, W)) for the prompts in ``cond``.
 
     ``cond``/``negative``: text conditioning with ``kv_compact`` (N, Ct5), ``lens`` (one per image;
-    a negative may hold one prompt for all). ``cfg``/``tau``: scalar or one value per scale.
-    ``pruning``: FastVAR config (None = off). ``teacher_bits``: per scale (B, h, w, d) bits that replace
-    the sampled ones (the draw still happens, as in the reference). ``return_logits`` stores the
-    post-CFG logits of every executed scale in ``extras['logits.SS']``. ``callback(step, total, preview)``
-    runs after every executed scale; raising from it stops sampling with every cache released.
-    ``time_pruning``: a dict to which the wall seconds of pruned sub-layers are added, split into
-    ``select``, ``branch`` and ``restore`` (CUDA is synchronised around each part: for measurements only).
-    ``hooks``: observers of pruning selections and token draws (tests, tools).
+    a negative may hold one prompt for all). ``vae`` is not needed (accepted for the shared signature).
+    ``cfg``/``tau``: scalar or one value per scale; the bit generator is a CPU one seeded with ``seed``.
+    ``pruning``: FastVAR config (None = off). ``callback(step, total, preview)`` runs after every
+    executed scale; raising from it stops sampling with every cache released. ``hooks``: observers and
+    teacher forcing for tests and tools (SamplingHooks).
     """
     config = model.config
     lens = [int(n) for n in cond.lens]
@@ -149,17 +136,17 @@ def sample_infinity(
 
     device = model.pos_start.device
     pruning = pruning if pruning is not None else PruningConfig(name="off")
-    run = PruningRun(pruning, schedule.scales, config.depth, record=record_kept,
-                     timing=time_pruning is not None, on_select=hooks.on_select if hooks else None)
+    run = pruning_run_for(pruning, schedule.scales, config.depth, hooks)
     executed = [si for si in range(S) if not run.is_skipped(si)]
     # one buffer per layer, sized for every stored scale; the final executed scale's keys are not kept
     caches = [KVBuffer(run.kv_capacity(layer, schedule.tokens_per_scale, executed[:-1])) for layer in range(config.depth)]
-    generator = torch.Generator(device=generator_device).manual_seed(int(seed))
+    generator = torch.Generator(device="cpu").manual_seed(int(seed))  # same bits on every device
     timer = ScaleTimer(device)
     vae_scales = [(2 * h, 2 * w) if config.patchify else (h, w) for h, w in schedule.scales]
     final = (1, *vae_scales[-1])
     tokens: dict[int, torch.Tensor] = {}
-    extras: dict[str, torch.Tensor] = {}
+    on_logits = hooks.on_logits if hooks is not None else None
+    on_trace = hooks.on_trace if hooks is not None else None
     try:
         full_ctx = model.encode_text(cond.kv_compact, lens, negative=negative, guidance=guidance)
         summed = None  # (B, d_v, 1, H, W) accumulated codes
@@ -176,6 +163,8 @@ def sample_infinity(
                 nxt = F.interpolate(summed, size=(1, *vae_scales[si]), mode="trilinear").squeeze(-3)  # (B, d_v, h', w')
                 if config.patchify:
                     nxt = F.pixel_unshuffle(nxt, 2)  # (B, 4 d_v, h, w)
+                if on_trace is not None:
+                    on_trace("next_input", nxt)
                 x = model.embed_tokens(nxt.reshape(*nxt.shape[:2], -1).permute(0, 2, 1), ctx.rows)  # (bs, h*w, C)
             rope = ScaleRope.build((h, w), schedule.rope_grid, config.head_dim, device)
             hidden = model.forward_scale(x, si, ctx, rope, run, caches, store_kv=si != executed[-1])
@@ -185,13 +174,13 @@ def sample_infinity(
                 logits = cfgs[si] * logits[:B] + (1 - cfgs[si]) * logits[B:]
             else:
                 logits = model.get_logits(hidden[:B], ctx.cond[:B]).mul(1 / taus[si])  # (B, L, 2d)
-            if return_logits:
-                extras[f"logits.{si:02d}"] = logits.detach().clone()
+            if on_logits is not None:
+                on_logits(si, logits)
             check_logits(logits, si, model.block_dtype)
             bits = sample_bits(logits, top_k, top_p, generator, si, hooks).view(B, h, w, -1)  # (B, h, w, d)
-            forced = _teacher(teacher_bits, si)
+            forced = forced_tokens(hooks, si, tuple(bits.shape))  # after the draw, as in the reference
             if forced is not None:
-                bits = forced.to(device=device, dtype=torch.int64).view(B, h, w, -1)
+                bits = forced.to(device)
             tokens[si] = bits.to(torch.uint8)
             vae_bits = unpatchify_bits(bits) if config.patchify else bits  # (B, h_v, w_v, d_v)
             codes = bits_to_codes(vae_bits.unsqueeze(1))  # (B, d_v, 1, h_v, w_v)
@@ -200,18 +189,17 @@ def sample_infinity(
                 summed = up if summed is None else summed + up
             else:
                 summed = codes if summed is None else summed + codes
+            if on_trace is not None:
+                on_trace("latent", summed)
             timer.stop(si)
             if callback is not None:
                 callback(step, len(executed), functools.partial(latent_preview, summed))
         latent = summed.squeeze(2).contiguous()  # (B, d_v, H, W)
     finally:
-        run.close()
+        close_pruning_run(run, hooks)
         for cache in caches:
             cache.clear()
-        if time_pruning is not None:
-            for part, seconds in run.seconds.items():
-                time_pruning[part] = time_pruning.get(part, 0.0) + seconds
     return SampleResult(
         family="infinity", latent=latent, schedule=schedule, pruning=pruning, executed_scales=executed,
-        scale_seconds=timer.seconds, kept=run.kept, tokens=tokens, extras=extras,
+        scale_seconds=timer.seconds, kept=run.kept, tokens=tokens,
     )
