@@ -222,8 +222,9 @@ def test_fp8_hart_transformer_and_vae(hart_ref):
     for m in _namespace_layers(model, FP8) + _namespace_layers(vae, FP8):
         assert all(p.dtype == torch.float8_e4m3fn for p in m.parameters(recurse=False))
     logits, latent = _hart_run(model, vae, hart_ref)
-    twin_logits, twin_latent = _hart_run(dequantized(load_hart_model(HART), model, FP8),
-                                         dequantized(load_hart_vae(HART / "tokenizer"), vae, FP8), hart_ref)
+    twin_vae = dequantized(load_hart_vae(HART / "tokenizer"), vae, FP8)
+    twin_logits, twin_latent = _hart_run(dequantized(load_hart_model(HART), model, FP8), twin_vae, hart_ref)
+    assert torch.equal(vae.codebook(), twin_vae.quantize.embedding.weight)  # float32, through the hook
     assert rel_err(logits, twin_logits) < 1e-5 and rel_err(latent, twin_latent) < 1e-5
     assert rel_err(logits, _ref_hart_logits(hart_ref)) < 0.05
     assert rel_err(latent, hart_ref.result.latent) < 0.15
