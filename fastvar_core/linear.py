@@ -98,7 +98,11 @@ class Linear(nn.Linear):
 
 
 def use_fast_linears(module: nn.Module) -> nn.Module:
-    """Make every plain ``nn.Linear`` inside ``module`` a :class:`Linear` (in place; weights untouched)."""
+    """Make every plain ``nn.Linear`` inside ``module`` a :class:`Linear` (in place; weights untouched).
+
+    Only exact ``nn.Linear`` layers change: a host namespace's layers (docs/architecture.md §5), which may
+    store their weights in another dtype or device, keep their own forward.
+    """
     for sub in module.modules():
         if type(sub) is nn.Linear:
             sub.__class__ = Linear

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from .. import ops as nnops
 from ..errors import ConfigError
 from .config import TIMESTEP_FEATURES
 
@@ -31,12 +32,14 @@ def timestep_features(t: torch.Tensor, dim: int = TIMESTEP_FEATURES, max_period:
 class TimestepEmbedder(nn.Module):
     """Sinusoid -> Linear -> SiLU -> Linear; HART's level embedding and the diffusion time embedding."""
 
-    def __init__(self, width: int):
+    def __init__(self, width: int, operations=None):
         super().__init__()
-        self.mlp = nn.Sequential(nn.Linear(TIMESTEP_FEATURES, width), nn.SiLU(), nn.Linear(width, width))
+        ops = nnops.resolve(operations)
+        self.mlp = nn.Sequential(ops.Linear(TIMESTEP_FEATURES, width), nn.SiLU(), ops.Linear(width, width))
 
-    def forward(self, t: torch.Tensor) -> torch.Tensor:
-        return self.mlp(timestep_features(t).to(self.mlp[0].weight.dtype))
+    def forward(self, t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """t (N,) -> (N, width) computed in ``dtype`` (None: the first layer's stored dtype, torch.nn layers only)."""
+        return self.mlp(timestep_features(t).to(self.mlp[0].weight.dtype if dtype is None else dtype))
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -44,11 +47,12 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
 
 
 class ResBlock(nn.Module):
-    def __init__(self, width: int):
+    def __init__(self, width: int, operations=None):
         super().__init__()
-        self.in_ln = nn.LayerNorm(width, eps=1e-6)
-        self.mlp = nn.Sequential(nn.Linear(width, width), nn.SiLU(), nn.Linear(width, width))
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 3 * width))
+        ops = nnops.resolve(operations)
+        self.in_ln = ops.LayerNorm(width, eps=1e-6)
+        self.mlp = nn.Sequential(ops.Linear(width, width), nn.SiLU(), ops.Linear(width, width))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), ops.Linear(width, 3 * width))
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         shift, scale, gate = self.adaLN_modulation(y).chunk(3, dim=-1)
@@ -56,11 +60,12 @@ class ResBlock(nn.Module):
 
 
 class FinalLayer(nn.Module):
-    def __init__(self, width: int, out_channels: int):
+    def __init__(self, width: int, out_channels: int, operations=None):
         super().__init__()
-        self.norm_final = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
-        self.linear = nn.Linear(width, out_channels)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * width))
+        ops = nnops.resolve(operations)
+        self.norm_final = ops.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        self.linear = ops.Linear(width, out_channels)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), ops.Linear(width, 2 * width))
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         shift, scale = self.adaLN_modulation(y).chunk(2, dim=-1)
@@ -70,14 +75,15 @@ class FinalLayer(nn.Module):
 class SimpleMLPAdaLN(nn.Module):
     """Denoiser: (x (N, Cvae), t, condition) -> (N, 2 Cvae) = [epsilon, variance interpolation v]."""
 
-    def __init__(self, channels: int, width: int, cond_width: int, depth: int):
+    def __init__(self, channels: int, width: int, cond_width: int, depth: int, operations=None):
         super().__init__()
+        ops = nnops.resolve(operations)
         self.channels = channels
-        self.time_embed = TimestepEmbedder(width)
-        self.cond_embed = nn.Linear(cond_width, width)
-        self.input_proj = nn.Linear(channels, width)
-        self.res_blocks = nn.ModuleList(ResBlock(width) for _ in range(depth))
-        self.final_layer = FinalLayer(width, 2 * channels)
+        self.time_embed = TimestepEmbedder(width, ops)
+        self.cond_embed = ops.Linear(cond_width, width)
+        self.input_proj = ops.Linear(channels, width)
+        self.res_blocks = nn.ModuleList(ResBlock(width, ops) for _ in range(depth))
+        self.final_layer = FinalLayer(width, 2 * channels, ops)
 
     def forward(self, x: torch.Tensor, t_emb: torch.Tensor, c_emb: torch.Tensor) -> torch.Tensor:
         """x (N, Cvae); t_emb (1, W) and c_emb (N, W) already embedded (constant parts are computed once)."""
@@ -161,10 +167,11 @@ def space_timesteps(train_steps: int, respacing: str) -> list[int]:
 class ResidualDiffusion(nn.Module):
     """The ``diffloss`` module: denoiser ``net`` plus sampling."""
 
-    def __init__(self, channels: int, width: int, cond_width: int, depth: int, num_sampling_steps: str):
+    def __init__(self, channels: int, width: int, cond_width: int, depth: int, num_sampling_steps: str,
+                 operations=None):
         super().__init__()
         self.channels = channels
-        self.net = SimpleMLPAdaLN(channels, width, cond_width, depth)
+        self.net = SimpleMLPAdaLN(channels, width, cond_width, depth, operations)
         self.schedule = RespacedSchedule.cosine(num_sampling_steps)
 
     @torch.no_grad()
@@ -175,7 +182,8 @@ class ResidualDiffusion(nn.Module):
         generator: torch.Generator | None,
         temperature: float = 1.0,
     ) -> torch.Tensor:
-        """Residuals for the conditional rows: cond (2N, C) = [conditional; unconditional] -> (N, Cvae).
+        """Residuals for the conditional rows: cond (2N, C) = [conditional; unconditional] -> (N, Cvae),
+        computed in cond's dtype (the transformer's compute dtype).
 
         Reproduces the official draws exactly (docs/hart.md §3.5): one (N, Cvae) initial noise shared by both
         halves, then one (2N, Cvae) draw per step (also at the last step, where it is multiplied by 0),
@@ -185,7 +193,7 @@ class ResidualDiffusion(nn.Module):
         """
         n2, dev = cond.shape[0], cond.device
         n = n2 // 2
-        dtype = self.net.input_proj.weight.dtype
+        dtype = cond.dtype
         guided = guidance != 1.0
 
         def randn(rows: int) -> torch.Tensor:
@@ -197,7 +205,7 @@ class ResidualDiffusion(nn.Module):
         sch = self.schedule
         for step in reversed(range(sch.num_steps)):
             t = torch.full((1,), sch.timesteps[step], device=dev, dtype=torch.long)
-            t_emb = self.net.time_embed(t)  # (1, W)
+            t_emb = self.net.time_embed(t, dtype)  # (1, W)
             x_in = torch.cat([x, x]) if guided else x
             out = self.net(x_in.to(dtype), t_emb, c_emb).float()  # (2N, 2 Cvae)
             eps, var_v = out[:, : self.channels], out[:, self.channels:]

@@ -114,11 +114,13 @@ def load_hart_model(
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
     use_ema: bool = True,
+    operations=None,
 ) -> HARTTransformer:
     """Load the HART transformer from ``llm/``, the release folder, or a weight file inside ``llm/``.
 
     ``use_ema`` (official default) prefers ``ema_model.bin``; otherwise, or when it is absent, the
-    regular ``model.safetensors`` / ``pytorch_model.bin`` is used.
+    regular ``model.safetensors`` / ``pytorch_model.bin`` is used. ``operations``: the layer namespace
+    (fastvar_core.ops; None: torch.nn), built on 'meta' and loaded with ``assign=True``.
     """
     folder, weights = find_llm_folder(path)
     weights = weights or _choose_weights(folder, use_ema)
@@ -128,7 +130,7 @@ def load_hart_model(
     config = detect_hart_config(cfg_json, state, source)
 
     with torch.device("meta"):
-        model = HARTTransformer(config)
+        model = HARTTransformer(config, operations)
     expected = model.state_dict()
     check_state_keys(expected, state, f"{source} does not match the HART transformer of its config.json")
     for key, ref in expected.items():

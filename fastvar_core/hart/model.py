@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .. import ops as nnops
 from ..attention import attention
 from ..errors import ConfigError
 from ..kvcache import KVBuffer
@@ -134,15 +135,16 @@ class KVCache:
 class Attention(nn.Module):
     """Llama-style self-attention with HART's q/v biases, zero k bias and optional l2-normalised q/k."""
 
-    def __init__(self, cfg: HARTConfig):
+    def __init__(self, cfg: HARTConfig, operations=None):
         super().__init__()
+        self.ops = ops = nnops.resolve(operations)
         C, H = cfg.embed_dim, cfg.num_heads
         self.num_heads, self.head_dim = H, C // H
-        self.qkv_proj = nn.Linear(C, 3 * C, bias=False)  # rows [q; k; v], heads contiguous
+        self.qkv_proj = ops.Linear(C, 3 * C, bias=False)  # rows [q; k; v], heads contiguous
         self.q_bias = nn.Parameter(torch.zeros(C))
         self.v_bias = nn.Parameter(torch.zeros(C))
         self.register_buffer("zero_k_bias", torch.zeros(C))
-        self.proj = nn.Linear(C, C)
+        self.proj = ops.Linear(C, C)
         if cfg.attn_l2_norm:
             self.scale_mul_1H11 = nn.Parameter(torch.full((1, H, 1, 1), 4.0).log())
             self.scale = 1.0
@@ -155,7 +157,8 @@ class Attention(nn.Module):
         """x (B, L, C) -> (B, L, C); ``keep`` of the L keys stay in the cache (None: all)."""
         B, L, C = x.shape
         bias = torch.cat([self.q_bias, self.zero_k_bias, self.v_bias])
-        qkv = F.linear(x, self.qkv_proj.weight, bias).view(B, L, 3, self.num_heads, self.head_dim)
+        w, _ = nnops.cast_bias_weight(self.qkv_proj, x.dtype, x.device, self.ops)
+        qkv = F.linear(x, w, bias).view(B, L, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, H, L, hd)
         if self.scale_mul_1H11 is not None:
             # before RoPE (which is not norm-preserving here); q scale exp(min(s, ln 100)) (docs/hart.md §2.4)
@@ -169,11 +172,12 @@ class Attention(nn.Module):
 
 
 class SwiGLU(nn.Module):
-    def __init__(self, dim: int, hidden: int):
+    def __init__(self, dim: int, hidden: int, operations=None):
         super().__init__()
-        self.gate_proj = nn.Linear(dim, hidden, bias=False)
-        self.up_proj = nn.Linear(dim, hidden, bias=False)
-        self.down_proj = nn.Linear(hidden, dim, bias=False)
+        ops = nnops.resolve(operations)
+        self.gate_proj = ops.Linear(dim, hidden, bias=False)
+        self.up_proj = ops.Linear(dim, hidden, bias=False)
+        self.down_proj = ops.Linear(hidden, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -187,12 +191,12 @@ def _gather_rows(t: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
 class Block(nn.Module):
     """x <- x + Attn(N(x)); x <- x + FFN(N(x)) with one RMSNorm ``ln_wo_grad`` used twice (docs/hart.md §2.2)."""
 
-    def __init__(self, cfg: HARTConfig, index: int):
+    def __init__(self, cfg: HARTConfig, index: int, operations=None):
         super().__init__()
         self.index = index
         self.ln_wo_grad = RMSNorm(cfg.embed_dim, cfg.norm_eps)
-        self.attn = Attention(cfg)
-        self.ffn = SwiGLU(cfg.embed_dim, cfg.ffn_hidden)
+        self.attn = Attention(cfg, operations)
+        self.ffn = SwiGLU(cfg.embed_dim, cfg.ffn_hidden, operations)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache, run: PruningRun) -> torch.Tensor:
         def attn_branch(xs: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
@@ -210,11 +214,11 @@ class Block(nn.Module):
 class HeadNorm(nn.Module):
     """``head_nm``: RMSNorm modulated by scale/shift from the max-pooled text condition."""
 
-    def __init__(self, cfg: HARTConfig):
+    def __init__(self, cfg: HARTConfig, operations=None):
         super().__init__()
         C = cfg.embed_dim
         self.ln_wo_grad = RMSNorm(C, cfg.norm_eps)
-        self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(C, 2 * C))
+        self.ada_lin = nn.Sequential(nn.SiLU(), nnops.resolve(operations).Linear(C, 2 * C))
 
     def modulation(self, cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cond (B, T, C) -> scale, shift (B, 1, C): max over all T text tokens, padding included."""
@@ -229,19 +233,22 @@ class HeadNorm(nn.Module):
 class HARTTransformer(nn.Module):
     """HART transformer with its residual diffusion head. Build with a :class:`HARTConfig`."""
 
-    def __init__(self, cfg: HARTConfig):
+    def __init__(self, cfg: HARTConfig, operations=None):
+        """``operations``: the layer namespace (fastvar_core.ops; None: torch.nn)."""
         super().__init__()
         self.config = cfg
+        self.ops = ops = nnops.resolve(operations)
         C = cfg.embed_dim
-        self.word_embed = nn.Linear(cfg.vae_channels, C)
+        self.word_embed = ops.Linear(cfg.vae_channels, C)
         self.context_norm = RMSNorm(cfg.context_dim, cfg.norm_eps) if cfg.use_context_norm else None
-        self.context_embed = nn.Linear(cfg.context_dim, C)
-        self.lvl_embed = TimestepEmbedder(C) if cfg.use_timestep_embed else nn.Embedding(cfg.num_scales, C)
-        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.depth))
-        self.head_nm = HeadNorm(cfg)
-        self.head = nn.Linear(C, cfg.vocab_size)
-        self.decoder_norm = RMSNorm(C, cfg.norm_eps)
-        self.diffloss = ResidualDiffusion(cfg.vae_channels, cfg.diff_width, C, cfg.diff_depth, cfg.num_sampling_steps)
+        self.context_embed = ops.Linear(cfg.context_dim, C)
+        self.lvl_embed = TimestepEmbedder(C, ops) if cfg.use_timestep_embed else ops.Embedding(cfg.num_scales, C)
+        self.blocks = nn.ModuleList(Block(cfg, i, ops) for i in range(cfg.depth))
+        self.head_nm = HeadNorm(cfg, ops)
+        self.head = ops.Linear(C, cfg.vocab_size)
+        self.decoder_norm = RMSNorm(C, cfg.norm_eps)  # its weight's device and dtype are the model's
+        self.diffloss = ResidualDiffusion(cfg.vae_channels, cfg.diff_width, C, cfg.diff_depth, cfg.num_sampling_steps,
+                                          ops)
         # The diffusion head runs on the faster oneDNN kernels (fastvar_core.linear). The blocks keep
         # PyTorch's default ones: another summation order moves HART's logits by ~1e-4 and flips
         # near-tied draws of the official token sequences that the parity cases replay.
@@ -249,11 +256,13 @@ class HARTTransformer(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.head.weight.device
+        """The compute device: that of the model's own parameters (namespace layers may keep theirs elsewhere)."""
+        return self.decoder_norm.weight.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.head.weight.dtype
+        """The compute dtype, likewise."""
+        return self.decoder_norm.weight.dtype
 
     # ---- pieces used by the sampler
 
@@ -267,12 +276,14 @@ class HARTTransformer(nn.Module):
     def level_embedding(self, num_levels: int) -> torch.Tensor:
         """(num_levels, C): level 0 for the text tokens, level k for scale k (docs/hart.md §2.1)."""
         levels = torch.arange(num_levels, device=self.device)
-        if isinstance(self.lvl_embed, nn.Embedding) and num_levels > self.lvl_embed.num_embeddings:
+        if isinstance(self.lvl_embed, TimestepEmbedder):
+            return self.lvl_embed(levels, self.dtype)
+        if num_levels > self.lvl_embed.num_embeddings:
             raise ConfigError(
                 f"this HART checkpoint has a level embedding for {self.lvl_embed.num_embeddings} scales, "
                 f"the schedule needs {num_levels}"
             )
-        return self.lvl_embed(levels)
+        return nnops.embedding(self.lvl_embed, levels, self.dtype, self.ops)
 
     def forward_blocks(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache, run: PruningRun
@@ -285,4 +296,5 @@ class HARTTransformer(nn.Module):
     def logits(self, x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
         """Hidden states (2B, L, C) -> logits (2B, L, V) float32 (head in fp32 like the official code)."""
         h = self.head_nm(x.float(), scale.float(), shift.float())
-        return F.linear(h, self.head.weight.float(), self.head.bias.float())
+        w, b = nnops.cast_bias_weight(self.head, torch.float32, h.device, self.ops)
+        return F.linear(h, w, b)

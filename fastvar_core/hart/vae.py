@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .. import ops as nnops
 from ..checkpoint import check_state_keys, flatten_tensors, load_sharded_folder, load_state_dict
 from ..errors import CheckpointError, ConfigError, InternalError
 
@@ -192,18 +193,19 @@ def phi_index(si: int, num_scales: int, num_phi: int) -> int:
 # Modules (names follow the checkpoint keys)
 
 
-def _group_norm(channels: int) -> nn.GroupNorm:
-    return nn.GroupNorm(32, channels, eps=1e-6, affine=True)
+def _group_norm(channels: int, ops) -> nn.GroupNorm:
+    return ops.GroupNorm(32, channels, eps=1e-6, affine=True)
 
 
 class ResnetBlock(nn.Module):
-    def __init__(self, cin: int, cout: int):
+    def __init__(self, cin: int, cout: int, operations=None):
         super().__init__()
-        self.norm1 = _group_norm(cin)
-        self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
-        self.norm2 = _group_norm(cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
-        self.nin_shortcut = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
+        ops = nnops.resolve(operations)
+        self.norm1 = _group_norm(cin, ops)
+        self.conv1 = ops.Conv2d(cin, cout, 3, padding=1)
+        self.norm2 = _group_norm(cout, ops)
+        self.conv2 = ops.Conv2d(cout, cout, 3, padding=1)
+        self.nin_shortcut = ops.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv1(F.silu(self.norm1(x)))
@@ -214,11 +216,12 @@ class ResnetBlock(nn.Module):
 class AttnBlock(nn.Module):
     """Single-head self-attention over all pixels of the map (global: it sees the whole latent)."""
 
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, operations=None):
         super().__init__()
-        self.norm = _group_norm(channels)
-        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
-        self.proj_out = nn.Conv2d(channels, channels, 1)
+        ops = nnops.resolve(operations)
+        self.norm = _group_norm(channels, ops)
+        self.qkv = ops.Conv2d(channels, 3 * channels, 1)
+        self.proj_out = ops.Conv2d(channels, channels, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, C, H, W = x.shape
@@ -228,31 +231,32 @@ class AttnBlock(nn.Module):
 
 
 class Upsample2x(nn.Module):
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, operations=None):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv = nnops.resolve(operations).Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
 class MidBlock(nn.Module):
-    def __init__(self, channels: int, using_sa: bool):
+    def __init__(self, channels: int, using_sa: bool, operations=None):
         super().__init__()
-        self.block_1 = ResnetBlock(channels, channels)
-        self.attn_1 = AttnBlock(channels) if using_sa else nn.Identity()
-        self.block_2 = ResnetBlock(channels, channels)
+        self.block_1 = ResnetBlock(channels, channels, operations)
+        self.attn_1 = AttnBlock(channels, operations) if using_sa else nn.Identity()
+        self.block_2 = ResnetBlock(channels, channels, operations)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.block_2(self.attn_1(self.block_1(x)))
 
 
 class UpLevel(nn.Module):
-    def __init__(self, cin: int, cout: int, num_blocks: int, using_sa: bool, upsample: bool):
+    def __init__(self, cin: int, cout: int, num_blocks: int, using_sa: bool, upsample: bool, operations=None):
         super().__init__()
-        self.block = nn.ModuleList([ResnetBlock(cin if i == 0 else cout, cout) for i in range(num_blocks)])
-        self.attn = nn.ModuleList([AttnBlock(cout) for _ in range(num_blocks)] if using_sa else [])
-        self.upsample = Upsample2x(cout) if upsample else nn.Identity()
+        ops = operations
+        self.block = nn.ModuleList([ResnetBlock(cin if i == 0 else cout, cout, ops) for i in range(num_blocks)])
+        self.attn = nn.ModuleList([AttnBlock(cout, ops) for _ in range(num_blocks)] if using_sa else [])
+        self.upsample = Upsample2x(cout, ops) if upsample else nn.Identity()
 
     def run_blocks(self, x: torch.Tensor) -> torch.Tensor:
         for i, block in enumerate(self.block):
@@ -265,20 +269,21 @@ class UpLevel(nn.Module):
 class Decoder(nn.Module):
     """latent (B, Cvae, h, w) -> image (B, 3, h*2^(levels-1), w*2^(levels-1)), docs/hart.md §4.2."""
 
-    def __init__(self, cfg: HARTVAEConfig):
+    def __init__(self, cfg: HARTVAEConfig, operations=None):
         super().__init__()
+        ops = nnops.resolve(operations)
         widths = [cfg.ch * m for m in cfg.ch_mult]
         top = len(widths) - 1
-        self.conv_in = nn.Conv2d(cfg.z_channels, widths[-1], 3, padding=1)
-        self.mid = MidBlock(widths[-1], cfg.using_mid_sa)
+        self.conv_in = ops.Conv2d(cfg.z_channels, widths[-1], 3, padding=1)
+        self.mid = MidBlock(widths[-1], cfg.using_mid_sa, ops)
         # up[lvl] takes the width of level lvl+1 (the previous one executed) to widths[lvl].
         self.up = nn.ModuleList(
             UpLevel(widths[min(lvl + 1, top)], widths[lvl], cfg.num_res_blocks + 1,
-                    cfg.using_sa and lvl == top, upsample=lvl != 0)
+                    cfg.using_sa and lvl == top, upsample=lvl != 0, operations=ops)
             for lvl in range(len(widths))
         )
-        self.norm_out = _group_norm(widths[0])
-        self.conv_out = nn.Conv2d(widths[0], 3, 3, padding=1)
+        self.norm_out = _group_norm(widths[0], ops)
+        self.conv_out = ops.Conv2d(widths[0], 3, 3, padding=1)
 
     def forward_low(self, z: torch.Tensor) -> torch.Tensor:
         """Every layer that runs at latent resolution, including all attention: (B, Cvae, h, w) -> (B, C_top, h, w)."""
@@ -295,24 +300,16 @@ class Decoder(nn.Module):
         return self.forward_high(self.forward_low(z))
 
 
-class PhiConv(nn.Conv2d):
-    """Phi(h) = (1 - r) h + r conv3x3(h)  (docs/hart.md §4.3)."""
-
-    def __init__(self, channels: int, ratio: float):
-        super().__init__(channels, channels, 3, padding=1)
-        self.ratio = abs(ratio)
-
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return h * (1 - self.ratio) + super().forward(h) * self.ratio
-
-
 class QuantResi(nn.Module):
-    """The K Phi convs, registered under the key layout of the checkpoint's sharing mode."""
+    """The K Phi convs (plain 3x3 convs of the namespace), registered under the key layout of the
+    checkpoint's sharing mode; :meth:`phi` applies Phi_k(h) = (1 - r) h + r conv_k(h) (docs/hart.md §4.3)."""
 
-    def __init__(self, cfg: HARTVAEConfig):
+    def __init__(self, cfg: HARTVAEConfig, operations=None):
         super().__init__()
+        ops = nnops.resolve(operations)
         names = _phi_names(cfg.share_quant_resi, cfg.num_phi)
-        convs = [PhiConv(cfg.z_channels, cfg.quant_resi) for _ in names]
+        self.ratio = abs(cfg.quant_resi)
+        convs = [ops.Conv2d(cfg.z_channels, cfg.z_channels, 3, padding=1) for _ in names]
         if cfg.share_quant_resi >= 2:
             self.qresi_ls = nn.ModuleList(convs)
         else:
@@ -324,40 +321,61 @@ class QuantResi(nn.Module):
     def num_convs(self) -> int:
         return len(self._names)
 
-    def conv(self, k: int) -> PhiConv:
+    def conv(self, k: int) -> nn.Conv2d:
         return self.get_submodule(self._names[k])
+
+    def phi(self, k: int, h: torch.Tensor) -> torch.Tensor:
+        """Phi_k(h) for a (B, Cvae, H, W) map in the compute dtype."""
+        return h * (1 - self.ratio) + self.conv(k)(h) * self.ratio
 
 
 class Quantize(nn.Module):
-    def __init__(self, cfg: HARTVAEConfig):
+    def __init__(self, cfg: HARTVAEConfig, operations=None):
         super().__init__()
-        self.embedding = nn.Embedding(cfg.vocab_size, cfg.z_channels)
-        self.quant_resi = QuantResi(cfg)
+        self.embedding = nnops.resolve(operations).Embedding(cfg.vocab_size, cfg.z_channels)
+        self.quant_resi = QuantResi(cfg, operations)
 
 
 class HARTVAE(nn.Module):
     """Inference part of the HART tokenizer: codebook, Phi accumulation, resizes and the decoder."""
 
-    def __init__(self, cfg: HARTVAEConfig):
+    def __init__(self, cfg: HARTVAEConfig, operations=None):
+        """``operations``: the layer namespace (fastvar_core.ops; None: torch.nn)."""
         super().__init__()
         self.config = cfg
-        self.quantize = Quantize(cfg)
+        self.ops = ops = nnops.resolve(operations)
+        self.quantize = Quantize(cfg, ops)
         k = cfg.quant_conv_ks
-        self.post_quant_conv = nn.Conv2d(cfg.z_channels, cfg.z_channels, k, padding=k // 2)
-        self.decoder = Decoder(cfg)
+        self.post_quant_conv = ops.Conv2d(cfg.z_channels, cfg.z_channels, k, padding=k // 2)
+        self.decoder = Decoder(cfg, ops)
+        # Empty; follows .to(): its device and dtype are the VAE's compute device and dtype, whatever the
+        # namespace's layers store (not in the state dict).
+        self.register_buffer("compute_anchor", torch.empty(0), persistent=False)
+
+    @property
+    def device(self) -> torch.device:
+        return self.compute_anchor.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.compute_anchor.dtype
+
+    def codebook(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The codebook (V, Cvae) in ``dtype`` (None: the compute dtype) on the compute device."""
+        return nnops.cast_bias_weight(self.quantize.embedding, dtype or self.dtype, self.device, self.ops)[0]
 
     # ---- multi-scale latent (docs/hart.md §3.4 step 9, §3.5 step 7, §4.3)
 
     def embed(self, idx: torch.Tensor) -> torch.Tensor:
-        """Codebook lookup: (B, L) int -> (B, L, Cvae)."""
-        return F.embedding(idx, self.quantize.embedding.weight)
+        """Codebook lookup: (B, L) int -> (B, L, Cvae) on the compute device."""
+        return nnops.embedding(self.quantize.embedding, idx.to(self.device), self.dtype, self.ops)
 
     def phi(self, h: torch.Tensor, si: int, num_scales: int) -> torch.Tensor:
         """Apply the Phi conv of scale ``si`` (of ``num_scales``) to a (B, Cvae, H, W) map."""
-        if self.quantize.quant_resi.num_convs == 0:
+        resi = self.quantize.quant_resi
+        if resi.num_convs == 0:
             return h
-        conv = self.quantize.quant_resi.conv(phi_index(si, num_scales, self.quantize.quant_resi.num_convs))
-        return conv(h.to(conv.weight.dtype))
+        return resi.phi(phi_index(si, num_scales, resi.num_convs), h.to(self.dtype))
 
     def accumulate(self, f_hat: torch.Tensor, h_BChw: torch.Tensor, si: int, num_scales: int,
                    final_hw: tuple[int, int] | None = None) -> torch.Tensor:
@@ -389,8 +407,7 @@ class HARTVAE(nn.Module):
         """
         if tile is not None and max(f_hat.shape[-2:]) > tile:
             return self.decode_tiled(f_hat, tile, overlap)
-        w = self.post_quant_conv.weight
-        return self.decoder(self.post_quant_conv(f_hat.to(w.device, w.dtype))).clamp_(-1, 1)
+        return self.decoder(self.post_quant_conv(f_hat.to(self.device, self.dtype))).clamp_(-1, 1)
 
     @torch.no_grad()
     def decode_tiled(self, f_hat: torch.Tensor, tile: int = 32, overlap: int = 8) -> torch.Tensor:
@@ -408,8 +425,7 @@ class HARTVAE(nn.Module):
         """
         if overlap < 0 or tile <= 2 * overlap:
             raise ConfigError(f"tile ({tile}) must exceed 2 * overlap ({overlap}) >= 0.")
-        w = self.post_quant_conv.weight
-        low = self.decoder.forward_low(self.post_quant_conv(f_hat.to(w.device, w.dtype)))  # (B, C_top, h, w)
+        low = self.decoder.forward_low(self.post_quant_conv(f_hat.to(self.device, self.dtype)))  # (B, C_top, h, w)
         B, _, h, wd = low.shape
         s = self.config.downsample
         out = torch.zeros(B, 3, h * s, wd * s, device=low.device)  # float32 accumulators
@@ -538,8 +554,9 @@ def filter_hart_vae_state_dict(state: dict[str, torch.Tensor], source: str) -> d
 
 
 def load_hart_vae(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-                  ) -> HARTVAE:
-    """Load the HART VAE from the ``tokenizer/`` folder, the release folder holding it, or a weight file in it."""
+                  operations=None) -> HARTVAE:
+    """Load the HART VAE from the ``tokenizer/`` folder, the release folder holding it, or a weight file in it;
+    ``operations``: the layer namespace (fastvar_core.ops; None: torch.nn)."""
     path = Path(path)
     folder = _find_tokenizer_folder(path)
     cfg_json = _read_config(folder)
@@ -548,7 +565,7 @@ def load_hart_vae(path: str | Path, device: str | torch.device = "cpu", dtype: t
     state = filter_hart_vae_state_dict(state, source)
     cfg = detect_hart_vae_config(cfg_json, state, source)
 
-    model = HARTVAE(cfg)
+    model = HARTVAE(cfg, operations)
     expected = model.state_dict()
     check_state_keys(expected, state, f"{source} does not match the HART VAE built from config.json",
                      name=lambda k: f"vae.{k}")

@@ -141,13 +141,17 @@ def filter_state_dict(state: Mapping[str, torch.Tensor], model: InfinityTransfor
 
 
 def build_infinity_model(obj: Mapping[str, object], source: str = "state dict",
-                         patchify: bool | None = None) -> InfinityTransformer:
-    """Build a float32 CPU model from an already read checkpoint object (state dict or container)."""
+                         patchify: bool | None = None, operations=None) -> InfinityTransformer:
+    """Build a float32 CPU model from an already read checkpoint object (state dict or container).
+
+    ``operations``: the layer namespace (fastvar_core.ops); its layers are built on 'meta' and get the
+    checkpoint tensors with ``load_state_dict(assign=True)``.
+    """
     state = unwrap_container(obj, source)
     _identify(state, obj, source)
     config = InfinityConfig.from_state_dict(state, source, patchify=patchify)
     with torch.device("meta"):
-        model = InfinityTransformer(config)
+        model = InfinityTransformer(config, operations)
     filtered = filter_state_dict(state, model, source)
     model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in filtered.items()},
                           strict=True, assign=True)
@@ -155,12 +159,14 @@ def build_infinity_model(obj: Mapping[str, object], source: str = "state dict",
 
 
 def load_infinity_model(path: str | os.PathLike, device: str | torch.device = "cpu",
-                        dtype: torch.dtype = torch.float32, patchify: bool | None = None) -> InfinityTransformer:
+                        dtype: torch.dtype = torch.float32, patchify: bool | None = None,
+                        operations=None) -> InfinityTransformer:
     """Load an Infinity transformer: ``.pth``/``.safetensors`` file or sharded folder (8B) with its index.
 
     ``dtype`` applies to the transformer blocks' matrices only (bf16/fp16 on CUDA saves memory and
     time); norms, RoPE, text path, adaLN vectors, head and logits stay float32. ``patchify`` overrides
-    the 2x2 spatial patchify detection (default: on for 56-bit models, i.e. Infinity-8B).
+    the 2x2 spatial patchify detection (default: on for 56-bit models, i.e. Infinity-8B). ``operations``:
+    the layer namespace (fastvar_core.ops; None: torch.nn).
     """
     path = Path(path)
     source = f"'{path}'"
@@ -175,7 +181,7 @@ def load_infinity_model(path: str | os.PathLike, device: str | torch.device = "c
         from ..checkpoint import load_file, prefer_safetensors
 
         obj = load_file(prefer_safetensors(path))  # keep the container: it may hold 'trainer' or 'vae'
-    model = build_infinity_model(obj, source, patchify=patchify)
+    model = build_infinity_model(obj, source, patchify=patchify, operations=operations)
     model.to(device=device)
     if dtype != torch.float32:
         model.set_block_dtype(dtype)

@@ -19,9 +19,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .. import ops as nnops
 from ..attention import VarlenKV, attention, varlen_cross_attention
 from ..kvcache import KVBuffer
-from ..linear import linear, use_fast_linears
+from ..linear import use_fast_linears
 from ..pruning.run import PruningRun
 from .config import NORM_EPS, TEXT_MAXLEN, InfinityConfig
 from .rope import ScaleRope
@@ -51,55 +52,57 @@ def rotate_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 class SelfAttention(nn.Module):
     """Cosine self-attention with 2D RoPE and a KV cache over scales (docs/infinity.md §3.3)."""
 
-    def __init__(self, embed_dim: int, num_heads: int):
+    def __init__(self, embed_dim: int, num_heads: int, operations=None):
         super().__init__()
+        self.ops = ops = nnops.resolve(operations)
         self.num_heads, self.head_dim = num_heads, embed_dim // num_heads
-        self.mat_qkv = nn.Linear(embed_dim, 3 * embed_dim, bias=False)
-        self.q_bias = nn.Parameter(torch.zeros(embed_dim))
+        self.mat_qkv = ops.Linear(embed_dim, 3 * embed_dim, bias=False)
+        self.q_bias = nn.Parameter(torch.zeros(embed_dim))  # its dtype is the block's compute dtype
         self.v_bias = nn.Parameter(torch.zeros(embed_dim))
         self.register_buffer("zero_k_bias", torch.zeros(embed_dim))
         self.scale_mul_1H11 = nn.Parameter(torch.zeros(1, num_heads, 1, 1))  # log of per-head q scale
-        self.proj = nn.Linear(embed_dim, embed_dim)
+        self.proj = ops.Linear(embed_dim, embed_dim)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVBuffer, keep: int) -> torch.Tensor:
         """x (B, L, C) -> (B, L, C); ``keep``: how many of the L keys stay in ``cache`` (KVBuffer.extend)."""
         B, L, C = x.shape
-        w = self.mat_qkv.weight
-        bias = torch.cat((self.q_bias, self.zero_k_bias, self.v_bias)).to(w.dtype)
-        qkv = linear(x.to(w.dtype), w, bias).view(B, L, 3, self.num_heads, self.head_dim)
+        dtype = self.q_bias.dtype
+        bias = torch.cat((self.q_bias, self.zero_k_bias, self.v_bias)).to(dtype)
+        qkv = nnops.linear(self.mat_qkv, x.to(dtype), self.ops, bias).view(B, L, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, L, hd) each, views of qkv
         q_scale = self.scale_mul_1H11.float().clamp_max(MAX_LOG_SCALE).exp()  # (1, H, 1, 1)
         q = F.normalize(q.float(), dim=-1, eps=1e-12).mul_(q_scale)
         k = F.normalize(k.float(), dim=-1, eps=1e-12)
         q, k = rotate_pairs(q, cos, sin), rotate_pairs(k, cos, sin)
-        k, v = cache.extend(k.to(w.dtype), v, keep)
-        out = attention(q.to(w.dtype), k, v, scale=1.0)  # (B, H, L, hd); the learned q scale is the temperature
+        k, v = cache.extend(k.to(dtype), v, keep)
+        out = attention(q.to(dtype), k, v, scale=1.0)  # (B, H, L, hd); the learned q scale is the temperature
         return self.proj(out.transpose(1, 2).reshape(B, L, C))
 
 
 class CrossAttention(nn.Module):
     """Attention from image tokens to the (variable-length) text tokens of their own prompt (docs/infinity.md §3.5)."""
 
-    def __init__(self, embed_dim: int, num_heads: int):
+    def __init__(self, embed_dim: int, num_heads: int, operations=None):
         super().__init__()
+        self.ops = ops = nnops.resolve(operations)
         self.num_heads, self.head_dim = num_heads, embed_dim // num_heads
-        self.mat_q = nn.Linear(embed_dim, embed_dim)
-        self.mat_kv = nn.Linear(embed_dim, 2 * embed_dim, bias=False)
-        self.v_bias = nn.Parameter(torch.zeros(embed_dim))
+        self.mat_q = ops.Linear(embed_dim, embed_dim)
+        self.mat_kv = ops.Linear(embed_dim, 2 * embed_dim, bias=False)
+        self.v_bias = nn.Parameter(torch.zeros(embed_dim))  # its dtype is the block's compute dtype
         self.register_buffer("zero_k_bias", torch.zeros(embed_dim))
-        self.proj = nn.Linear(embed_dim, embed_dim)
+        self.proj = ops.Linear(embed_dim, embed_dim)
 
     def text_kv(self, ca_kv: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int) -> VarlenKV:
         """Project the text memory (N, C) once per generation -> packed keys/values (N, H, hd)."""
-        w = self.mat_kv.weight
-        bias = torch.cat((self.zero_k_bias, self.v_bias)).to(w.dtype)
-        kv = linear(ca_kv.to(w.dtype), w, bias).view(-1, 2, self.num_heads, self.head_dim)
+        dtype = self.v_bias.dtype
+        bias = torch.cat((self.zero_k_bias, self.v_bias)).to(dtype)
+        kv = nnops.linear(self.mat_kv, ca_kv.to(dtype), self.ops, bias).view(-1, 2, self.num_heads, self.head_dim)
         k, v = kv.unbind(1)
         return VarlenKV(k.contiguous(), v.contiguous(), cu_seqlens, max_seqlen)
 
     def forward(self, x: torch.Tensor, kv: VarlenKV) -> torch.Tensor:
         B, L, C = x.shape
-        q = self.mat_q(x.to(self.mat_q.weight.dtype)).view(B, L, self.num_heads, self.head_dim).transpose(1, 2)
+        q = self.mat_q(x.to(self.v_bias.dtype)).view(B, L, self.num_heads, self.head_dim).transpose(1, 2)
         out = varlen_cross_attention(q, kv, scale=1 / math.sqrt(self.head_dim))  # (B, H, L, hd)
         return self.proj(out.transpose(1, 2).reshape(B, L, C))
 
@@ -107,27 +110,29 @@ class CrossAttention(nn.Module):
 class FFN(nn.Module):
     """fc2(GELU-tanh(fc1(x))), the activation fused into fc1's product where oneDNN runs it."""
 
-    def __init__(self, embed_dim: int, hidden: int):
+    def __init__(self, embed_dim: int, hidden: int, operations=None):
         super().__init__()
-        self.fc1 = nn.Linear(embed_dim, hidden)
-        self.fc2 = nn.Linear(hidden, embed_dim)
+        self.ops = ops = nnops.resolve(operations)
+        self.fc1 = ops.Linear(embed_dim, hidden)
+        self.fc2 = ops.Linear(hidden, embed_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        hidden = linear(x.to(self.fc1.weight.dtype), self.fc1.weight, self.fc1.bias, activation="gelu_tanh")
-        return self.fc2(hidden)
+        """x (B, L, C) in the block's compute dtype -> (B, L, C)."""
+        return self.fc2(nnops.linear(self.fc1, x, self.ops, activation="gelu_tanh"))
 
 
 class Block(nn.Module):
     """Pre-norm block with shared adaLN: x += g1*SA(...); x += CA(ca_norm(x)); x += g2*FFN(...) (docs/infinity.md §3.2)."""
 
-    def __init__(self, config: InfinityConfig):
+    def __init__(self, config: InfinityConfig, operations=None):
         super().__init__()
+        ops = nnops.resolve(operations)
         C = config.embed_dim
         self.ada_gss = nn.Parameter(torch.zeros(1, 1, 6, C))  # added to the shared adaLN vector
-        self.sa = SelfAttention(C, config.num_heads)
-        self.ca = CrossAttention(C, config.num_heads)
-        self.ca_norm = nn.LayerNorm(C, eps=NORM_EPS)
-        self.ffn = FFN(C, config.ffn_hidden)
+        self.sa = SelfAttention(C, config.num_heads, ops)
+        self.ca = CrossAttention(C, config.num_heads, ops)
+        self.ca_norm = ops.LayerNorm(C, eps=NORM_EPS)
+        self.ffn = FFN(C, config.ffn_hidden, ops)
 
     def forward(self, x: torch.Tensor, layer: int, ctx: TextContext, rope: ScaleRope, run: PruningRun,
                 cache: KVBuffer, store_kv: bool) -> torch.Tensor:
@@ -144,7 +149,7 @@ class Block(nn.Module):
             return self.ca(self.ca_norm(xs.float()), text_kv).float()  # ca_gamma = 1 in released models
 
         def ffn_branch(xs: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
-            return self.ffn(ada_layer_norm(xs, scale2, shift2)).float().mul_(gamma2)
+            return self.ffn(ada_layer_norm(xs, scale2, shift2).to(self.sa.q_bias.dtype)).float().mul_(gamma2)
 
         x = x + run.sublayer(layer, "sa", x, sa_branch)  # a new tensor: the caller's x is left alone
         x.add_(run.sublayer(layer, "ca", x, ca_branch))
@@ -166,28 +171,29 @@ class RMSNorm(nn.Module):
 class TextAttentionPool(nn.Module):
     """One learned query per head pools each prompt's tokens into the start token / condition (docs/infinity.md §3.1)."""
 
-    def __init__(self, text_channels: int, embed_dim: int, num_heads: int):
+    def __init__(self, text_channels: int, embed_dim: int, num_heads: int, operations=None):
         super().__init__()
-        self.ca = _PoolAttention(text_channels, embed_dim, num_heads)
+        self.ca = _PoolAttention(text_channels, embed_dim, num_heads, operations)
 
     def forward(self, kv: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int) -> torch.Tensor:
         return self.ca(kv, cu_seqlens, max_seqlen)
 
 
 class _PoolAttention(nn.Module):
-    def __init__(self, text_channels: int, embed_dim: int, num_heads: int):
+    def __init__(self, text_channels: int, embed_dim: int, num_heads: int, operations=None):
         super().__init__()
+        self.ops = ops = nnops.resolve(operations)
         self.num_heads, self.head_dim = num_heads, embed_dim // num_heads
         self.mat_q = nn.Parameter(torch.zeros(1, num_heads, self.head_dim))
-        self.mat_kv = nn.Linear(text_channels, 2 * embed_dim, bias=False)
+        self.mat_kv = ops.Linear(text_channels, 2 * embed_dim, bias=False)
         self.v_bias = nn.Parameter(torch.zeros(embed_dim))
         self.register_buffer("zero_k_bias", torch.zeros(embed_dim))
-        self.proj = nn.Linear(embed_dim, embed_dim)
+        self.proj = ops.Linear(embed_dim, embed_dim)
 
     def forward(self, kv: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int) -> torch.Tensor:
         """kv (N, Ct5) packed text features -> (B, C) pooled vector per sequence."""
         bias = torch.cat((self.zero_k_bias, self.v_bias))
-        k, v = linear(kv, self.mat_kv.weight, bias).view(-1, 2, self.num_heads, self.head_dim).unbind(1)
+        k, v = nnops.linear(self.mat_kv, kv, self.ops, bias).view(-1, 2, self.num_heads, self.head_dim).unbind(1)
         batch = cu_seqlens.numel() - 1
         q = self.mat_q.expand(batch, -1, -1).unsqueeze(2)  # (B, Hp, 1, dh)
         out = varlen_cross_attention(q, VarlenKV(k.contiguous(), v.contiguous(), cu_seqlens, max_seqlen),
@@ -196,9 +202,9 @@ class _PoolAttention(nn.Module):
 
 
 class AdaLNBeforeHead(nn.Module):
-    def __init__(self, embed_dim: int):
+    def __init__(self, embed_dim: int, operations=None):
         super().__init__()
-        self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(embed_dim, 2 * embed_dim))
+        self.ada_lin = nn.Sequential(nn.SiLU(), nnops.resolve(operations).Linear(embed_dim, 2 * embed_dim))
 
     def forward(self, h: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         scale, shift = self.ada_lin(cond).view(-1, 1, 2, h.shape[-1]).unbind(2)
@@ -237,27 +243,30 @@ def leading_rows(kv: VarlenKV, rows: int) -> VarlenKV:
 class InfinityTransformer(nn.Module):
     """The Infinity bitwise next-scale transformer (text-to-image)."""
 
-    def __init__(self, config: InfinityConfig):
+    def __init__(self, config: InfinityConfig, operations=None):
+        """``operations``: the layer namespace (fastvar_core.ops; None: torch.nn)."""
         super().__init__()
         self.config = config
+        self.ops = ops = nnops.resolve(operations)
         C, Ct5 = config.embed_dim, config.text_channels
         self.cfg_uncond = nn.Parameter(torch.zeros(TEXT_MAXLEN, Ct5))  # "empty prompt" T5 features, pre-norm
         self.pos_start = nn.Parameter(torch.zeros(1, 1, C))
-        self.lvl_embed = nn.Embedding(config.lvl_embed_rows, C)
-        self.word_embed = nn.Linear(config.bits, C)
+        self.lvl_embed = ops.Embedding(config.lvl_embed_rows, C)
+        self.word_embed = ops.Linear(config.bits, C)
         self.text_norm = RMSNorm(Ct5)
-        self.text_proj_for_sos = TextAttentionPool(Ct5, C, config.pool_heads)
-        self.text_proj_for_ca = nn.Sequential(nn.Linear(Ct5, C), nn.GELU(approximate="tanh"), nn.Linear(C, C))
-        self.shared_ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(C, 6 * C))
-        self.blocks = nn.ModuleList(Block(config) for _ in range(config.depth))
-        self.head_nm = AdaLNBeforeHead(C)
-        self.head = nn.Linear(C, 2 * config.bits)
-        use_fast_linears(self)
+        self.text_proj_for_sos = TextAttentionPool(Ct5, C, config.pool_heads, ops)
+        self.text_proj_for_ca = nn.Sequential(ops.Linear(Ct5, C), nn.GELU(approximate="tanh"), ops.Linear(C, C))
+        self.shared_ada_lin = nn.Sequential(nn.SiLU(), ops.Linear(C, 6 * C))
+        self.blocks = nn.ModuleList(Block(config, ops) for _ in range(config.depth))
+        self.head_nm = AdaLNBeforeHead(C, ops)
+        self.head = ops.Linear(C, 2 * config.bits)
+        use_fast_linears(self)  # plain nn.Linear layers only (the default namespace)
 
     # ----- precision -----
     @property
     def block_dtype(self) -> torch.dtype:
-        return self.blocks[0].sa.mat_qkv.weight.dtype
+        """The blocks' compute dtype: that of their own bias vectors (namespace layers may store another)."""
+        return self.blocks[0].sa.q_bias.dtype
 
     def set_block_dtype(self, dtype: torch.dtype) -> InfinityTransformer:
         """Run the blocks' matrices in ``dtype``; everything numerically sensitive stays float32."""
@@ -313,7 +322,8 @@ class InfinityTransformer(nn.Module):
     def forward_scale(self, x: torch.Tensor, scale: int, ctx: TextContext, rope: ScaleRope, run: PruningRun,
                       caches: list[KVBuffer], store_kv: bool = True) -> torch.Tensor:
         """Run every block on one scale's tokens x (bs, L, C) -> hidden states (bs, L, C) float32."""
-        x = x + self.lvl_embed.weight[scale]  # level embedding once, before the first block
+        lvl = nnops.cast_bias_weight(self.lvl_embed, torch.float32, x.device, self.ops)[0][scale]  # (C,)
+        x = x + lvl  # level embedding once, before the first block
         for layer, block in enumerate(self.blocks):
             x = block(x, layer, ctx, rope, run, caches[layer], store_kv)
         return x

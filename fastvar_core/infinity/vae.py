@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .. import ops as nnops
 from ..checkpoint import check_state_keys, flatten_tensors, key_examples, load_file, prefer_safetensors
 from ..errors import CheckpointError, ConfigError, IncompatibleModelsError
 
@@ -139,9 +140,9 @@ def _swish(x: torch.Tensor) -> torch.Tensor:
 class Conv(nn.Module):
     """A Conv2d stored as ``.conv`` (official wrapper, keys ``<name>.conv.weight``)."""
 
-    def __init__(self, cin: int, cout: int, kernel: int):
+    def __init__(self, cin: int, cout: int, kernel: int, operations=None):
         super().__init__()
-        self.conv = nn.Conv2d(cin, cout, kernel, padding=kernel // 2)
+        self.conv = nnops.resolve(operations).Conv2d(cin, cout, kernel, padding=kernel // 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(x)
@@ -150,22 +151,25 @@ class Conv(nn.Module):
 class Norm(nn.Module):
     """GroupNorm(32, eps 1e-6) stored as ``.norm``; statistics in float32 for half inputs (docs/infinity.md §3.7)."""
 
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, operations=None):
         super().__init__()
-        self.norm = nn.GroupNorm(NUM_GROUPS, channels, eps=NORM_EPS)
+        self.ops = nnops.resolve(operations)
+        self.norm = self.ops.GroupNorm(NUM_GROUPS, channels, eps=NORM_EPS)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n = self.norm
-        return F.group_norm(x.float(), n.num_groups, n.weight.float(), n.bias.float(), n.eps).to(x.dtype)
+        w, b = nnops.cast_bias_weight(n, torch.float32, x.device, self.ops)
+        return F.group_norm(x.float(), n.num_groups, w, b, n.eps).to(x.dtype)
 
 
 class ResnetBlock(nn.Module):
-    def __init__(self, cin: int, cout: int):
+    def __init__(self, cin: int, cout: int, operations=None):
         super().__init__()
-        self.norm1, self.conv1 = Norm(cin), Conv(cin, cout, 3)
-        self.norm2, self.conv2 = Norm(cout), Conv(cout, cout, 3)
+        ops = operations
+        self.norm1, self.conv1 = Norm(cin, ops), Conv(cin, cout, 3, ops)
+        self.norm2, self.conv2 = Norm(cout, ops), Conv(cout, cout, 3, ops)
         if cin != cout:
-            self.nin_shortcut = Conv(cin, cout, 1)
+            self.nin_shortcut = Conv(cin, cout, 1, ops)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv1(_swish(self.norm1(x)))
@@ -189,16 +193,17 @@ class Upsample(nn.Module):
     resolution, docs/infinity.md §7).
     """
 
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, operations=None):
         super().__init__()
-        self.conv = Conv(channels, channels, 3)
+        self.ops = nnops.resolve(operations)
+        self.conv = Conv(channels, channels, 3, self.ops)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, C, H, W = x.shape
-        w = self.conv.conv.weight.float()  # (C, C, 3, 3)
+        w, bias = nnops.cast_bias_weight(self.conv.conv, torch.float32, x.device, self.ops)  # (C, C, 3, 3), (C,)
         mix = _PHASE_MIX.to(w.device)
         kernels = torch.einsum("aik,ockl,bjl->abocij", mix, w, mix).to(x.dtype)  # (2, 2, C, C, 2, 2)
-        bias = self.conv.conv.bias
+        bias = bias.to(x.dtype)
         padded = F.pad(x, (1, 1, 1, 1))  # (B, C, H+2, W+2)
         out = x.new_empty(B, C, H, 2, W, 2)
         for a in (0, 1):
@@ -209,21 +214,21 @@ class Upsample(nn.Module):
 
 
 class MidBlock(nn.Module):
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, operations=None):
         super().__init__()
-        self.block_1 = ResnetBlock(channels, channels)
-        self.block_2 = ResnetBlock(channels, channels)
+        self.block_1 = ResnetBlock(channels, channels, operations)
+        self.block_2 = ResnetBlock(channels, channels, operations)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.block_2(self.block_1(x))
 
 
 class UpLevel(nn.Module):
-    def __init__(self, cin: int, cout: int, num_blocks: int, upsample: bool):
+    def __init__(self, cin: int, cout: int, num_blocks: int, upsample: bool, operations=None):
         super().__init__()
-        self.block = nn.ModuleList(ResnetBlock(cin if j == 0 else cout, cout) for j in range(num_blocks))
+        self.block = nn.ModuleList(ResnetBlock(cin if j == 0 else cout, cout, operations) for j in range(num_blocks))
         if upsample:
-            self.upsample = Upsample(cout)
+            self.upsample = Upsample(cout, operations)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for block in self.block:
@@ -234,17 +239,19 @@ class UpLevel(nn.Module):
 class BSQDecoder(nn.Module):
     """conv_in -> mid -> levels n-1 .. 0 (res-blocks, x2 upsample) -> norm -> swish -> conv_out (docs/infinity.md §6.2)."""
 
-    def __init__(self, config: BSQVAEConfig):
+    def __init__(self, config: BSQVAEConfig, operations=None):
         super().__init__()
+        ops = nnops.resolve(operations)
         widths = [config.base_ch * m for m in config.ch_mult]
-        self.conv_in = Conv(config.codebook_dim, widths[-1], 3)
-        self.mid = MidBlock(widths[-1])
+        self.conv_in = Conv(config.codebook_dim, widths[-1], 3, ops)
+        self.mid = MidBlock(widths[-1], ops)
         cins = widths[1:] + widths[-1:]  # level i receives the width of level i+1 (top: conv_in)
         self.up = nn.ModuleList(
-            UpLevel(cins[i], widths[i], config.num_res_blocks, i in config.upsample_levels) for i in range(len(widths))
+            UpLevel(cins[i], widths[i], config.num_res_blocks, i in config.upsample_levels, ops)
+            for i in range(len(widths))
         )
-        self.norm_out = Norm(widths[0])
-        self.conv_out = Conv(widths[0], 3, 3)
+        self.norm_out = Norm(widths[0], ops)
+        self.conv_out = Conv(widths[0], 3, 3, ops)
 
     def coarse(self, z: torch.Tensor, levels: int) -> torch.Tensor:
         """conv_in, mid and the top ``levels`` resolution levels: (B, d_v, h, w) -> features."""
@@ -270,10 +277,14 @@ class BSQDecoder(nn.Module):
 class InfinityVAE(nn.Module):
     """Decoder half of Infinity's BSQ VAE; ``state_dict()`` keys are the official ``decoder.*`` keys."""
 
-    def __init__(self, config: BSQVAEConfig):
+    def __init__(self, config: BSQVAEConfig, operations=None):
+        """``operations``: the layer namespace (fastvar_core.ops; None: torch.nn)."""
         super().__init__()
         self.config = config
-        self.decoder = BSQDecoder(config)
+        self.decoder = BSQDecoder(config, operations)
+        # Empty; follows .to(): its device and dtype are the decoder's compute device and dtype, whatever
+        # the namespace's layers store (not in the state dict).
+        self.register_buffer("compute_anchor", torch.empty(0), persistent=False)
 
     @property
     def patch_size(self) -> int:
@@ -288,7 +299,7 @@ class InfinityVAE(nn.Module):
                 f"(B, {self.config.codebook_dim}, 1, h, w) for this {self.config.codebook_dim}-bit VAE, "
                 f"found {tuple(codes.shape)}: the transformer and the VAE do not belong together."
             )
-        p = next(self.parameters())
+        p = self.compute_anchor
         return codes.to(device=p.device, dtype=p.dtype)
 
     @torch.no_grad()
@@ -450,20 +461,22 @@ def filter_vae_state_dict(state: Mapping[str, torch.Tensor], model: InfinityVAE,
     return out
 
 
-def build_infinity_vae(obj: Mapping[str, object], source: str = "state dict") -> InfinityVAE:
-    """Build a float32 CPU :class:`InfinityVAE` (eval mode, frozen) from an already read checkpoint object."""
+def build_infinity_vae(obj: Mapping[str, object], source: str = "state dict", operations=None) -> InfinityVAE:
+    """Build a float32 CPU :class:`InfinityVAE` (eval mode, frozen) from an already read checkpoint object;
+    ``operations``: the layer namespace (fastvar_core.ops)."""
     state = extract_vae_state(obj, source)
     config = BSQVAEConfig.from_state_dict(state, source)
-    model = InfinityVAE(config)
+    model = InfinityVAE(config, operations)
     model.load_state_dict(filter_vae_state_dict(state, model, source), strict=True)
     return model.eval().requires_grad_(False)
 
 
 def load_infinity_vae(
-    path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+    path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+    operations=None,
 ) -> InfinityVAE:
     """Load an official Infinity VAE file (``.pth`` with ``{'vae': ...}``, a safetensors twin, or a
     bare decoder state dict) with a config detected from its shapes; strict load, eval mode."""
     path = prefer_safetensors(path)
-    model = build_infinity_vae(load_file(path), source=f"'{Path(path)}'")
+    model = build_infinity_vae(load_file(path), source=f"'{Path(path)}'", operations=operations)
     return model.to(device=device, dtype=dtype)
