@@ -190,11 +190,15 @@ class ResidualDiffusion(nn.Module):
         of which only the first half is used. Guidance acts on epsilon only, the variance comes from the
         conditional half; ``guidance == 1.0`` exactly takes the official unguided path (independent
         noise for all rows).
+
+        ``guidance=None``: every row of cond (N, C) is conditional (past a CFG cut-off, no official
+        counterpart): one (N, Cvae) draw to start and one per step but the last.
         """
         n2, dev = cond.shape[0], cond.device
-        n = n2 // 2
+        conditional_only = guidance is None
+        n = n2 if conditional_only else n2 // 2
         dtype = cond.dtype
-        guided = guidance != 1.0
+        guided = not conditional_only and guidance != 1.0
 
         def randn(rows: int) -> torch.Tensor:
             gdev = generator.device if generator is not None else torch.device("cpu")
@@ -218,6 +222,9 @@ class ResidualDiffusion(nn.Module):
             log_var = frac * k["max_log"] + (1 - frac) * k["min_log"]
             x0 = (k["sqrt_recip_ac"] * x - k["sqrt_recipm1_ac"] * eps).clamp(-1, 1)
             mean = k["coef_x0"] * x0 + k["coef_xt"] * x
+            if conditional_only:
+                x = mean + torch.exp(0.5 * log_var) * randn(n) * temperature if step > 0 else mean
+                continue
             noise = randn(n2)[: x.shape[0]]  # the official loop draws for all 2N rows
             x = mean + torch.exp(0.5 * log_var) * noise * temperature if step > 0 else mean
         return x[:n] * VAE_SCALE

@@ -32,7 +32,6 @@ from ..sampling import (
     pruning_run_for,
 )
 from ..schedules import ScaleSchedule
-from .diffusion import VAE_SCALE
 from .loader import check_text_width, check_vae_matches
 from .model import HARTTransformer, KVCache, image_positions, rope_context, rope_image
 
@@ -83,34 +82,6 @@ def latent_preview(f_hat: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
     return ((rgb - lo) / (hi - lo).clamp_min(1e-6)).cpu()
 
 
-def unguided_residual(diffloss, cond: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """The diffusion residual (N, Cvae) of N conditional rows without guidance (past a CFG cut-off).
-
-    The same iDDPM steps as ``ResidualDiffusion.sample`` on its unguided path, but for the given rows
-    only: one (N, Cvae) noise draw to start and one per step.
-    """
-    dtype, dev = diffloss.net.input_proj.weight.dtype, cond.device
-    gdev = generator.device if generator is not None else torch.device("cpu")
-
-    def randn() -> torch.Tensor:
-        return torch.randn(cond.shape[0], diffloss.channels, generator=generator, device=gdev).to(dev, torch.float32)
-
-    x = randn()
-    c_emb = diffloss.net.cond_embed(cond.to(dtype))
-    sch = diffloss.schedule
-    for step in reversed(range(sch.num_steps)):
-        t_emb = diffloss.net.time_embed(torch.full((1,), sch.timesteps[step], device=dev, dtype=torch.long))
-        out = diffloss.net(x.to(dtype), t_emb, c_emb).float()  # (N, 2 Cvae)
-        eps, var_v = out[:, : diffloss.channels], out[:, diffloss.channels:]
-        k = sch.step_constants(step)
-        frac = (var_v + 1) / 2
-        log_var = frac * k["max_log"] + (1 - frac) * k["min_log"]
-        x0 = (k["sqrt_recip_ac"] * x - k["sqrt_recipm1_ac"] * eps).clamp(-1, 1)
-        mean = k["coef_x0"] * x0 + k["coef_xt"] * x
-        x = mean + torch.exp(0.5 * log_var) * randn() if step > 0 else mean
-    return x * VAE_SCALE
-
-
 def sample_hart(
     model: HARTTransformer,
     cond,
@@ -156,7 +127,7 @@ def sample_hart(
     pruning = pruning or PruningConfig(name="off")
 
     device, dtype = model.device, model.dtype
-    codebook = vae.quantize.embedding.weight
+    codebook = vae.codebook()
     generator = torch.Generator(device=device)
     generator.manual_seed(int(seed))
     diff_gen = hooks.diffusion_generator if hooks is not None and hooks.diffusion_generator is not None else generator
@@ -237,7 +208,7 @@ def sample_hart(
                     if guided:
                         resid = model.diffloss.sample(z.flatten(0, 1), t, diff_gen)
                     else:
-                        resid = unguided_residual(model.diffloss, z.flatten(0, 1), diff_gen)
+                        resid = model.diffloss.sample(z.flatten(0, 1), None, diff_gen)  # conditional rows only
                     resid = resid.view(B, -1, h.shape[-1])
                     if on_trace is not None:
                         on_trace("latent_before_last", f_hat)
