@@ -30,6 +30,7 @@ from fastvar_core.hart import model as hart_model
 from fastvar_core.infinity import load_infinity_model, sample_infinity
 from fastvar_core.infinity import model as inf_model
 from fastvar_core.infinity.vae import load_infinity_vae
+from fastvar_core.sampling import SamplingHooks
 from fastvar_core.schedules import ScaleSchedule, hart_schedule, infinity_schedule
 
 INF = PARITY / "infinity" / "checkpoints"
@@ -145,16 +146,28 @@ def infinity_ref():
     cond = SimpleNamespace(kv_compact=inputs["text.kv_compact"], lens=inputs["text.lens"].tolist())
     full = infinity_schedule(1.0, "0.06M")
     schedule = ScaleSchedule("infinity", full.scales[:7], full.rope_grid, 1.0, "0.06M")  # up to 16x16
+    logits, hooks = _logits_observer()
     result = sample_infinity(load_infinity_model(INF / "infinity_tiny.pth"), cond, schedule, cfg=3.0, seed=5,
-                             return_logits=True)
+                             hooks=hooks)
     image = load_infinity_vae(INF / "infinity_vae_d32_tiny.pth").decode(result.latent)
-    return SimpleNamespace(cond=cond, schedule=schedule, result=result, image=image)
+    return SimpleNamespace(cond=cond, schedule=schedule, result=result, image=image, logits=_flat(logits))
+
+
+def _logits_observer(teacher=None) -> tuple[dict, SamplingHooks]:
+    """A dict that fills with every scale's guided logits, and the hooks that fill it (teacher-forced if given)."""
+    seen: dict[int, torch.Tensor] = {}
+    return seen, SamplingHooks(on_logits=lambda scale, logits: seen.__setitem__(scale, logits.float().clone()),
+                               teacher=teacher)
+
+
+def _flat(logits: dict) -> torch.Tensor:
+    return torch.cat([logits[s].flatten() for s in sorted(logits)])
 
 
 def _infinity_run(model, ref):
-    out = sample_infinity(model, ref.cond, ref.schedule, cfg=3.0, seed=5, return_logits=True,
-                          teacher_bits=ref.result.tokens)
-    return torch.cat([out.extras[k].flatten() for k in sorted(out.extras)])
+    logits, hooks = _logits_observer(ref.result.tokens)
+    sample_infinity(model, ref.cond, ref.schedule, cfg=3.0, seed=5, hooks=hooks)
+    return _flat(logits)
 
 
 @pytest.fixture(scope="module")
@@ -163,20 +176,28 @@ def hart_ref():
     cond = HARTTextConditioning(p["context_tensor"][:1], p["context_mask"][:1], p["context_position_ids"][:1])
     schedule = hart_schedule((1, 2, 3, 4, 6, 8))
     model, vae = load_hart_model(HART), load_hart_vae(HART / "tokenizer")
-    drawn = sample_hart(model, vae, cond, schedule, seed=2)
-    teacher = torch.cat([drawn.tokens[s] for s in sorted(drawn.tokens)], 1)
-    result = sample_hart(model, vae, cond, schedule, seed=2, return_logits=True, teacher_tokens=teacher)
-    return SimpleNamespace(cond=cond, schedule=schedule, teacher=teacher, result=result, image=vae.decode(result.latent))
+    teacher = dict(sample_hart(model, cond, schedule, vae=vae, seed=2).tokens)
+    logits, hooks = _logits_observer(teacher)
+    result = sample_hart(model, cond, schedule, vae=vae, seed=2, hooks=hooks)
+    return SimpleNamespace(cond=cond, schedule=schedule, teacher=teacher, result=result,
+                           image=vae.decode(result.latent), logits=_hart_stats(logits))
+
+
+def _hart_stats(logits: dict) -> torch.Tensor:
+    """Per position log-sum-exp and maximum of the logits of every scale (what the parity set stores)."""
+    return torch.cat([torch.cat([logits[s].logsumexp(-1).flatten(), logits[s].amax(-1).flatten()])
+                      for s in sorted(logits)])
 
 
 def _hart_run(model, vae, ref):
     """(logits statistics, latent) of a teacher-forced run (the residual diffusion included)."""
-    out = sample_hart(model, vae, ref.cond, ref.schedule, seed=2, return_logits=True, teacher_tokens=ref.teacher)
-    return torch.cat([out.extras["logits_lse"], out.extras["logits_max"]]), out.latent
+    logits, hooks = _logits_observer(ref.teacher)
+    out = sample_hart(model, ref.cond, ref.schedule, vae=vae, seed=2, hooks=hooks)
+    return _hart_stats(logits), out.latent
 
 
 def _ref_hart_logits(ref):
-    return torch.cat([ref.result.extras["logits_lse"], ref.result.extras["logits_max"]])
+    return ref.logits
 
 
 def _namespace_layers(model: nn.Module, ops) -> list[nn.Module]:
@@ -197,7 +218,7 @@ def test_fp8_infinity_transformer_and_vae(infinity_ref):
     layers = _namespace_layers(model, FP8)
     assert all(p.dtype == torch.float8_e4m3fn for m in layers for p in m.parameters(recurse=False))
     twin = dequantized(load_infinity_model(INF / "infinity_tiny.pth"), model, FP8)
-    ref_logits = torch.cat([infinity_ref.result.extras[k].flatten() for k in sorted(infinity_ref.result.extras)])
+    ref_logits = infinity_ref.logits
     logits = _infinity_run(model, infinity_ref)
     assert rel_err(logits, _infinity_run(twin, infinity_ref)) < 1e-5  # oneDNN vs F.linear rounding
     assert rel_err(logits, ref_logits) < 0.12
@@ -246,7 +267,7 @@ def test_fp8_without_hook_uses_the_default_cast(infinity_ref):
 def test_scaled_float64_storage_matches_the_default_models(infinity_ref, hart_ref):
     SCALED64.layer.casts = 0
     model = store(load_infinity_model(INF / "infinity_tiny.pth", operations=SCALED64), SCALED64)
-    ref_logits = torch.cat([infinity_ref.result.extras[k].flatten() for k in sorted(infinity_ref.result.extras)])
+    ref_logits = infinity_ref.logits
     assert rel_err(_infinity_run(model, infinity_ref), ref_logits) < 1e-5  # measured 1.0e-6 (oneDNN vs F.linear)
     vae = store(load_infinity_vae(INF / "infinity_vae_d32_tiny.pth", operations=SCALED64), SCALED64)
     assert rel_err(vae.decode(infinity_ref.result.latent), infinity_ref.image) < 1e-6  # measured 0
