@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from ..checkpoint import check_state_keys, flatten_tensors, load_sharded_folder, load_state_dict
 from ..errors import CheckpointError, ConfigError, InternalError
+from ..vae_layout import decoder_layout, group_norm
 
 MODEL_TYPE = "hart_autoencoder_with_disc"
 KEY_PREFIX = "vae."
@@ -192,8 +193,15 @@ def phi_index(si: int, num_scales: int, num_phi: int) -> int:
 # Modules (names follow the checkpoint keys)
 
 
+class GroupNorm(nn.GroupNorm):
+    """GroupNorm(32, eps 1e-6) that stays exact in the decoder's channels-last CPU layout (vae_layout)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
+
+
 def _group_norm(channels: int) -> nn.GroupNorm:
-    return nn.GroupNorm(32, channels, eps=1e-6, affine=True)
+    return GroupNorm(32, channels, eps=1e-6, affine=True)
 
 
 class ResnetBlock(nn.Module):
@@ -206,9 +214,10 @@ class ResnetBlock(nn.Module):
         self.nin_shortcut = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = self.conv2(F.silu(self.norm2(h)))
-        return self.nin_shortcut(x) + h
+        inplace = not torch.is_grad_enabled()  # saves a full-resolution temporary per activation
+        h = self.conv1(F.silu(self.norm1(x), inplace=inplace))
+        h = self.conv2(F.silu(self.norm2(h), inplace=inplace))
+        return h.add_(self.nin_shortcut(x)) if inplace else h + self.nin_shortcut(x)
 
 
 class AttnBlock(nn.Module):
@@ -282,14 +291,14 @@ class Decoder(nn.Module):
 
     def forward_low(self, z: torch.Tensor) -> torch.Tensor:
         """Every layer that runs at latent resolution, including all attention: (B, Cvae, h, w) -> (B, C_top, h, w)."""
-        return self.up[-1].run_blocks(self.mid(self.conv_in(z)))
+        return self.up[-1].run_blocks(self.mid(self.conv_in(decoder_layout(z))))
 
     def forward_high(self, h: torch.Tensor) -> torch.Tensor:
         """The rest (local ops only: convs, GroupNorm, nearest up-sampling): (B, C_top, h, w) -> (B, 3, H, W)."""
-        h = self.up[-1].upsample(h)
+        h = self.up[-1].upsample(decoder_layout(h))
         for lvl in reversed(range(len(self.up) - 1)):
             h = self.up[lvl].upsample(self.up[lvl].run_blocks(h))
-        return self.conv_out(F.silu(self.norm_out(h)))
+        return self.conv_out(F.silu(self.norm_out(h), inplace=not torch.is_grad_enabled()))
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return self.forward_high(self.forward_low(z))
