@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from .. import ops as nnops
 from ..checkpoint import check_state_keys, flatten_tensors, load_sharded_folder, load_state_dict
 from ..errors import CheckpointError, ConfigError, InternalError
+from ..vae_layout import decoder_layout, norm
 
 MODEL_TYPE = "hart_autoencoder_with_disc"
 KEY_PREFIX = "vae."
@@ -201,6 +202,7 @@ class ResnetBlock(nn.Module):
     def __init__(self, cin: int, cout: int, operations=None):
         super().__init__()
         ops = nnops.resolve(operations)
+        self.ops = ops
         self.norm1 = _group_norm(cin, ops)
         self.conv1 = ops.Conv2d(cin, cout, 3, padding=1)
         self.norm2 = _group_norm(cout, ops)
@@ -208,9 +210,10 @@ class ResnetBlock(nn.Module):
         self.nin_shortcut = ops.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = self.conv2(F.silu(self.norm2(h)))
-        return self.nin_shortcut(x) + h
+        inplace = not torch.is_grad_enabled()  # saves a full-resolution temporary per activation
+        h = self.conv1(F.silu(norm(self.norm1, x, self.ops), inplace=inplace))
+        h = self.conv2(F.silu(norm(self.norm2, h, self.ops), inplace=inplace))
+        return h.add_(self.nin_shortcut(x)) if inplace else h + self.nin_shortcut(x)
 
 
 class AttnBlock(nn.Module):
@@ -219,13 +222,14 @@ class AttnBlock(nn.Module):
     def __init__(self, channels: int, operations=None):
         super().__init__()
         ops = nnops.resolve(operations)
+        self.ops = ops
         self.norm = _group_norm(channels, ops)
         self.qkv = ops.Conv2d(channels, 3 * channels, 1)
         self.proj_out = ops.Conv2d(channels, channels, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, C, H, W = x.shape
-        q, k, v = self.qkv(self.norm(x)).reshape(B, 3, C, H * W).transpose(-1, -2).unbind(1)  # 3 x (B, HW, C)
+        q, k, v = self.qkv(norm(self.norm, x, self.ops)).reshape(B, 3, C, H * W).transpose(-1, -2).unbind(1)  # 3 x (B, HW, C)
         h = F.scaled_dot_product_attention(q[:, None], k[:, None], v[:, None])[:, 0]  # scale C^-1/2
         return x + self.proj_out(h.transpose(-1, -2).reshape(B, C, H, W))
 
@@ -282,19 +286,20 @@ class Decoder(nn.Module):
                     cfg.using_sa and lvl == top, upsample=lvl != 0, operations=ops)
             for lvl in range(len(widths))
         )
+        self.ops = ops
         self.norm_out = _group_norm(widths[0], ops)
         self.conv_out = ops.Conv2d(widths[0], 3, 3, padding=1)
 
     def forward_low(self, z: torch.Tensor) -> torch.Tensor:
         """Every layer that runs at latent resolution, including all attention: (B, Cvae, h, w) -> (B, C_top, h, w)."""
-        return self.up[-1].run_blocks(self.mid(self.conv_in(z)))
+        return self.up[-1].run_blocks(self.mid(self.conv_in(decoder_layout(z))))
 
     def forward_high(self, h: torch.Tensor) -> torch.Tensor:
         """The rest (local ops only: convs, GroupNorm, nearest up-sampling): (B, C_top, h, w) -> (B, 3, H, W)."""
-        h = self.up[-1].upsample(h)
+        h = self.up[-1].upsample(decoder_layout(h))
         for lvl in reversed(range(len(self.up) - 1)):
             h = self.up[lvl].upsample(self.up[lvl].run_blocks(h))
-        return self.conv_out(F.silu(self.norm_out(h)))
+        return self.conv_out(F.silu(norm(self.norm_out, h, self.ops), inplace=not torch.is_grad_enabled()))
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return self.forward_high(self.forward_low(z))

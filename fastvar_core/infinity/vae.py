@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from .. import ops as nnops
 from ..checkpoint import check_state_keys, flatten_tensors, key_examples, load_file, prefer_safetensors
 from ..errors import CheckpointError, ConfigError, IncompatibleModelsError
+from ..vae_layout import decoder_layout, group_norm
 
 NUM_GROUPS = 32  # GroupNorm(32, eps 1e-6) everywhere (docs/infinity.md §6.1)
 NORM_EPS = 1e-6
@@ -159,7 +160,7 @@ class Norm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n = self.norm
         w, b = nnops.cast_bias_weight(n, torch.float32, x.device, self.ops)
-        return F.group_norm(x.float(), n.num_groups, w, b, n.eps).to(x.dtype)
+        return group_norm(x.float(), n.num_groups, w, b, n.eps).to(x.dtype)
 
 
 class ResnetBlock(nn.Module):
@@ -205,11 +206,19 @@ class Upsample(nn.Module):
         kernels = torch.einsum("aik,ockl,bjl->abocij", mix, w, mix).to(x.dtype)  # (2, 2, C, C, 2, 2)
         bias = bias.to(x.dtype)
         padded = F.pad(x, (1, 1, 1, 1))  # (B, C, H+2, W+2)
-        out = x.new_empty(B, C, H, 2, W, 2)
+        channels_last = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+        # The four phases interleave in the input's layout: (B, H, 2, W, 2, C) or (B, C, H, 2, W, 2) memory.
+        out = x.new_empty(B, H, 2, W, 2, C) if channels_last else x.new_empty(B, C, H, 2, W, 2)
         for a in (0, 1):
             for b in (0, 1):
                 window = padded[:, :, a : a + H + 1, b : b + W + 1]  # valid 2x2 conv -> (B, C, H, W)
-                out[:, :, :, a, :, b] = F.conv2d(window, kernels[a, b], bias)
+                phase = F.conv2d(window, kernels[a, b], bias)
+                if channels_last:
+                    out[:, :, a, :, b] = phase.permute(0, 2, 3, 1)
+                else:
+                    out[:, :, :, a, :, b] = phase
+        if channels_last:
+            return out.view(B, 2 * H, 2 * W, C).permute(0, 3, 1, 2)  # (B, C, 2H, 2W)
         return out.view(B, C, 2 * H, 2 * W)
 
 
@@ -255,7 +264,7 @@ class BSQDecoder(nn.Module):
 
     def coarse(self, z: torch.Tensor, levels: int) -> torch.Tensor:
         """conv_in, mid and the top ``levels`` resolution levels: (B, d_v, h, w) -> features."""
-        h = self.mid(self.conv_in(z))  # (B, C_top, h, w)
+        h = self.mid(self.conv_in(decoder_layout(z)))  # (B, C_top, h, w)
         for level in list(self.up)[::-1][:levels]:
             h = level(h)  # x2 per upsampling level
         return h
