@@ -2,7 +2,7 @@
 
 On the CPU both decoders run channels-last (B, H, W, C in memory): oneDNN convolves that layout
 directly, while an NCHW input is reordered to and from its blocked layout on every call, which made
-convolutions about 3x slower (docs/architecture.md, "Decode"). Other devices keep NCHW, the layout
+convolutions about 2x slower (docs/architecture.md §6). Other devices keep NCHW, the layout
 their convolution and GroupNorm kernels are tuned for.
 
 torch's channels-last CPU GroupNorm accumulates sum and sum of squares sequentially in float32; on
