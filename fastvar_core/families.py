@@ -243,11 +243,13 @@ def sample(family: str | Family, model, cond, schedule: ScaleSchedule, *, vae=No
     return result
 
 
-def decode(family: str | Family, vae, latent: torch.Tensor, tiling: str | int | None = "auto") -> torch.Tensor:
+def decode(family: str | Family, vae, latent: torch.Tensor, tiling: str | int | None = "auto",
+           callback: Callable[[int, int], None] | None = None) -> torch.Tensor:
     """(B, H, W, 3) float RGB in [0, 1] on the VAE's device.
 
     ``tiling``: "auto" tiles latents larger than the 1024 px one, "on" always, "off" (or None) never,
-    an int is the tile size in latent cells.
+    an int is the tile size in latent cells. ``callback(done, total)`` runs after every decoded tile;
+    raising from it (e.g. a Cancel) stops the decode there.
     """
     fam = get_family(family)
     if tiling == "auto":
@@ -261,6 +263,6 @@ def decode(family: str | Family, vae, latent: torch.Tensor, tiling: str | int | 
     else:
         raise ConfigError(f"tiling must be one of {list(TILINGS)} or a positive tile size, got {tiling!r}")
     with torch.inference_mode():
-        images = vae.to_image(latent, tile=tile).float()
+        images = vae.to_image(latent, tile=tile, callback=callback).float()
     check_finite(images, "the decoded image", NUMERIC_HINT)
     return images

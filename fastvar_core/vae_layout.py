@@ -1,4 +1,4 @@
-"""Memory layout of the VAE decoders' activations, and a GroupNorm that is exact in that layout.
+"""What both VAE decoders share: the activations' memory layout, a GroupNorm exact in it, tile progress.
 
 On the CPU both decoders run channels-last (B, H, W, C in memory): oneDNN convolves that layout
 directly, while an NCHW input is reordered to and from its blocked layout on every call, which made
@@ -14,11 +14,16 @@ float64 (outputs within ~1e-6 of a float64 reference), and applies them in one p
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from . import ops as nnops
+
+# callback(done, total) after each decoded tile: progress, and a way to stop (raise) between tiles.
+TileCallback = Callable[[int, int], None]
 
 _ROWS = 16384  # pixels per statistics block: the squared block stays in cache
 
@@ -28,6 +33,14 @@ def decoder_layout(x: torch.Tensor) -> torch.Tensor:
     if x.device.type == "cpu":
         return x.contiguous(memory_format=torch.channels_last)
     return x
+
+
+def one_pass(decoder: nn.Module, z: torch.Tensor, callback: TileCallback | None) -> torch.Tensor:
+    """A whole-latent decode reported as one tile of one."""
+    out = decoder(z)
+    if callback is not None:
+        callback(1, 1)
+    return out
 
 
 def _exact_path(x: torch.Tensor) -> bool:

@@ -241,8 +241,15 @@ class FastVARDecode:
 
     def decode(self, vae, latent, tiling):
         same_family("the VAE", latent.family, vae.family, "use the VAE of the model that made the latent")
+        progress = compat.Progress(1)
+
+        def callback(done, total):  # after every tile: progress, and Cancel stops between tiles
+            progress.update(done, None, total)
+            compat.check_interrupt()
+
+        compat.check_interrupt()
         with on_compute_device(vae.module):
-            image = families.decode(latent.family, vae.module, latent.result.latent, tiling)
+            image = families.decode(latent.family, vae.module, latent.result.latent, tiling, callback=callback)
         return (image.to(compat.intermediate_device()),)
 
 

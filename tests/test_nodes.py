@@ -234,3 +234,59 @@ def test_hart_sampler_sizes():
     assert pick(hart, 1024, 1024, "1:1", "2K (zero-shot)").image_size == (2048, 2048)
     with pytest.raises(Exception, match="pixel budget '0.25M' is not available for HART"):
         pick(hart, 512, 512, "1:1", "0.25M (512px)")
+
+
+class Cancelled(Exception):
+    """Stands in for ComfyUI's interrupt exception."""
+
+
+def test_decode_reports_every_tile_and_cancel_stops_between_tiles(monkeypatch):
+    """FastVAR Decode: progress after each tile, and Cancel (the interrupt check) stops the tiled decode."""
+    from pathlib import Path
+
+    import torch
+    from conftest import PARITY
+
+    from fastvar_core.infinity.vae import load_infinity_vae
+
+    generation = sys.modules[PACK.__name__ + ".nodes.generation"]
+    objects = sys.modules[PACK.__name__ + ".nodes.objects"]
+    compat = sys.modules[PACK.__name__ + ".nodes.compat"]
+    vae_module = pack_copy(load_infinity_vae)(Path(PARITY / "infinity" / "checkpoints" / "infinity_vae_d32_tiny.pth"))
+    latent = torch.randint(0, 2, (1, 32, 24, 24)).float() * 2 - 1
+    vae = objects.Part("infinity", vae_module, "tiny")
+    made = objects.Latent("infinity", types.SimpleNamespace(latent=latent))
+
+    seen, checks = [], []
+    monkeypatch.setattr(compat.Progress, "update", lambda self, step, preview=None, total=None: seen.append((step, total)))
+    monkeypatch.setattr(compat, "check_interrupt", lambda: checks.append(len(seen)))
+    (image,) = generation.FastVARDecode().decode(vae, made, "off")
+    assert seen == [(1, 1)] and image.shape == (1, 384, 384, 3)
+    seen.clear()
+    tiled = generation.families.decode("infinity", vae_module, latent, 12, callback=lambda d, t: seen.append((d, t)))
+    assert seen == [(k, 9) for k in range(1, 10)]  # 3 x 3 tiles of 12 with overlap 6 over 24 positions
+    assert (tiled - image).abs().mean() < 0.05
+
+    def cancel_after_two():
+        if len(seen) >= 2:
+            raise Cancelled
+
+    seen.clear()
+    monkeypatch.setattr(generation.families, "decode", _with_tile(generation.families.decode, 12))
+    monkeypatch.setattr(compat, "check_interrupt", cancel_after_two)
+    with pytest.raises(Cancelled):
+        generation.FastVARDecode().decode(vae, made, "on")
+    assert seen == [(1, 9), (2, 9)]  # stopped after the second of nine tiles
+
+
+def _with_tile(decode, tile):
+    def run(family, vae, latent, tiling, callback=None):
+        return decode(family, vae, latent, tile if tiling == "on" else tiling, callback=callback)
+
+    return run
+
+
+def pack_copy(function):
+    """The same function from the pack's own copy of fastvar_core (the nodes import that copy)."""
+    module = sys.modules[PACK.__name__ + "." + function.__module__]
+    return getattr(module, function.__name__)

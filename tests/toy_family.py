@@ -66,7 +66,9 @@ class ToyModel(nn.Module):
 class ToyVAE(nn.Module):
     channels = 3
 
-    def to_image(self, latent: torch.Tensor, tile: int | None = None) -> torch.Tensor:
+    def to_image(self, latent: torch.Tensor, tile: int | None = None, callback=None) -> torch.Tensor:
+        if callback is not None:
+            callback(1, 1)
         return F.interpolate(latent, scale_factor=STRIDE, mode="nearest").sigmoid().permute(0, 2, 3, 1)
 
 

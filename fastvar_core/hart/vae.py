@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from .. import ops as nnops
 from ..checkpoint import check_state_keys, flatten_tensors, load_sharded_folder, load_state_dict
 from ..errors import CheckpointError, ConfigError, InternalError
-from ..vae_layout import decoder_layout, norm
+from ..vae_layout import TileCallback, decoder_layout, norm, one_pass
 
 MODEL_TYPE = "hart_autoencoder_with_disc"
 KEY_PREFIX = "vae."
@@ -405,17 +405,21 @@ class HARTVAE(nn.Module):
     # ---- decoding (docs/hart.md §4.4)
 
     @torch.no_grad()
-    def decode(self, f_hat: torch.Tensor, tile: int | None = None, overlap: int = 8) -> torch.Tensor:
+    def decode(self, f_hat: torch.Tensor, tile: int | None = None, overlap: int = 8,
+               callback: TileCallback | None = None) -> torch.Tensor:
         """(B, Cvae, h, w) latent -> (B, 3, 16h, 16w) image in [-1, 1].
 
         ``tile`` (latent cells) switches to :meth:`decode_tiled` when the latent is larger than one tile.
+        ``callback(done, total)`` runs after each tile (once for a one-pass decode); raising from it stops.
         """
         if tile is not None and max(f_hat.shape[-2:]) > tile:
-            return self.decode_tiled(f_hat, tile, overlap)
-        return self.decoder(self.post_quant_conv(f_hat.to(self.device, self.dtype))).clamp_(-1, 1)
+            return self.decode_tiled(f_hat, tile, overlap, callback)
+        z = self.post_quant_conv(f_hat.to(self.device, self.dtype))
+        return one_pass(self.decoder, z, callback).clamp_(-1, 1)
 
     @torch.no_grad()
-    def decode_tiled(self, f_hat: torch.Tensor, tile: int = 32, overlap: int = 8) -> torch.Tensor:
+    def decode_tiled(self, f_hat: torch.Tensor, tile: int = 32, overlap: int = 8,
+                     callback: TileCallback | None = None) -> torch.Tensor:
         """Memory-bounded approximation of :meth:`decode` for large latents.
 
         All layers at latent resolution (conv_in, the mid block, the lowest level, i.e. every attention
@@ -435,8 +439,9 @@ class HARTVAE(nn.Module):
         s = self.config.downsample
         out = torch.zeros(B, 3, h * s, wd * s, device=low.device)  # float32 accumulators
         weight = torch.zeros(1, 1, h * s, wd * s, device=low.device)
-        for y0, y1 in _tile_spans(h, tile, overlap):
-            for x0, x1 in _tile_spans(wd, tile, overlap):
+        rows, cols = _tile_spans(h, tile, overlap), _tile_spans(wd, tile, overlap)
+        for i, (y0, y1) in enumerate(rows):
+            for j, (x0, x1) in enumerate(cols):
                 # decode with extra context, then keep only the tile
                 cy0, cy1 = max(0, y0 - overlap), min(h, y1 + overlap)
                 cx0, cx1 = max(0, x0 - overlap), min(wd, x1 + overlap)
@@ -446,11 +451,14 @@ class HARTVAE(nn.Module):
                     _feather(x0 > 0, x1 < wd, (x1 - x0) * s, overlap * s, out)[None, :]
                 out[:, :, y0 * s:y1 * s, x0 * s:x1 * s] += img.float() * ramp
                 weight[:, :, y0 * s:y1 * s, x0 * s:x1 * s] += ramp
+                if callback is not None:
+                    callback(i * len(cols) + j + 1, len(rows) * len(cols))
         return (out / weight).clamp_(-1, 1).to(low.dtype)
 
-    def to_image(self, f_hat: torch.Tensor, tile: int | None = None, overlap: int = 8) -> torch.Tensor:
+    def to_image(self, f_hat: torch.Tensor, tile: int | None = None, overlap: int = 8,
+                 callback: TileCallback | None = None) -> torch.Tensor:
         """Latent -> (B, H, W, 3) float32 RGB in [0, 1] (ComfyUI IMAGE layout)."""
-        img = self.decode(f_hat, tile, overlap)
+        img = self.decode(f_hat, tile, overlap, callback)
         return ((img.float() + 1) / 2).permute(0, 2, 3, 1).contiguous()
 
 

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from .. import ops as nnops
 from ..checkpoint import check_state_keys, flatten_tensors, key_examples, load_file, prefer_safetensors
 from ..errors import CheckpointError, ConfigError, IncompatibleModelsError
-from ..vae_layout import decoder_layout, group_norm
+from ..vae_layout import TileCallback, decoder_layout, group_norm, one_pass
 
 NUM_GROUPS = 32  # GroupNorm(32, eps 1e-6) everywhere (docs/infinity.md §6.1)
 NORM_EPS = 1e-6
@@ -312,10 +312,12 @@ class InfinityVAE(nn.Module):
         return codes.to(device=p.device, dtype=p.dtype)
 
     @torch.no_grad()
-    def decode(self, codes: torch.Tensor, tile: int | None = None, overlap: int | None = None) -> torch.Tensor:
+    def decode(self, codes: torch.Tensor, tile: int | None = None, overlap: int | None = None,
+               callback: TileCallback | None = None) -> torch.Tensor:
         """Decode summed codes (B, d_v, h, w) or (B, d_v, 1, h, w) to RGB in [-1, 1], (B, 3, p*h, p*w).
 
-        ``tile=None`` decodes in one pass (the reference behaviour).
+        ``tile=None`` decodes in one pass (the reference behaviour). ``callback(done, total)`` runs after
+        each tile (once for a one-pass decode); raising from it stops the decode.
 
         ``tile=n`` bounds memory for large images (2K and up). The low-resolution part of the decoder
         (conv_in, mid and the levels up to 4x the latent resolution: small tensors, but most of the
@@ -333,14 +335,14 @@ class InfinityVAE(nn.Module):
         """
         z = self._latent(codes)
         if tile is None:
-            return self.decoder(z).clamp_(-1, 1)
+            return one_pass(self.decoder, z, callback).clamp_(-1, 1)
         overlap = min(8, tile // 2) if overlap is None else overlap
         if tile < 1 or not 0 <= overlap < tile:
             raise ConfigError(
                 f"VAE tiled decode: expected tile >= 1 and 0 <= overlap < tile (latent positions), "
                 f"found tile={tile}, overlap={overlap}."
             )
-        return self._decode_tiled(z, tile, overlap).clamp_(-1, 1)
+        return self._decode_tiled(z, tile, overlap, callback).clamp_(-1, 1)
 
     def _coarse_split(self) -> tuple[int, int]:
         """(levels run on the whole latent, their upscaling factor): up to COARSE_UPSAMPLINGS x2 steps."""
@@ -352,25 +354,28 @@ class InfinityVAE(nn.Module):
             factor *= 2 if i in self.config.upsample_levels else 1
         return levels, factor
 
-    def _decode_tiled(self, z: torch.Tensor, tile: int, overlap: int) -> torch.Tensor:
+    def _decode_tiled(self, z: torch.Tensor, tile: int, overlap: int, callback: TileCallback | None) -> torch.Tensor:
         B, _, h, w = z.shape
         if h <= tile and w <= tile:
-            return self.decoder(z)
+            return one_pass(self.decoder, z, callback)
         levels, f = self._coarse_split()
         feats = self.decoder.coarse(z, levels)  # (B, C, f*h, f*w)
         q = self.config.patch_size // f  # output pixels per feature position
         rows = _blend_spans(f * h, f * tile, f * overlap, q, z.device)
         cols = _blend_spans(f * w, f * tile, f * overlap, q, z.device)
         out = z.new_zeros(B, 3, q * f * h, q * f * w, dtype=torch.float32)
-        for y0, y1, wy in rows:
-            for x0, x1, wx in cols:
+        for i, (y0, y1, wy) in enumerate(rows):
+            for j, (x0, x1, wx) in enumerate(cols):
                 pixels = self.decoder.fine(feats[:, :, y0:y1, x0:x1], levels).float()  # (B, 3, q*th, q*tw)
                 out[:, :, q * y0 : q * y1, q * x0 : q * x1].add_(pixels.mul_(wy[:, None] * wx[None, :]))
+                if callback is not None:
+                    callback(i * len(cols) + j + 1, len(rows) * len(cols))
         return out.to(z.dtype)
 
-    def to_image(self, codes: torch.Tensor, tile: int | None = None, overlap: int | None = None) -> torch.Tensor:
+    def to_image(self, codes: torch.Tensor, tile: int | None = None, overlap: int | None = None,
+                 callback: TileCallback | None = None) -> torch.Tensor:
         """Decode to a float32 RGB image batch (B, H, W, 3) in [0, 1] (no BGR flip, no uint8 rounding)."""
-        x = self.decode(codes, tile=tile, overlap=overlap)
+        x = self.decode(codes, tile=tile, overlap=overlap, callback=callback)
         return x.float().add_(1).div_(2).permute(0, 2, 3, 1)
 
 
