@@ -51,11 +51,13 @@ class PruningRequest:
                     f"cache scale {self.cache_from_end} from the end must come before the earliest pruned scale "
                     f"({max(pruned)} from the end); allowed: cache_from_end > {max(pruned)}"
                 )
-        for name, layer in (("start", self.layer_start), ("stop", self.layer_stop)):
-            if layer is not None and layer < 0:
-                raise ConfigError(f"pruned layers {name} {layer} is negative")
-        if self.layer_start is not None and self.layer_stop is not None and self.layer_start > self.layer_stop:
-            raise ConfigError(f"pruned layers start {self.layer_start} is after stop {self.layer_stop}")
+        if self.layer_start is not None and self.layer_start < 0:
+            raise ConfigError(f"the first pruned layer ({self.layer_start}) is negative; layers count from 0")
+        if self.layer_stop is not None and self.layer_stop < 1:
+            raise ConfigError(f"the last pruned layer ({self.layer_stop - 1}) is negative; layers count from 0")
+        if self.layer_start is not None and self.layer_stop is not None and self.layer_start >= self.layer_stop:
+            raise ConfigError(f"the first pruned layer ({self.layer_start}) comes after the last pruned layer "
+                              f"({self.layer_stop - 1}): choose a first layer at most the last one")
         low, high = SPEED_TARGET_RANGE
         if self.mode == "speed target" and not low <= self.speed_target <= high:
             raise ConfigError(f"speed target {self.speed_target} is outside [{low:g}, {high:g}]")
@@ -85,9 +87,17 @@ class PruningRequest:
         return config.validate(n, depth, can_skip=family.can_skip, min_cache_scale=family.min_cache_scale)
 
     def _layers(self, family, depth: int) -> tuple[int, int]:
+        for which, layer in (("first", self.layer_start), ("last", None if self.layer_stop is None else self.layer_stop - 1)):
+            if layer is not None and layer >= depth:
+                raise ConfigError(f"the {which} pruned layer ({layer}) does not exist: this model has layers 0 to "
+                                  f"{depth - 1}; lower it, or use -1 for the model's default")
         start, stop = family.presets.layers(depth)
         start = start if self.layer_start is None else self.layer_start
-        stop = stop if self.layer_stop is None else min(self.layer_stop, depth)
+        stop = stop if self.layer_stop is None else self.layer_stop
+        if start >= stop:
+            raise ConfigError(f"the first pruned layer ({start}) comes after the last pruned layer ({stop - 1}) "
+                              f"of this model's default range: choose a first layer at most {stop - 1}, or set "
+                              f"the last layer too")
         return (start, stop)
 
     def _solve_target(self, family, scales, arch) -> PruningConfig:

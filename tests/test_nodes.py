@@ -77,7 +77,8 @@ def test_pruning_validate_inputs_reports_the_engine_message():
     message = node.VALIDATE_INPUTS(**_pruning_args(last_5_drop=40, cache_from_end=4))
     assert message == ("cache scale 4 from the end must come before the earliest pruned scale (5 from the end); "
                        "allowed: cache_from_end > 5")
-    assert "start 9 is after stop 4" in node.VALIDATE_INPUTS(**_pruning_args(first_layer=9, last_layer=3))
+    assert node.VALIDATE_INPUTS(**_pruning_args(first_layer=9, last_layer=3)) == (
+        "the first pruned layer (9) comes after the last pruned layer (3): choose a first layer at most the last one")
 
 
 def _core(name: str):
@@ -94,7 +95,7 @@ def test_pruning_node_resolves_per_schedule():
 
 @pytest.mark.parametrize("fault, message", [
     (dict(last_5_drop=40, cache_from_end=4), "cache scale 4 from the end must come before the earliest pruned scale"),
-    (dict(first_layer=9, last_layer=3), "pruned layers start 9 is after stop 4"),
+    (dict(first_layer=9, last_layer=3), "the first pruned layer (9) comes after the last pruned layer (3)"),
     (dict(preset="fastest"), "pruning mode 'fastest' is unknown"),
 ])
 def test_an_invalid_request_gives_one_message_everywhere(fault, message):

@@ -363,8 +363,27 @@ def test_request_is_checked_when_built():
 
     with pytest.raises(ConfigError, match="cache scale 2 from the end must come before the earliest pruned scale"):
         PruningRequest(mode="custom", tail_drop_ratios=(0.5, 0.5, 0.5), cache_from_end=2)
-    with pytest.raises(ConfigError, match="pruned layers start 9 is after stop 3"):
+    with pytest.raises(ConfigError, match=r"the first pruned layer \(9\) comes after the last pruned layer \(2\)"):
         PruningRequest(mode="paper", layer_start=9, layer_stop=3)
+    with pytest.raises(ConfigError, match=r"the first pruned layer \(-2\) is negative"):
+        PruningRequest(mode="paper", layer_start=-2)
+
+
+def test_layers_beyond_the_model_are_named_not_clamped():
+    from fastvar_core.families import get_family
+    from fastvar_core.infinity.config import INFINITY_2B
+    from fastvar_core.pruning_request import PruningRequest
+
+    infinity = get_family("infinity")
+    scales, arch = list(infinity_schedule(1.0, "1M").scales), infinity.arch_spec(INFINITY_2B)  # 32 layers
+    with pytest.raises(ConfigError, match=r"the last pruned layer \(35\) does not exist: this model has layers 0 to 31"):
+        PruningRequest(mode="paper", layer_stop=36).resolve(infinity, scales, arch)
+    with pytest.raises(ConfigError, match=r"the first pruned layer \(40\) does not exist"):
+        PruningRequest(mode="paper", layer_start=40).resolve(infinity, scales, arch)
+    with pytest.raises(ConfigError, match=r"first pruned layer \(30\) comes after the last pruned layer \(27\) of this "
+                                          r"model's default range"):
+        PruningRequest(mode="paper", layer_start=30).resolve(infinity, scales, arch)
+    assert PruningRequest(mode="paper", layer_start=5, layer_stop=32).resolve(infinity, scales, arch).layers == (5, 32)
     with pytest.raises(ConfigError, match="pruning mode 'fastest' is unknown"):
         PruningRequest(mode="fastest")
     with pytest.raises(ConfigError, match="drop ratio of scale 2 from the end = 1.5"):
