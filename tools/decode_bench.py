@@ -1,0 +1,142 @@
+"""Our VAE decoders against the official ones, side by side: same weights, same latent, one process.
+
+    python -m tools.decode_bench --official-infinity ~/src/Infinity --official-hart ~/src/hart [--size 1024]
+
+The official code is read from checkouts of FoundationVision/Infinity and mit-han-lab/hart given on the
+command line (never shipped, never imported by the pack). Only their decoder modules are built, with
+the same random weights as ours at the released widths (tools/randomized.py); their optional imports
+that the decoders do not use (torchvision, imageio, einops, the quantiser) are stubbed. Each round
+times the official decoder, then ours, on the same latent; the report gives the best of the rounds,
+the ratio and how far the two images differ.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import sys
+import time
+import types
+from pathlib import Path
+
+import torch
+
+from fastvar_core.errors import ConfigError
+
+from .randomized import SHAPES, build_vae
+
+
+def _stub(name: str, **attrs) -> None:
+    if name in sys.modules:
+        return
+    module = types.ModuleType(name)
+    module.__dict__.update(attrs)
+    sys.modules[name] = module
+
+
+def _unused(*args, **kwargs):
+    raise RuntimeError("stubbed: the official decoders do not call this on 4-D inputs")
+
+
+def _import_file(name: str, path: Path, package: str | None = None):
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or not path.is_file():
+        raise ConfigError(f"'{path}' is missing: pass the root of an official checkout")
+    module = importlib.util.module_from_spec(spec)
+    if package is not None:
+        module.__package__ = package
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def official_infinity_decoder(root: Path, ours):
+    """The official BSQ-VAE ``Decoder`` (flux_vqgan.py) with our decoder's weights."""
+    folder = root / "infinity" / "models" / "bsq_vae"
+    for name in ("imageio", "torchvision", "torchvision.transforms"):
+        _stub(name, transforms=types.SimpleNamespace())
+    _stub("einops", rearrange=_unused, reduce=_unused, pack=_unused, unpack=_unused)
+    package = types.ModuleType("official_bsq")
+    package.__path__ = [str(folder)]
+    sys.modules["official_bsq"] = package
+    _stub("official_bsq.multiscale_bsq", MultiScaleBSQ=None)
+    _import_file("official_bsq.conv", folder / "conv.py", "official_bsq")
+    flux = _import_file("official_bsq.flux_vqgan", folder / "flux_vqgan.py", "official_bsq")
+    c = ours.config
+    cnn = dict(cnn_type="2d", conv_in_out_2d="no", res_conv_2d="no", cnn_attention="no", cnn_norm_axis="spatial",
+               conv_inner_2d="no")
+    decoder = flux.Decoder(ch=c.base_ch, ch_mult=list(c.ch_mult), num_res_blocks=c.num_res_blocks - 1,
+                           z_channels=c.codebook_dim, patch_size=c.patch_size, cnn_param=cnn)
+    decoder.load_state_dict(ours.decoder.state_dict(), strict=True)
+    return decoder.eval().requires_grad_(False)
+
+
+def official_hart_decoder(root: Path, ours):
+    """The official HART VAE ``Decoder`` (basic_vae.py) with our decoder's weights."""
+    basic = _import_file("official_hart_basic_vae", root / "hart" / "modules" / "networks" / "basic_vae.py")
+    c = ours.config
+    decoder = basic.Decoder(ch=c.ch, ch_mult=tuple(c.ch_mult), num_res_blocks=c.num_res_blocks, z_channels=c.z_channels,
+                            using_sa=c.using_sa, using_mid_sa=c.using_mid_sa)
+    state = {k: v for k, v in ours.decoder.state_dict().items()}
+    decoder.load_state_dict(state, strict=True)
+    return decoder.eval().requires_grad_(False)
+
+
+def _timed(decoder, z: torch.Tensor) -> tuple[float, torch.Tensor]:
+    start = time.perf_counter()
+    out = decoder(z)
+    return time.perf_counter() - start, out
+
+
+def compare(name: str, official, ours, z: torch.Tensor, rounds: int, log) -> dict:
+    """Best-of-``rounds`` seconds of each decoder on ``z``, alternating official then ours."""
+    with torch.inference_mode():
+        _timed(official, z[..., :8, :8])  # warm-up: allocator and kernel set-up
+        _timed(ours, z[..., :8, :8])
+        theirs_s, mine_s = [], []
+        for r in range(rounds):
+            t, ref = _timed(official, z)
+            theirs_s.append(t)
+            t, out = _timed(ours, z)
+            mine_s.append(t)
+            log(f"{name} round {r + 1}: official {theirs_s[-1]:.2f} s, ours {mine_s[-1]:.2f} s")
+    diff = (out.float() - ref.float()).abs()
+    row = {"decoder": name, "latent": list(z.shape), "image": list(out.shape), "official_s": min(theirs_s),
+           "ours_s": min(mine_s), "speedup": min(theirs_s) / min(mine_s), "max_abs_diff": diff.max().item(),
+           "mean_abs_diff": diff.mean().item()}
+    log(f"{name}: official {row['official_s']:.2f} s, ours {row['ours_s']:.2f} s -> {row['speedup']:.2f}x; "
+        f"|diff| max {row['max_abs_diff']:.2e}, mean {row['mean_abs_diff']:.2e} (images in [-1, 1] before clamping)")
+    return row
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tools.decode_bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--official-infinity", type=Path, help="checkout of FoundationVision/Infinity")
+    parser.add_argument("--official-hart", type=Path, help="checkout of mit-han-lab/hart")
+    parser.add_argument("--size", type=int, default=1024, help="image side in pixels (the latent is size/16)")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--json", type=Path, help="write the rows here")
+    args = parser.parse_args(argv)
+    if args.official_infinity is None and args.official_hart is None:
+        parser.error("give --official-infinity and/or --official-hart")
+    torch.manual_seed(0)
+    side = args.size // 16
+    rows = []
+    if args.official_infinity is not None:
+        ours = build_vae(SHAPES["infinity-2b"])
+        z = (torch.randint(0, 2, (1, ours.config.codebook_dim, side, side)) * 2 - 1).float()  # summed +-1 bits
+        rows.append(compare("infinity-2b BSQ VAE", official_infinity_decoder(args.official_infinity, ours),
+                            ours.decoder, z, args.rounds, print))
+    if args.official_hart is not None:
+        ours = build_vae(SHAPES["hart-0.7b"])
+        z = torch.randn(1, ours.config.z_channels, side, side)
+        rows.append(compare("hart-0.7b VAE", official_hart_decoder(args.official_hart, ours), ours.decoder, z,
+                            args.rounds, print))
+    if args.json is not None:
+        args.json.write_text(json.dumps({"threads": torch.get_num_threads(), "rows": rows}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
