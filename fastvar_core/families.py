@@ -90,6 +90,38 @@ class Family(ABC):
         family's documented assumption, which the chart uses.
         """
 
+    # ---- configs and random-weight models (the tools' benchmarks and demos) ------------------------
+    def released_configs(self) -> dict[str, object]:
+        """The released transformers' configs by name (e.g. "Infinity-2B")."""
+        return {}
+
+    def sizes(self, config) -> dict[str, int]:
+        """A config's ``depth``, ``width``, ``heads`` and ``text_width`` (its text encoder's feature width)."""
+        raise ConfigError(f"{self.label} has no sizes to report")
+
+    def with_sizes(self, config, *, depth: int | None = None, width: int | None = None, heads: int | None = None,
+                   text_width: int | None = None):
+        """``config`` with the given :meth:`sizes` changed and what follows from them (FFN width...);
+        ConfigError when they do not make a valid model."""
+        raise ConfigError(f"{self.label} cannot resize a config")
+
+    def random_model(self, config) -> torch.nn.Module:
+        """A float32 CPU transformer of ``config`` with default random initialisation, eval mode, frozen."""
+        raise ConfigError(f"{self.label} cannot build a random-weight model")
+
+    def random_vae(self, config, base_width: int | None = None) -> torch.nn.Module:
+        """A random-weight VAE of the release's layout for a transformer of ``config``; ``base_width``
+        replaces the decoder's base width."""
+        raise ConfigError(f"{self.label} cannot build a random-weight VAE")
+
+    def random_conditioning(self, config, batch: int, tokens: int, generator: torch.Generator):
+        """Random text features of ``tokens`` tokens per prompt, in this family's conditioning layout."""
+        raise ConfigError(f"{self.label} cannot make a random conditioning")
+
+    def to_compute_dtype(self, model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+        """The transformer computing in ``dtype`` (a family may keep sensitive parameters in float32)."""
+        return model.to(dtype)
+
     # ---- request -> schedule --------------------------------------------------------------------
     @abstractmethod
     def schedule_for_size(self, model, width: int | None, height: int | None, budget: str | None) -> ScaleSchedule:

@@ -57,7 +57,7 @@ def test_speedups_are_relative_to_the_baseline_and_ideal_matches_the_cost_model(
     for r in data["results"]:
         base = next(b for b in data["results"] if b["model"] == r["model"] and b["pruning"] == "off")
         assert r["speedup"] == pytest.approx(base["median_s"] / r["median_s"])
-        shape = SHAPES[r["model"]].with_overrides(depth=4, width=64, heads=1, text_channels=128)
+        shape = SHAPES[r["model"]].with_overrides(depth=4, width=64, heads=1, text_width=128)
         model = models.setdefault(r["model"], build_transformer(shape))
         if shape.family == "infinity":
             sched, arch = infinity_schedule(1.0, "0.06M"), replace(get_family("infinity").arch_spec(model.config),
@@ -128,7 +128,7 @@ def test_self_attention_forms_no_score_matrix():
                 self.largest = max(self.largest, out.numel())
             return out
 
-    shape = SHAPES["infinity-2b"].with_overrides(depth=2, width=64, heads=1, text_channels=128)
+    shape = SHAPES["infinity-2b"].with_overrides(depth=2, width=64, heads=1, text_width=128)
     model, cond = build_transformer(shape), random_conditioning(shape, tokens=5)
     sched = infinity_schedule(1.0, "0.06M")
     last = sched.tokens_per_scale[-1]
@@ -177,7 +177,7 @@ def test_cfg_cutoff_equals_unguided_logits_from_that_scale_with_half_the_rows():
     from fastvar_core.pruning import PruningConfig
     from tools.randomized import random_conditioning
 
-    shape = SHAPES["infinity-2b"].with_overrides(depth=2, width=64, heads=1, text_channels=128)
+    shape = SHAPES["infinity-2b"].with_overrides(depth=2, width=64, heads=1, text_width=128)
     model, cond = build_transformer(shape), random_conditioning(shape, batch=2, tokens=5)
     sched = infinity_schedule(1.0, "0.06M")
     cut = PruningConfig(cfg_cutoff=5)
@@ -244,7 +244,7 @@ def test_hart_fast_matches_paper_before_its_cutoff_and_runs_one_row_after():
     from fastvar_core.hart import sample_hart
     from tools.randomized import build_vae, random_conditioning
 
-    shape = SHAPES["hart-0.7b"].with_overrides(depth=2, width=64, heads=1, text_channels=32)
+    shape = SHAPES["hart-0.7b"].with_overrides(depth=2, width=64, heads=1, text_width=32)
     from dataclasses import replace
 
     model, vae = build_transformer(shape), build_vae(replace(shape, vae_base=32))

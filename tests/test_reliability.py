@@ -49,7 +49,7 @@ from fastvar_core.pruning import PruningConfig, PruningRun
 from fastvar_core.sampling import SamplingHooks
 from fastvar_core.schedules import INFINITY_TEMPLATES, ScaleSchedule, hart_schedule, infinity_schedule
 from tools.measure import current_rss
-from tools.randomized import ModelShape, build_transformer, random_conditioning
+from tools.randomized import SHAPES, build_transformer, random_conditioning
 
 INF_CKPT = PARITY / "infinity" / "checkpoints"
 INF_PTH = INF_CKPT / "infinity_tiny.pth"
@@ -59,7 +59,7 @@ T5_FOLDER = MODELS / "tiny-flan-t5-xl"
 T5_FILE = MODELS / "tiny-flan-t5-xl-encoder.safetensors"
 
 # A really tiny random Infinity (2 layers, width 64) and a 1-res-block VAE: milliseconds per scale.
-SHAPE = ModelShape("infinity", "tiny-reliability", depth=2, width=64, heads=2, text_channels=128)
+SHAPE = SHAPES["infinity-2b"].with_overrides(depth=2, width=64, heads=2, text_width=128)
 MB = 2**20
 
 
@@ -435,13 +435,12 @@ def _in_pack(obj, module: str):
 def _node_parts(batch_tokens: int = 5):
     """A tiny random Infinity model and conditioning of the pack's own classes."""
     objects = pack_module("nodes.objects")
-    shape = ModelShape("infinity", "tiny-node", depth=2, width=64, heads=2, text_channels=128)
-    random_model = build_transformer(shape, seed=0)
+    random_model = build_transformer(SHAPE, seed=0)
     module = pack_module("fastvar_core.infinity.model").InfinityTransformer(
         _in_pack(random_model.config, "fastvar_core.infinity.config"))
     module.load_state_dict(random_model.state_dict())
     model = objects.Part("infinity", module.eval().requires_grad_(False), "random", "auto")
-    features = _in_pack(random_conditioning(shape, 1, tokens=batch_tokens), "fastvar_core.infinity.text")
+    features = _in_pack(random_conditioning(SHAPE, 1, tokens=batch_tokens), "fastvar_core.infinity.text")
     return model, objects.Conditioning("infinity", features, ["x"])
 
 

@@ -159,6 +159,27 @@ def register_toy(families):
         def chart_models(self):
             return {}
 
+        def released_configs(self):
+            return {"Toy": ToyModel().config}
+
+        def sizes(self, config):
+            return {"depth": config.depth, "width": config.width, "heads": 1, "text_width": config.text_width}
+
+        def with_sizes(self, config, *, depth=None, width=None, heads=None, text_width=None):
+            if heads not in (None, 1):
+                raise errors.ConfigError("the toy has no attention: one head only")
+            return SimpleNamespace(**{**vars(config), "depth": depth or config.depth, "width": width or config.width,
+                                      "text_width": text_width or config.text_width})
+
+        def random_model(self, config):
+            return ToyModel(config.depth, config.width, config.vocab, config.text_width)
+
+        def random_vae(self, config, base_width=None):
+            return ToyVAE()
+
+        def random_conditioning(self, config, batch, tokens, generator):
+            return ToyConditioning(torch.randn(batch, tokens, config.text_width, generator=generator))
+
         def run_sampler(self, model, vae, cond, schedule, *, negative, knobs, seed, pruning, callback, hooks):
             return toy_sample(model, cond, schedule, vae=vae, negative=negative, seed=seed, pruning=pruning,
                               callback=callback, hooks=hooks, **knobs)

@@ -35,29 +35,32 @@ from fastvar_core.linear import onednn_available, use_onednn
 from fastvar_core.pruning import ACCELERATED_PRESETS, PRESET_NAMES, PruningConfig
 from fastvar_core.pruning_request import PruningRequest
 from fastvar_core.sampling import SamplingHooks
-from fastvar_core.schedules import HART_PATCH_NUMS_1024, ScaleSchedule, hart_schedule, infinity_schedule
+from fastvar_core.schedules import ScaleSchedule
 
 from . import command
 from .measure import PeakMemory, current_rss
 from .randomized import SHAPES, ModelShape, build_transformer, build_vae, random_conditioning
 
-# Resolution names and the schedule each family runs for them (HART: its 1024 px schedule, its first nine
-# scales for 256 px (cost curve only), and its zero-shot 2K schedule: the 1024 px one plus two scales).
-INFINITY_BUDGETS = {"256": "0.06M", "512": "0.25M", "768": "0.60M", "1024": "1M", "2K": "2K"}
-HART_PATCH_NUMS = {"256": HART_PATCH_NUMS_1024[:9], "1024": HART_PATCH_NUMS_1024, "2K": HART_PATCH_NUMS_1024}
-RESOLUTIONS = tuple(INFINITY_BUDGETS)
-GUIDANCE = {"infinity": {"cfg": 3.0, "tau": 0.5}, "hart": {"cfg": 4.5}}
+# Resolution names and the pixel budget of each. A family without that size class runs none there, except
+# at 256 px: the head of its 1024 px schedule up to 16x16 tokens (HART; the cost curve's small end).
+BUDGETS = {"256": "0.06M", "512": "0.25M", "768": "0.60M", "1024": "1M", "2K": "2K"}
+HEAD_SIDES = {"256": 16}
+RESOLUTIONS = tuple(BUDGETS)
 QUICK = {"models": "infinity-2b,hart-0.7b", "resolutions": "256", "width": 256, "heads": 2, "depth": 4,
          "text_channels": 256, "repeats": 3, "warmup": 1}
 
 
-def bench_schedule(family: str, resolution: str) -> ScaleSchedule | None:
-    """The 1:1 schedule a family runs at ``resolution`` (None: the family has no such schedule)."""
-    if family == "infinity":
-        return infinity_schedule(1.0, INFINITY_BUDGETS[resolution]) if resolution in INFINITY_BUDGETS else None
-    if resolution not in HART_PATCH_NUMS:
-        return None
-    return hart_schedule(HART_PATCH_NUMS[resolution], budget="2K" if resolution == "2K" else "1M")
+def bench_schedule(family: str, model, resolution: str) -> ScaleSchedule | None:
+    """The 1:1 schedule ``model`` runs at ``resolution`` (None: the family has no such schedule)."""
+    fam = get_family(family)
+    try:
+        return fam.schedule_for_template(model, 1.0, BUDGETS[resolution])
+    except ConfigError:
+        if resolution not in HEAD_SIDES:
+            return None
+    full = fam.schedule_for_template(model, 1.0, "1M")
+    head = tuple(hw for hw in full.scales if max(hw) <= HEAD_SIDES[resolution])
+    return replace(full, scales=head, rope_grid=head[-1])  # positions normalised to its own last map
 
 
 def default_presets(resolution: str) -> list[str]:
@@ -97,6 +100,7 @@ class Case:
     shape: ModelShape
     resolution: str
     schedule: ScaleSchedule
+    schedules: dict[str, ScaleSchedule]  # the model's schedule at every resolution it has one (cost curves)
     model: torch.nn.Module
     vae: torch.nn.Module
     cond: object
@@ -112,13 +116,9 @@ class Case:
 
     def sample(self, config: PruningConfig, seed: int, pruning_seconds: dict | None = None, callback=None):
         """The family's scale loop itself; ``pruning_seconds`` collects the pruned sub-layers' time."""
-        if self.family == "infinity":
-            from fastvar_core.infinity import sample_infinity as sampler
-        else:
-            from fastvar_core.hart import sample_hart as sampler
         hooks = SamplingHooks(pruning_seconds=pruning_seconds) if pruning_seconds is not None else None
-        return sampler(self.model, self.cond, self.schedule, vae=self.vae, seed=seed, pruning=config,
-                       callback=callback, hooks=hooks, **GUIDANCE[self.family])
+        return get_family(self.family).run_sampler(self.model, self.vae, self.cond, self.schedule, negative=None,
+                                                   knobs={}, seed=seed, pruning=config, callback=callback, hooks=hooks)
 
     def warm_up(self, config: PruningConfig, seed: int) -> None:
         """A run stopped before its last (most expensive) scale: first calls pay for allocator growth and
@@ -296,7 +296,7 @@ def _summarise(case, name, config, runs, cost, base_cost, decode_s, decode_peak,
         "model": case.key, "model_name": shape.name, "family": case.family, "resolution": case.resolution,
         "image_size": list(case.schedule.image_size), "pruning": name, "config": config.to_dict(),
         "shape": {"depth": shape.depth, "width": shape.width, "heads": shape.heads,
-                  "text_channels": shape.text_channels, "ffn_hidden": case.model.config.ffn_hidden},
+                  "text_channels": shape.text_width, "ffn_hidden": case.model.config.ffn_hidden},
         "batch": case.batch, "repeats": len(runs), "times_s": times, "median_s": statistics.median(times),
         "foreign_cpu": [r["foreign_cpu"] for r in runs],
         "decode_s": decode_s, "decode_peak_bytes": decode_peak,
@@ -344,8 +344,8 @@ def _available_bytes() -> int | None:
 def _check_fits(shape: ModelShape, device: torch.device, dtype: torch.dtype) -> None:
     """Refuse a model whose weights alone would not fit in the machine's free memory."""
     c, d = shape.width, shape.depth
-    per_layer = 12 * c * c if shape.family == "hart" else 16 * c * c  # attention (+ cross-attention) and FFN
-    params = d * per_layer + 4 * c * shape.text_channels
+    with torch.device("meta"):  # counts the parameters without allocating them
+        params = sum(p.numel() for p in get_family(shape.family).random_model(shape.config).parameters())
     need = params * torch.finfo(dtype).bits // 8
     free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else _available_bytes()
     if free is not None and need > 0.8 * free:
@@ -361,28 +361,25 @@ def build_cases(args: argparse.Namespace, device: torch.device, dtype: torch.dty
         if key not in SHAPES:
             raise ConfigError(f"--models: {key!r} is unknown; allowed: {sorted(SHAPES)}")
         shape = SHAPES[key].with_overrides(depth=args.depth, width=args.width, heads=args.heads,
-                                           text_channels=args.text_channels)
+                                           text_width=args.text_channels)
         if args.vae_base:
             if args.vae_base % 32:
                 raise ConfigError(f"--vae-base {args.vae_base} must be a multiple of 32 (the VAE's GroupNorm groups)")
             shape = replace(shape, vae_base=args.vae_base)
-        if shape.family == "infinity" and (shape.text_channels < 128 or shape.width % (shape.text_channels // 128)):
-            raise ConfigError(f"--text-channels {shape.text_channels}: Infinity pools the text with text_channels/128 "
-                              f"heads, so it must be >= 128 with the width ({shape.width}) divisible by that count")
         _check_fits(shape, device, dtype)
         model = build_transformer(shape, seed=args.seed, device=device)
         if dtype != torch.float32:
-            model = model.set_block_dtype(dtype) if shape.family == "infinity" else model.to(dtype)
+            model = get_family(shape.family).to_compute_dtype(model, dtype)
         vae = build_vae(shape, device=device)
         cond = random_conditioning(shape, batch=args.batch, device=device)
         log(f"{shape.name}: width {shape.width}, {shape.heads} heads, depth {shape.depth}, text width "
-            f"{shape.text_channels}, ffn {model.config.ffn_hidden}, {dtype}, {device}")
+            f"{shape.text_width}, ffn {model.config.ffn_hidden}, {dtype}, {device}")
+        schedules = {res: s for res in RESOLUTIONS if (s := bench_schedule(shape.family, model, res)) is not None}
         for resolution in args.resolutions:
-            schedule = bench_schedule(shape.family, resolution)
-            if schedule is None:
+            if resolution not in schedules:
                 log(f"  {resolution}: no {shape.family} schedule at this size, skipped")
                 continue
-            yield Case(key, shape, resolution, schedule, model, vae, cond, device, args.batch)
+            yield Case(key, shape, resolution, schedules[resolution], schedules, model, vae, cond, device, args.batch)
         del model, vae
         release_memory(device)
 
@@ -427,13 +424,16 @@ def print_table(results: list[dict], out=sys.stdout) -> None:
 
 
 def cost_curves(results: list[dict], cases_arch: dict) -> dict:
-    """Analytic cost (TFLOP per image, both CFG rows) vs resolution for each benchmarked model."""
+    """Analytic cost (TFLOP per image, both CFG rows) vs resolution for each benchmarked model.
+
+    ``cases_arch``: (model key, family) -> (its ArchSpec, its schedule at each resolution it has one).
+    """
     curves = {}
-    for (key, family), arch in cases_arch.items():
-        xs = [r for r in RESOLUTIONS if bench_schedule(family, r) is not None]
+    for (key, family), (arch, schedules) in cases_arch.items():
+        xs = list(schedules)
         series = {"off": [], "FastVAR": [], "fast": []}
         for res in xs:
-            sched = bench_schedule(family, res)
+            sched = schedules[res]
             plans = {label: PruningRequest(mode=mode).resolve(get_family(family), list(sched.scales), arch)
                      for label, mode in (("FastVAR", "2k" if res == "2K" else "paper"), ("fast", "fast"))}
             for label, cfg in (("off", None), *plans.items()):
@@ -569,7 +569,7 @@ def _measure(args: argparse.Namespace) -> int:
         log(f"{case.shape.name} at {case.resolution}: {case.schedule.describe()}; {', '.join(presets)}")
         with torch.inference_mode():
             results += measure_case(case, presets, args.repeats, args.warmup, args.seed, log, args.quiet_retries)
-        arch_of[(case.key, case.family)] = case.arch()
+        arch_of[(case.key, case.family)] = (case.arch(), case.schedules)
     print_table(results)
     curves = cost_curves(results, arch_of)
     report = {"machine": info, "elapsed_s": time.perf_counter() - started,

@@ -18,11 +18,11 @@ import torch
 from fastvar_core import families
 from fastvar_core.cli import save_images
 from fastvar_core.cost import estimate
+from fastvar_core.errors import ConfigError
 from fastvar_core.families import get_family, resolve_pruning
 from fastvar_core.pipeline import Pipeline
 from fastvar_core.pruning_request import PruningRequest
 from fastvar_core.sampling import SamplingHooks
-from fastvar_core.schedules import hart_schedule, infinity_schedule
 
 from . import command
 from .measure import PeakMemory
@@ -62,11 +62,12 @@ def run_random(args: argparse.Namespace) -> int:
           f"depth {shape.depth} of {SHAPES[args.model].depth}), seed {args.seed}", file=sys.stderr)
     model, vae = build_transformer(shape), build_vae(shape)
     cond = random_conditioning(shape)
-    if shape.family == "infinity":
-        schedule = infinity_schedule(1.0, {256: "0.06M", 512: "0.25M", 768: "0.60M", 1024: "1M"}[args.size])
-    else:
-        schedule = hart_schedule()
-    arch = get_family(shape.family).arch_spec(model.config, cond)
+    family = get_family(shape.family)
+    try:
+        schedule = family.schedule_for_size(model, args.size, args.size, None)
+    except ConfigError:  # no size class near --size: the family's default square one
+        schedule = family.schedule_for_size(model, None, None, None)
+    arch = family.arch_spec(model.config, cond)
     base_flops = estimate(arch, list(schedule.scales)).total_flops
     out = Path(args.out)
     with torch.inference_mode():  # warm-up: first calls pay for allocator and kernel set-up
@@ -120,7 +121,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt", default="a red fox sitting in fresh snow at sunrise, highly detailed")
     parser.add_argument("--model", choices=sorted(SHAPES), default="infinity-2b", help="random-weight shape")
     parser.add_argument("--depth", type=int, default=4, help="layers of the random-weight model (presets prune 3..)")
-    parser.add_argument("--size", type=int, choices=[256, 512, 768, 1024], default=512, help="Infinity image size")
+    parser.add_argument("--size", type=int, choices=[256, 512, 768, 1024], default=512,
+                        help="image size (a family without a size class near it makes its default: HART 1024 px)")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--out", default="out/demo")
 

@@ -25,7 +25,7 @@ from fastvar_core.infinity.loader import official_key
 from fastvar_core.infinity.vae import BSQVAEConfig, InfinityVAE
 
 from . import command
-from .randomized import ModelShape, build_transformer
+from .randomized import SHAPES, build_transformer
 
 PACK_ROOT = Path(__file__).resolve().parents[1]
 
@@ -49,10 +49,9 @@ def _copy(src: Path, dst: Path) -> None:
 
 def write_tiny_8b(folder: Path, seed: int = 0) -> None:
     """A random Infinity-8B-layout transformer: 8 block chunks, 56-bit head, 2 safetensors shards + index."""
-    shape = ModelShape("infinity", "tiny-8B", depth=8, width=256, heads=2, text_channels=2048, bits=56)
+    shape = SHAPES["infinity-8b"].with_overrides(depth=8, width=256, heads=2)
     model = build_transformer(shape, seed=seed)
-    config = model.config.__class__(**{**model.config.__dict__, "block_chunks": 8})
-    state = {official_key(k, config): v.contiguous() for k, v in model.state_dict().items()}
+    state = {official_key(k, model.config): v.contiguous() for k, v in model.state_dict().items()}  # 8 chunks
     folder.mkdir(parents=True, exist_ok=True)
     keys = sorted(state)
     half = len(keys) // 2

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
+
+import torch
 
 from ..cost import ArchSpec
 from ..errors import ConfigError
 from ..families import Family, register
 from ..pruning import PresetTable
 from ..schedules import hart_schedule, hart_schedule_for_size
-from .config import HART_0_7B
+from .config import HART_0_7B, llama_ffn_hidden
 from .diffusion import diffusion_flops_per_token
 
 
@@ -63,6 +66,43 @@ class HARTFamily(Family):
 
     def sampler_needs_vae(self):
         return True
+
+    def released_configs(self):
+        return {"HART-0.7B": HART_0_7B}
+
+    def sizes(self, config):
+        return {"depth": config.depth, "width": config.embed_dim, "heads": config.num_heads,
+                "text_width": config.context_dim}
+
+    def with_sizes(self, config, *, depth=None, width=None, heads=None, text_width=None):
+        depth, width = depth or config.depth, width or config.embed_dim
+        heads = heads or config.num_heads
+        if width % heads or (width // heads) % 4:
+            raise ConfigError(f"width {width} and heads {heads}: the head size must be a whole multiple of 4 (2D RoPE)")
+        return replace(config, depth=depth, embed_dim=width, num_heads=heads, ffn_hidden=llama_ffn_hidden(width, 4.0),
+                       context_dim=text_width or config.context_dim)
+
+    def random_model(self, config):
+        from .model import HARTTransformer
+
+        return HARTTransformer(config).eval().requires_grad_(False)
+
+    def random_vae(self, config, base_width=None):
+        from .vae import HARTVAE, HARTVAEConfig
+
+        vae_config = HARTVAEConfig(vocab_size=config.vocab_size, z_channels=config.vae_channels)
+        if base_width:
+            vae_config = replace(vae_config, ch=base_width)
+        return HARTVAE(vae_config).eval().requires_grad_(False)
+
+    def random_conditioning(self, config, batch, tokens, generator):
+        from .text import HARTTextConditioning
+
+        mask = torch.zeros(batch, config.context_token, dtype=torch.bool)
+        mask[:, :tokens] = True
+        positions = (mask.long().cumsum(1) - 1).clamp(min=0)
+        context = torch.randn(batch, config.context_token, config.context_dim, generator=generator)
+        return HARTTextConditioning(context, mask, positions, ["random"] * batch)
 
     def schedule_for_size(self, model, width, height, budget):
         patch_nums = tuple(model.config.patch_nums)

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
+import torch
+
 from ..cost import ArchSpec
+from ..errors import ConfigError
 from ..families import Family, register
 from ..pruning import PresetTable
 from ..schedules import infinity_schedule, infinity_schedule_for_size
@@ -11,6 +16,10 @@ from .config import INFINITY_2B, INFINITY_8B
 # Cross-attention keys per row assumed when the prompt is unknown (the schedule chart); a run counts its
 # longest prompt's T5 tokens instead (docs/fastvar.md §4.6).
 CHART_TEXT_TOKENS = 32
+# The released VAE decoders' widths (docs/infinity.md §1.3): base width and per-level multipliers; the 8B's
+# patchify VAE has one upsampling level less (stride 8).
+VAE_BASE_WIDTH = 128
+VAE_CH_MULT = {False: (1, 2, 4, 4, 4), True: (1, 2, 4, 4)}
 
 
 def preset_layers(depth: int) -> tuple[int, int]:
@@ -67,6 +76,54 @@ class InfinityFamily(Family):
         return ArchSpec(depth=config.depth, width=config.embed_dim, ffn_hidden=config.ffn_hidden, ffn_matrices=2,
                         text_tokens=cond.max_seqlen if cond is not None else CHART_TEXT_TOKENS,
                         head_outputs=2 * config.bits, token_channels=config.bits)
+
+    def released_configs(self):
+        return {"Infinity-2B": INFINITY_2B, "Infinity-8B": INFINITY_8B}
+
+    def sizes(self, config):
+        return {"depth": config.depth, "width": config.embed_dim, "heads": config.num_heads,
+                "text_width": config.text_channels}
+
+    def with_sizes(self, config, *, depth=None, width=None, heads=None, text_width=None):
+        depth, width = depth or config.depth, width or config.embed_dim
+        heads, text_width = heads or config.num_heads, text_width or config.text_channels
+        if width % heads:
+            raise ConfigError(f"width {width} is not divisible by heads {heads}")
+        pool_heads = text_width // 128 if width <= 4096 else text_width // 64  # the text pool's head rule
+        if pool_heads < 1 or width % pool_heads:
+            raise ConfigError(f"text width {text_width}: Infinity pools the text with text_width/128 heads, so it "
+                              f"must be >= 128 with the width ({width}) divisible by that count")
+        return replace(config, depth=depth, embed_dim=width, num_heads=heads, text_channels=text_width,
+                       ffn_hidden=round(width * 4 / 256) * 256,  # half-to-even, like the official round()
+                       pool_heads=pool_heads, block_chunks=config.block_chunks if depth % config.block_chunks == 0 else 1)
+
+    def random_model(self, config):
+        from .model import InfinityTransformer
+
+        model = InfinityTransformer(config)
+        with torch.no_grad():  # the official init of these is non-zero; zeros would make a degenerate model
+            model.cfg_uncond.normal_(0, 1.0 / config.text_channels**0.5)
+            model.pos_start.normal_(0, 0.02)
+        return model.eval().requires_grad_(False)
+
+    def random_vae(self, config, base_width=None):
+        from .vae import BSQVAEConfig, InfinityVAE
+
+        mult = VAE_CH_MULT[config.patchify]
+        vae = InfinityVAE(BSQVAEConfig(codebook_dim=config.vae_bits, base_ch=base_width or VAE_BASE_WIDTH,
+                                       ch_mult=mult, num_res_blocks=3, patch_size=2 ** (len(mult) - 1),
+                                       has_encoder=False))
+        return vae.eval().requires_grad_(False)
+
+    def random_conditioning(self, config, batch, tokens, generator):
+        from .text import InfinityTextConditioning
+
+        kv = torch.randn(batch * tokens, config.text_channels, generator=generator)
+        cu = torch.arange(0, (batch + 1) * tokens, tokens, dtype=torch.int32)
+        return InfinityTextConditioning(kv, [tokens] * batch, cu, tokens, ["random"] * batch)
+
+    def to_compute_dtype(self, model, dtype):
+        return model.set_block_dtype(dtype)
 
     def schedule_for_size(self, model, width, height, budget):
         if width is None and height is None:
