@@ -132,7 +132,11 @@ def test_the_shared_path_checks_every_familys_latent(toy, monkeypatch):
 
 def test_a_third_family_runs_through_the_nodes_unchanged(toy):
     generation, objects = pack_module("nodes.generation"), pack_module("nodes.objects")
-    Part = objects.Part
+    compat = pack_module("nodes.compat")
+
+    def Part(family, module, source):
+        return objects.Part(family, module, source, compat.patcher(module, compat.DIFFUSION))
+
     encoder = Part("toy", ToyTextEncoder(), "toy")
     positive, negative = generation.TextEncode().encode(encoder, "a toy", "not this")
     (spec,) = generation.FastVARPruning().build("paper", 2.0, 5, -1, -1, "Infinity-2B 1024px")
