@@ -10,7 +10,6 @@ import pytest
 import torch
 from conftest import PARITY, SHARED
 from pack import load_pack
-
 from toy_family import register_toy
 
 from fastvar_core import families as lib_families
@@ -90,7 +89,8 @@ def calls(monkeypatch, hart_dirs):
     make, load = compat.patcher, compat.load_models
     monkeypatch.setattr(compat, "patcher", lambda module, kind: made.append((module, kind)) or make(module, kind))
     monkeypatch.setattr(compat, "load_models",
-                        lambda patchers, memory, full=False: loads.append((patchers, memory, full)) or load(patchers, memory, full))
+                        lambda patchers, memory, full=False:
+                        loads.append((patchers, memory, full)) or load(patchers, memory, full))
     return made, loads
 
 
