@@ -189,38 +189,35 @@ class FastVARSampler:
 
         parts = [model] + ([model.companion] if model.companion is not None else [])
         need = families.sampling_memory(family, model.module, cond, schedule, pruning=pruning, batch=batch_size)
-        device = compat.load_models([p.patcher for p in parts], need.total)
-        run = functools.partial(families.sample, family, model.module, cond.to(device), schedule,
-                                vae=model.companion.module if model.companion is not None else None,
-                                negative=neg.to(device) if neg is not None else None, cfg=cfg, tau=tau, top_k=top_k,
-                                top_p=top_p, seed=seed, pruning=pruning)
+
+        def run(hooks, callback=None):
+            device = compat.load_models([p.patcher for p in parts], need.total)
+            with attention.use_backend(model.attention), torch.inference_mode():
+                result = families.sample(family, model.module, cond.to(device), schedule,
+                                         vae=model.companion.module if model.companion is not None else None,
+                                         negative=neg.to(device) if neg is not None else None, cfg=cfg, tau=tau,
+                                         top_k=top_k, top_p=top_p, seed=seed, pruning=pruning, callback=callback,
+                                         hooks=hooks)
+            result.latent = result.latent.to(compat.intermediate_device())
+            return result
+
         record = feeds_token_map(prompt, unique_id)  # kept tokens cost a device sync per pruned layer
         start = time.perf_counter()
-        with attention.use_backend(model.attention), torch.inference_mode():
-            result = run(callback=callback, hooks=SamplingHooks(record_kept=True) if record else None)
+        result = run(SamplingHooks(record_kept=True) if record else None, callback)
         seconds = time.perf_counter() - start
-        result.latent = result.latent.to(compat.intermediate_device())
         h, w = schedule.image_size
         info = (f"{model.family} {w}x{h} ({schedule.num_scales} scales), pruning {result.pruning.name}, "
                 f"sampling {seconds:.2f}s, seed {seed}")
-        rerun = None if record else functools.partial(_recorded, parts, need.total, model.attention, run)
+        # A Token Map added after this run was cached gets a latent without records: it runs it again, recording.
+        rerun = None if record else functools.partial(run, SamplingHooks(record_kept=True))
         return {"ui": {"fastvar_info": [info]}, "result": (Latent(model.family, result, info, rerun), info)}
 
 
 def feeds_token_map(prompt: dict | None, unique_id) -> bool:
     """Whether a FastVAR Token Map node of the running prompt takes this sampler's latent."""
-    return any(node.get("class_type") == "FastVAR_TokenMap" and node.get("inputs", {}).get("latent") == [str(unique_id), 0]
+    latent = [str(unique_id), 0]
+    return any(node.get("class_type") == "FastVAR_TokenMap" and node.get("inputs", {}).get("latent") == latent
                for node in (prompt or {}).values())
-
-
-def _recorded(parts, memory_required: int, backend: str, run):
-    """The same run again, recording kept tokens (a Token Map added after the sampler ran: its cached latent
-    has none)."""
-    from ..fastvar_core import attention
-
-    compat.load_models([p.patcher for p in parts], memory_required)
-    with attention.use_backend(backend), torch.inference_mode():
-        return run(callback=None, hooks=SamplingHooks(record_kept=True))
 
 
 class FastVARDecode:
