@@ -189,3 +189,19 @@ def test_token_map_of_an_unpruned_run_says_what_to_do(toy):
     latent.result.pruning = PruningConfig(name="off")
     with pytest.raises(Exception, match="connect a FastVAR Pruning node with a preset other than 'off'"):
         generation.FastVARTokenMap().render(latent, -1, "all", 0)
+
+
+def test_infinity_loader_builds_with_the_operations_compat_picks(monkeypatch):
+    compat, loaders = _mod("compat"), _mod("loaders")
+    cast_ops = sys.modules[f"{PACK.__name__}.fastvar_core.ops"].CastOps
+    picked, pick = [], compat.operations
+    monkeypatch.setattr(compat, "operations", lambda *a, **k: picked.append((a, k)) or pick(*a, **k))
+    compat.set_model_dirs({"infinity": [PARITY / "infinity" / "checkpoints"]})
+    try:
+        (model,) = loaders.LoadInfinityModel().load("infinity_tiny.pth", "float32", "auto", "fp8_e4m3fn_fast")
+    finally:
+        compat.set_model_dirs({})
+    assert picked == [((torch.float8_e4m3fn, torch.float32, torch.device("cpu")), {"fast": True})]
+    linears = [m for m in model.module.modules() if isinstance(m, torch.nn.Linear)]
+    assert linears and all(isinstance(m, cast_ops.Linear) and m.weight.dtype == torch.float8_e4m3fn for m in linears)
+    assert model.module.block_dtype == torch.float32
