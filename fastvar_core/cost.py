@@ -2,7 +2,8 @@
 
 Counts multiply-adds as 2 FLOPs and covers the matrix products that dominate (projections, attention
 scores and mixing, FFN, output head, HART's residual diffusion head); norms, RoPE and sampling are
-ignored. Used by the web UI's schedule chart, the "speed target" preset and the benchmark.
+ignored. Used by the web UI's schedule chart, the "speed target" preset and the benchmark; :func:`sampling_memory` and
+:func:`decode_memory` give the working memory a host (ComfyUI) reserves beside the weights.
 
 Costs are per image and CFG row by default; ``guided=True`` counts both classifier-free-guidance rows
 of an image, so that a config's ``cfg_cutoff`` (one row at the late scales) shows in the totals.
@@ -29,6 +30,8 @@ class ArchSpec:
     token_channels: int = 32  # input width of the word embedding
     last_scale_flops_per_token: float = 0.0  # extra per-token work at the last scale (HART diffusion head)
     dtype_bytes: int = 4
+    heads: int = 1  # attention heads (the math kernel holds one score matrix per head)
+    last_scale_values_per_token: int = 0  # float32 activations per token of the last scale's extra work
 
 
 @dataclass
@@ -126,3 +129,67 @@ def predicted_speedup(arch: ArchSpec, scales: list[tuple[int, int]], config: Pru
     """
     base = estimate(arch, scales, guided=guided).total_flops
     return base / estimate(arch, scales, config, guided=guided).total_flops
+
+
+# Hidden-state copies alive at once inside a block: input, residual branch, normalised input, attention output.
+LIVE_HIDDEN = 4
+# Feature maps alive at once in a VAE decoder level: block input, residual branch, normalised input.
+LIVE_MAPS = 3
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Working memory of a sampling run beside the weights, in bytes."""
+
+    kv_cache_bytes: int  # the self-attention KV cache of every row at its peak
+    activation_bytes: int  # the largest scale's transient tensors
+
+    @property
+    def total(self) -> int:
+        return self.kv_cache_bytes + self.activation_bytes
+
+
+def sampling_memory(arch: ArchSpec, scales: list[tuple[int, int]], config: PruningConfig | None = None, *,
+                    batch: int = 1, guided: bool = True) -> MemoryEstimate:
+    """KV cache plus peak activations of sampling ``batch`` images over ``scales`` with ``config``.
+
+    Rows are ``batch`` (x2 with ``guided``: the unconditional CFG rows, also after a ``cfg_cutoff``, so the
+    bound holds for every scale). Per scale, one block's hidden states, its FFN hidden layer and attention
+    over the keys held so far (one score matrix per head, as the math kernel materialises), the logits
+    (float32) over ``head_outputs`` and the last scale's extra work (HART's diffusion head) are counted;
+    the largest scale gives the peak. The KV term is :func:`estimate`'s ``kv_cache_bytes`` for every row.
+    """
+    config = config or PruningConfig(name="off")
+    report = estimate(arch, scales, config)
+    rows = batch * (2 if guided else 1)
+    c, b = arch.width, arch.dtype_bytes
+    held = 0  # keys a layer holds before a scale runs (upper bound: of an unpruned layer)
+    peak = 0
+    for cost in report.scales:
+        n = arch.prefix_tokens if cost.scale == 0 and arch.prefix_tokens else cost.tokens
+        if cost.skipped:
+            continue
+        k = max(cost.forwarded)
+        keys = held + k
+        per_row = b * (LIVE_HIDDEN * n * c + (arch.ffn_matrices - 1) * k * arch.ffn_hidden + arch.heads * k * keys)
+        per_row += 4 * cost.tokens * arch.head_outputs
+        if cost.scale == len(scales) - 1:
+            per_row += 4 * cost.tokens * arch.last_scale_values_per_token
+        peak = max(peak, rows * per_row)
+        held += config.kv_kept(cost.scale, k)
+    return MemoryEstimate(report.kv_cache_bytes * rows, peak)
+
+
+def decode_memory(widths: list[int], upscale: int, latent_hw: tuple[int, int], *, batch: int = 1,
+                  dtype_bytes: int = 4) -> int:
+    """Peak activation bytes of a VAE decoder turning a ``latent_hw`` latent (or one tile of it) into pixels.
+
+    ``widths``: channel width of each decoder level, full resolution first; level i runs at ``1 / 2**i`` of
+    the image (never below the latent's own size), the image being ``upscale`` times the latent.
+    """
+    h, w = latent_hw
+    peak = 0
+    for i, width in enumerate(widths):
+        factor = max(upscale // 2 ** i, 1)
+        peak = max(peak, width * h * factor * w * factor)
+    return LIVE_MAPS * batch * peak * dtype_bytes

@@ -15,11 +15,13 @@ from __future__ import annotations
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-from .cost import ArchSpec
+from . import cost
+from .cost import ArchSpec, MemoryEstimate
 from .errors import ConfigError, IncompatibleModelsError
 from .pruning import PresetTable, PruningConfig
 from .pruning_request import PruningRequest
@@ -49,12 +51,13 @@ class Family(ABC):
 
     # ---- parts ---------------------------------------------------------------------------------
     @abstractmethod
-    def load_model(self, path: str | os.PathLike, *, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
-        """The transformer from the release's files."""
+    def load_model(self, path: str | os.PathLike, *, device: torch.device, dtype: torch.dtype,
+                   operations=None) -> torch.nn.Module:
+        """The transformer from the release's files; ``operations``: the layer namespace (fastvar_core.ops)."""
 
     @abstractmethod
-    def load_vae(self, path: str | os.PathLike, *, device: torch.device) -> torch.nn.Module:
-        """The VAE (decoder) from the release's files."""
+    def load_vae(self, path: str | os.PathLike, *, device: torch.device, operations=None) -> torch.nn.Module:
+        """The VAE (decoder) from the release's files; ``operations`` as for :meth:`load_model`."""
 
     @abstractmethod
     def load_text_encoder(self, path: str | os.PathLike, tokenizer: str | os.PathLike | None = None, *,
@@ -81,6 +84,15 @@ class Family(ABC):
 
     def depth(self, model: torch.nn.Module) -> int:
         return model.config.depth
+
+    def compute_dtype(self, model: torch.nn.Module) -> torch.dtype:
+        """The dtype the transformer computes in (its own parameters', whatever its layers store)."""
+        return model.dtype
+
+    def decode_memory(self, vae: torch.nn.Module, latent_shape: tuple[int, ...], tile: int | None) -> int:
+        """Peak activation bytes of decoding a latent of ``latent_shape`` (B, C, h, w) with tiles of ``tile``
+        latent cells (None: whole); 0 when the family has no estimate."""
+        return 0
 
     @abstractmethod
     def arch_spec(self, config, cond=None) -> ArchSpec:
@@ -248,6 +260,16 @@ def _features(cond) -> torch.Tensor:
     return cond.kv_compact if hasattr(cond, "kv_compact") else cond.context
 
 
+def sampling_memory(family: str | Family, model, cond, schedule: ScaleSchedule, *, pruning=None,
+                    batch: int = 1) -> MemoryEstimate:
+    """Working memory of :func:`sample` beside the weights: KV cache and peak activations of ``batch`` images
+    (both CFG rows) with ``pruning`` resolved as the sampler will (cost.sampling_memory)."""
+    fam = get_family(family)
+    plan = resolve_pruning(fam, pruning, schedule, model.config, cond)
+    arch = replace(fam.arch_spec(model.config, cond), dtype_bytes=fam.compute_dtype(model).itemsize)
+    return cost.sampling_memory(arch, list(schedule.scales), plan, batch=batch)
+
+
 def sample(family: str | Family, model, cond, schedule: ScaleSchedule, *, vae=None, negative=None,
            cfg=None, tau=None, top_k: int | None = None, top_p: float | None = None, seed: int = 0,
            pruning=None, callback: ProgressCallback | None = None,
@@ -275,6 +297,24 @@ def sample(family: str | Family, model, cond, schedule: ScaleSchedule, *, vae=No
     return result
 
 
+def decode_tile(family: str | Family, vae, latent: torch.Tensor, tiling: str | int | None = "auto") -> int | None:
+    """The tile size (latent cells; None: whole) a decode with this ``tiling`` uses (see :func:`decode`)."""
+    if tiling == "auto":
+        return get_family(family).decode_tile(vae, latent)
+    if tiling == "on":
+        return TILE
+    if tiling in ("off", None):
+        return None
+    if isinstance(tiling, int) and not isinstance(tiling, bool) and tiling > 0:
+        return tiling
+    raise ConfigError(f"tiling must be one of {list(TILINGS)} or a positive tile size, got {tiling!r}")
+
+
+def decode_memory(family: str | Family, vae, latent: torch.Tensor, tiling: str | int | None = "auto") -> int:
+    """Activation bytes :func:`decode` needs beside the VAE's weights, at the tile size it will use."""
+    return get_family(family).decode_memory(vae, tuple(latent.shape), decode_tile(family, vae, latent, tiling))
+
+
 def decode(family: str | Family, vae, latent: torch.Tensor, tiling: str | int | None = "auto",
            callback: Callable[[int, int], None] | None = None) -> torch.Tensor:
     """(B, H, W, 3) float RGB in [0, 1] on the VAE's device.
@@ -283,17 +323,7 @@ def decode(family: str | Family, vae, latent: torch.Tensor, tiling: str | int | 
     an int is the tile size in latent cells. ``callback(done, total)`` runs after every decoded tile;
     raising from it (e.g. a Cancel) stops the decode there.
     """
-    fam = get_family(family)
-    if tiling == "auto":
-        tile = fam.decode_tile(vae, latent)
-    elif tiling == "on":
-        tile = TILE
-    elif tiling in ("off", None):
-        tile = None
-    elif isinstance(tiling, int) and not isinstance(tiling, bool) and tiling > 0:
-        tile = tiling
-    else:
-        raise ConfigError(f"tiling must be one of {list(TILINGS)} or a positive tile size, got {tiling!r}")
+    tile = decode_tile(family, vae, latent, tiling)
     with torch.inference_mode():
         images = vae.to_image(latent, tile=tile, callback=callback).float()
     check_finite(images, "the decoded image", NUMERIC_HINT)

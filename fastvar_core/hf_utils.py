@@ -9,6 +9,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn as nn
 
+from .cost import LIVE_HIDDEN
 from .errors import ConfigError
 
 
@@ -66,6 +67,14 @@ class HFTextEncoder(nn.Module):
     def width(self) -> int:
         """Feature width (hidden size: 2048 for flan-t5-xl, 1536 for Qwen2-1.5B)."""
         return int(self.model.config.hidden_size)
+
+    def working_memory(self, prompts: int, tokens: int = 512) -> int:
+        """Activation bytes of encoding ``prompts`` prompts of up to ``tokens`` tokens: a few hidden states,
+        one FFN hidden layer and one attention score matrix per head."""
+        c = self.model.config
+        ffn = getattr(c, "intermediate_size", None) or getattr(c, "d_ff", 4 * c.hidden_size)
+        heads = getattr(c, "num_attention_heads", None) or getattr(c, "num_heads", 1)
+        return prompts * tokens * self.dtype.itemsize * (LIVE_HIDDEN * c.hidden_size + ffn + heads * tokens)
 
     @property
     def device(self) -> torch.device:

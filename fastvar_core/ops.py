@@ -29,6 +29,32 @@ class TorchOps:
     GroupNorm = nn.GroupNorm
 
 
+class CastOps(TorchOps):
+    """torch.nn's layers, but ``Linear`` may store its weights in another dtype (e.g. fp8, see
+    :func:`store_weights`) and casts them to the input's dtype and device at call time."""
+
+    class Linear(nn.Linear):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return F.linear(x, *CastOps.cast_bias_weight(self, dtype=x.dtype, device=x.device, bias_dtype=x.dtype))
+
+    @staticmethod
+    def cast_bias_weight(layer, dtype=None, device=None, bias_dtype=None):
+        bias = getattr(layer, "bias", None)
+        return layer.weight.to(device, dtype), None if bias is None else bias.to(device, bias_dtype or dtype)
+
+
+def store_weights(model: nn.Module, dtype: torch.dtype, operations) -> int:
+    """Keep the weights and biases of every ``operations.Linear`` of ``model`` in ``dtype`` (the bulk of a
+    transformer's weights; the namespace casts them at call time). Returns how many layers changed."""
+    n = 0
+    for m in model.modules():
+        if isinstance(m, operations.Linear):
+            for name, p in list(m.named_parameters(recurse=False)):
+                setattr(m, name, nn.Parameter(p.detach().to(dtype), requires_grad=False))
+            n += 1
+    return n
+
+
 # Layer classes whose weights are plain tensors used as stored (fastvar's Linear is nn.Linear on oneDNN).
 _PLAIN = (nn.Linear, fast.Linear, nn.LayerNorm, nn.Conv2d, nn.Embedding, nn.GroupNorm)
 

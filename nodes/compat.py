@@ -25,9 +25,13 @@ except ImportError:
 
 try:  # pragma: no cover
     import comfy.model_management as mm  # type: ignore
+    import comfy.model_patcher as comfy_patcher  # type: ignore
+    import comfy.ops as comfy_ops  # type: ignore
     import comfy.utils as comfy_utils  # type: ignore
 except ImportError:
     mm = None
+    comfy_patcher = None
+    comfy_ops = None
     comfy_utils = None
 
 # Folder names the pack reads; its own two are registered with ComfyUI below.
@@ -129,24 +133,88 @@ def resolve(names: tuple[str, ...], relative: str) -> Path:
     raise CheckpointError(f"'{relative}' was not found in the model folders {list(names)}; refresh the node list")
 
 
-def compute_device() -> torch.device:
-    return mm.get_torch_device() if mm is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+# The kinds of part ComfyUI places differently (--cpu-vae, --highvram, ...): diffusion model, text encoder, VAE.
+DIFFUSION, TEXT_ENCODER, VAE = "diffusion", "text_encoder", "vae"
 
 
-def offload_device() -> torch.device:
-    return mm.unet_offload_device() if mm is not None else torch.device("cpu")
+def devices(kind: str) -> tuple[torch.device, torch.device]:
+    """(load device, offload device) ComfyUI chooses for a kind of part; the CPU outside ComfyUI."""
+    if mm is None:
+        return torch.device("cpu"), torch.device("cpu")
+    load, offload = {DIFFUSION: (mm.get_torch_device, mm.unet_offload_device),
+                     TEXT_ENCODER: (mm.text_encoder_device, mm.text_encoder_offload_device),
+                     VAE: (mm.vae_device, mm.vae_offload_device)}[kind]
+    return load(), offload()
 
 
 def intermediate_device() -> torch.device:
     return mm.intermediate_device() if mm is not None else torch.device("cpu")
 
 
-def free_memory_for(module: torch.nn.Module, device: torch.device) -> None:
-    """Ask ComfyUI to unload its own models until ``module`` fits on ``device``."""
-    if mm is None or device.type == "cpu":
-        return
-    size = sum(t.numel() * t.element_size() for t in module.state_dict().values())
-    mm.free_memory(int(size * 1.3), device)
+def operations(weight_dtype: torch.dtype | None, compute_dtype: torch.dtype | None, load_device: torch.device,
+               fast: bool = False):
+    """The layer namespace for a part: ComfyUI's ``pick_operations`` (lowvram casting, fp8 storage; ``fast``:
+    fp8 matrix products where supported) with its ``cast_bias_weight`` as the hook (docs/architecture.md §5).
+    Outside ComfyUI: torch.nn (None), or ``CastOps`` when ``weight_dtype`` stores the weights differently."""
+    if comfy_ops is None:
+        from ..fastvar_core.ops import CastOps
+
+        return None if weight_dtype is None else CastOps
+    picked = comfy_ops.pick_operations(weight_dtype or compute_dtype, compute_dtype, load_device,
+                                       fp8_optimizations=fast)
+    return type(f"FastVAR_{picked.__name__}", (picked,), {"cast_bias_weight": staticmethod(comfy_ops.cast_bias_weight)})
+
+
+class Holder:
+    """Outside ComfyUI: what a ``ModelPatcher`` holds (model, load device, offload device)."""
+
+    def __init__(self, model: torch.nn.Module, load_device: torch.device, offload_device: torch.device) -> None:
+        self.model, self.load_device, self.offload_device = model, load_device, offload_device
+
+
+class _Carrier(torch.nn.Module):
+    """The module a ModelPatcher holds: ComfyUI writes a ``device`` attribute on it, which our parts compute
+    as a property."""
+
+    def __init__(self, part: torch.nn.Module) -> None:
+        super().__init__()
+        self.part = part
+
+
+def patcher(module: torch.nn.Module, kind: str):
+    """A ComfyUI ModelPatcher (a Holder outside ComfyUI) for a loaded part on the devices of its ``kind``."""
+    load, offload = devices(kind)
+    if comfy_patcher is None:
+        return Holder(module, load, offload)
+    return comfy_patcher.ModelPatcher(_Carrier(module), load_device=load, offload_device=offload)
+
+
+def load_models(patchers: list, memory_required: int, full: bool = False) -> torch.device:
+    """Bring parts to their load device through ComfyUI's ``load_models_gpu``, which unloads other models
+    (or loads ours partially, lowvram) so that the weights plus ``memory_required`` bytes fit; ``full``:
+    never partially (parts without ComfyUI layers: the text encoders). Returns the first part's load device.
+    Outside ComfyUI the parts simply sit on the CPU."""
+    if mm is None:
+        for p in patchers:
+            p.model.to("cpu")
+        return torch.device("cpu")
+    mm.load_models_gpu(patchers, memory_required=memory_required, force_full_load=full)
+    for p in patchers:
+        if getattr(p.model, "model_lowvram", False):
+            _own_tensors_to(p.model, p.load_device)
+    return patchers[0].load_device
+
+
+def _own_tensors_to(model: torch.nn.Module, device: torch.device) -> None:
+    """After a partial load: the few tensors ComfyUI does not manage (a model's own biases, scales and
+    anchors, outside its cast layers) follow to the load device, where the library computes."""
+    for m in model.modules():
+        if hasattr(m, "comfy_cast_weights"):
+            continue
+        for p in m.parameters(recurse=False):
+            p.data = p.data.to(device)
+        for name, b in m.named_buffers(recurse=False):
+            m._buffers[name] = b.to(device)
 
 
 def soft_empty_cache() -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import time
 
@@ -20,19 +19,6 @@ from .chart import CHART_MODELS
 from .objects import CONDITIONING, LATENT, MODEL, PRUNING, TEXT_ENCODER, VAE, Conditioning, Latent, same_family
 
 MAX_SEED = 0xFFFFFFFFFFFFFFFF
-
-
-@contextlib.contextmanager
-def on_compute_device(module: torch.nn.Module):
-    """Move a module to ComfyUI's compute device for the duration of a call, then offload it."""
-    device = compat.compute_device()
-    compat.free_memory_for(module, device)
-    module.to(device)
-    try:
-        yield device
-    finally:
-        module.to(compat.offload_device())
-        compat.soft_empty_cache()
 
 
 class TextEncode:
@@ -56,9 +42,12 @@ class TextEncode:
         if not family.negative_prompt and negative_prompt.strip():
             raise ConfigError(f"{family.label} has no negative prompt (its unconditional branch is an empty context): "
                               f"clear it")
-        with torch.inference_mode(), on_compute_device(text_encoder.module):
-            cond = text_encoder.module.encode([prompt]).to("cpu")
-            neg = text_encoder.module.encode([negative_prompt]).to("cpu") if negative_prompt.strip() else None
+        enc = text_encoder.module
+        count = 2 if negative_prompt.strip() else 1
+        compat.load_models([text_encoder.patcher], enc.working_memory(count), full=True)
+        with torch.inference_mode():
+            cond = enc.encode([prompt]).to("cpu")
+            neg = enc.encode([negative_prompt]).to("cpu") if negative_prompt.strip() else None
         return (Conditioning(text_encoder.family, cond, [prompt]), Conditioning(text_encoder.family, neg, [negative_prompt]))
 
 
@@ -174,10 +163,11 @@ class FastVARSampler:
                 "negative": (CONDITIONING, {"tooltip": "Negative conditioning (Infinity)."}),
                 "pruning": (PRUNING, {"tooltip": "From FastVAR Pruning; not connected = no pruning."}),
             },
+            "hidden": {"prompt": "PROMPT", "unique_id": "UNIQUE_ID"},
         }
 
     def sample(self, model, positive, seed, width, height, aspect_ratio, pixel_budget, cfg, tau, top_k, top_p,
-               batch_size, negative=None, pruning=None):
+               batch_size, negative=None, pruning=None, prompt=None, unique_id=None):
         from ..fastvar_core import attention
 
         from ..fastvar_core.pipeline import check_batch
@@ -197,31 +187,37 @@ class FastVARSampler:
             compat.check_interrupt()
             progress.update(step, preview()[0], total)
 
+        parts = [model] + ([model.companion] if model.companion is not None else [])
+        need = families.sampling_memory(family, model.module, cond, schedule, pruning=pruning, batch=batch_size)
+
+        def run(hooks, callback=None):
+            device = compat.load_models([p.patcher for p in parts], need.total)
+            with attention.use_backend(model.attention), torch.inference_mode():
+                result = families.sample(family, model.module, cond.to(device), schedule,
+                                         vae=model.companion.module if model.companion is not None else None,
+                                         negative=neg.to(device) if neg is not None else None, cfg=cfg, tau=tau,
+                                         top_k=top_k, top_p=top_p, seed=seed, pruning=pruning, callback=callback,
+                                         hooks=hooks)
+            result.latent = result.latent.to(compat.intermediate_device())
+            return result
+
+        record = feeds_token_map(prompt, unique_id)  # kept tokens cost a device sync per pruned layer
         start = time.perf_counter()
-        with attention.use_backend(model.attention), torch.inference_mode(), \
-                on_compute_device(model.module) as device, _maybe_on(model.companion, device):
-            result = families.sample(family, model.module, cond.to(device), schedule, vae=model.companion,
-                                     negative=neg.to(device) if neg is not None else None, cfg=cfg, tau=tau,
-                                     top_k=top_k, top_p=top_p, seed=seed, pruning=pruning, callback=callback,
-                                     hooks=SamplingHooks(record_kept=True))  # for the Token Map node
+        result = run(SamplingHooks(record_kept=True) if record else None, callback)
         seconds = time.perf_counter() - start
-        result.latent = result.latent.to(compat.intermediate_device())
         h, w = schedule.image_size
         info = (f"{model.family} {w}x{h} ({schedule.num_scales} scales), pruning {result.pruning.name}, "
                 f"sampling {seconds:.2f}s, seed {seed}")
-        return {"ui": {"fastvar_info": [info]}, "result": (Latent(model.family, result, info), info)}
+        # A Token Map added after this run was cached gets a latent without records: it runs it again, recording.
+        rerun = None if record else functools.partial(run, SamplingHooks(record_kept=True))
+        return {"ui": {"fastvar_info": [info]}, "result": (Latent(model.family, result, info, rerun), info)}
 
 
-@contextlib.contextmanager
-def _maybe_on(module: torch.nn.Module | None, device: torch.device):
-    if module is None:
-        yield
-        return
-    module.to(device)
-    try:
-        yield
-    finally:
-        module.to(compat.offload_device())
+def feeds_token_map(prompt: dict | None, unique_id) -> bool:
+    """Whether a FastVAR Token Map node of the running prompt takes this sampler's latent."""
+    latent = [str(unique_id), 0]
+    return any(node.get("class_type") == "FastVAR_TokenMap" and node.get("inputs", {}).get("latent") == latent
+               for node in (prompt or {}).values())
 
 
 class FastVARDecode:
@@ -248,8 +244,9 @@ class FastVARDecode:
             compat.check_interrupt()
 
         compat.check_interrupt()
-        with on_compute_device(vae.module):
-            image = families.decode(latent.family, vae.module, latent.result.latent, tiling, callback=callback)
+        need = families.decode_memory(latent.family, vae.module, latent.result.latent, tiling)
+        device = compat.load_models([vae.patcher], need)
+        image = families.decode(latent.family, vae.module, latent.result.latent.to(device), tiling, callback=callback)
         return (image.to(compat.intermediate_device()),)
 
 
@@ -271,12 +268,16 @@ class FastVARTokenMap:
         }}
 
     def render(self, latent, layer, sublayer, sample_index):
+        if not latent.result.kept and latent.rerun is not None and latent.result.pruning.drop_ratios:
+            latent.result = latent.rerun()  # the sampler ran before this node was added: run it again, recording
+            latent.rerun = None
         result = latent.result
         names = {"all": None, "attention": get_family(latent.family).attention_sublayer, "cross-attention": "ca",
                  "ffn": "ffn"}
         scales = sorted({s for (s, _, _) in result.kept})
         if not scales:
-            raise ConfigError("this run pruned no tokens: connect a FastVAR Pruning node (not 'off') to the sampler")
+            raise ConfigError("this image was made without pruning, so there are no token maps to show: connect a "
+                              "FastVAR Pruning node with a preset other than 'off' to the sampler and queue again")
         h, w = result.schedule.image_size
         maps = []
         for s in scales:

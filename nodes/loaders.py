@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import weakref
+from pathlib import Path
+
 import torch
 
 from ..fastvar_core import families
 from ..fastvar_core.families import get_family
+from ..fastvar_core.ops import TorchOps, store_weights
 
 from . import compat
 from .objects import MODEL, TEXT_ENCODER, VAE, Part
@@ -23,7 +27,14 @@ HART_VAE_KINDS = ("hart_release", "hart_autoencoder_with_disc")
 DTYPES = ["auto", "float32", "bfloat16", "float16"]
 ATTENTION = ["auto", "sdpa", "flash", "math"]
 
-DTYPE_TOOLTIP = "Weights' precision. auto: bfloat16 on GPUs that support it, float32 on the CPU."
+# Storage of the transformer's linear weights, as in the core Load Diffusion Model node; "default": the dtype.
+WEIGHT_DTYPES = {"default": None, "fp8_e4m3fn": torch.float8_e4m3fn, "fp8_e4m3fn_fast": torch.float8_e4m3fn,
+                 "fp8_e5m2": torch.float8_e5m2}
+
+DTYPE_TOOLTIP = "Precision the model computes in. auto: bfloat16 on GPUs that support it, float32 on the CPU."
+WEIGHT_DTYPE_TOOLTIP = ("How the transformer's weights are stored. default: in the compute precision. fp8: half the "
+                        "memory of bfloat16, cast at use, slightly different images; fp8_e4m3fn_fast also multiplies "
+                        "in fp8 on GPUs that support it.")
 ATTENTION_TOOLTIP = ("Attention kernel. auto: flash-attn when installed and on a CUDA GPU in 16-bit, "
                      "else PyTorch SDPA. math is slow and only for checking.")
 
@@ -36,27 +47,43 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
-def load_model_part(family: str, path, dtype: str, attention: str) -> Part:
+def load_model_part(family: str, path, dtype: str, attention: str, weight_dtype: str = "default") -> Part:
     """A transformer Part; a family whose sampler needs the VAE (HART) gets its release's VAE as companion."""
     fam = get_family(family)
-    dt = pick_dtype(dtype, compat.compute_device())
-    model = fam.load_model(path, device=compat.offload_device(), dtype=dt)
+    load, offload = compat.devices(compat.DIFFUSION)
+    dt, storage = pick_dtype(dtype, load), WEIGHT_DTYPES[weight_dtype]
+    ops = compat.operations(storage, dt, load, fast=weight_dtype.endswith("_fast"))
+    model = fam.load_model(path, device=offload, dtype=dt, operations=ops)
+    if storage is not None:
+        store_weights(model, storage, ops or TorchOps)
     companion = None
     if fam.sampler_needs_vae():
         # Like upstream, the transformer samples with its release's VAE codebook (HART: tokenizer/ beside llm/).
-        companion = fam.load_vae(fam.default_vae(path), device=compat.offload_device())
-        families.check_pair(fam, model, companion)
-    return Part(fam.name, model, str(path), attention, companion=companion)
+        companion = load_vae_part(family, fam.default_vae(path))
+        families.check_pair(fam, model, companion.module)
+    return Part(fam.name, model, str(path), compat.patcher(model, compat.DIFFUSION), attention, companion=companion)
+
+
+# Loaded VAEs by (family, folder or file): the HART model's companion and Load HART VAE share one; an entry
+# goes when ComfyUI drops the last output holding it (a loader input changed).
+_vaes: weakref.WeakValueDictionary[tuple[str, str], Part] = weakref.WeakValueDictionary()
 
 
 def load_vae_part(family: str, path) -> Part:
-    return Part(family, get_family(family).load_vae(path, device=compat.offload_device()), str(path))
+    fam = get_family(family)
+    where = Path(fam.default_vae(path) if fam.has_default_vae else path).resolve()
+    part = _vaes.get((fam.name, str(where)))
+    if part is None:
+        load, offload = compat.devices(compat.VAE)
+        vae = fam.load_vae(where, device=offload, operations=compat.operations(None, None, load))
+        part = _vaes[(fam.name, str(where))] = Part(fam.name, vae, str(where), compat.patcher(vae, compat.VAE))
+    return part
 
 
 def load_text_encoder_part(family: str, path, tokenizer, dtype: str) -> Part:
-    enc = get_family(family).load_text_encoder(path, tokenizer, device=compat.offload_device(),
-                                               dtype=pick_dtype(dtype, compat.compute_device()))
-    return Part(family, enc, str(path))
+    load, offload = compat.devices(compat.TEXT_ENCODER)
+    enc = get_family(family).load_text_encoder(path, tokenizer, device=offload, dtype=pick_dtype(dtype, load))
+    return Part(family, enc, str(path), compat.patcher(enc, compat.TEXT_ENCODER))
 
 
 def _choices(names: tuple[str, ...], want: str, keep=lambda name: True, kinds=None) -> list[str]:
@@ -80,10 +107,12 @@ class LoadInfinityModel:
             "model_name": (sorted(files + folders), {"tooltip": "File or sharded folder in models/infinity or models/diffusion_models."}),
             "dtype": (DTYPES, {"default": "auto", "tooltip": DTYPE_TOOLTIP}),
             "attention": (ATTENTION, {"default": "auto", "tooltip": ATTENTION_TOOLTIP}),
+            "weight_dtype": (list(WEIGHT_DTYPES), {"default": "default", "tooltip": WEIGHT_DTYPE_TOOLTIP}),
         }}
 
-    def load(self, model_name, dtype, attention):
-        return (load_model_part("infinity", compat.resolve(INFINITY_MODEL_DIRS, model_name), dtype, attention),)
+    def load(self, model_name, dtype, attention, weight_dtype="default"):
+        path = compat.resolve(INFINITY_MODEL_DIRS, model_name)
+        return (load_model_part("infinity", path, dtype, attention, weight_dtype),)
 
 
 class LoadInfinityVAE:
@@ -144,10 +173,11 @@ class LoadHARTModel:
             "model_folder": (folders, {"tooltip": "Release folder (holding llm/ and tokenizer/) or its llm/ folder, in models/hart."}),
             "dtype": (DTYPES, {"default": "auto", "tooltip": DTYPE_TOOLTIP}),
             "attention": (ATTENTION, {"default": "auto", "tooltip": ATTENTION_TOOLTIP}),
+            "weight_dtype": (list(WEIGHT_DTYPES), {"default": "default", "tooltip": WEIGHT_DTYPE_TOOLTIP}),
         }}
 
-    def load(self, model_folder, dtype, attention):
-        return (load_model_part("hart", compat.resolve(HART_DIRS, model_folder), dtype, attention),)
+    def load(self, model_folder, dtype, attention, weight_dtype="default"):
+        return (load_model_part("hart", compat.resolve(HART_DIRS, model_folder), dtype, attention, weight_dtype),)
 
 
 class LoadHARTVAE:

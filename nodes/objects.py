@@ -30,8 +30,9 @@ class Part:
     family: str
     module: torch.nn.Module
     source: str
+    patcher: object  # ComfyUI's ModelPatcher holding ``module`` (compat.Holder outside ComfyUI)
     attention: str = "auto"
-    companion: torch.nn.Module | None = None  # a VAE the sampler itself needs (Family.sampler_needs_vae: HART)
+    companion: Part | None = None  # the VAE part the sampler itself needs (Family.sampler_needs_vae: HART)
 
 
 @dataclass
@@ -46,6 +47,7 @@ class Latent:
     family: str
     result: object  # fastvar_core.sampling.SampleResult
     info: str = ""
+    rerun: object = None  # () -> SampleResult recording kept tokens, when this run did not record them
 
 
 def same_family(what: str, expected: str, found: str, hint: str = "") -> None:

@@ -132,7 +132,11 @@ def test_the_shared_path_checks_every_familys_latent(toy, monkeypatch):
 
 def test_a_third_family_runs_through_the_nodes_unchanged(toy):
     generation, objects = pack_module("nodes.generation"), pack_module("nodes.objects")
-    Part = objects.Part
+    compat = pack_module("nodes.compat")
+
+    def Part(family, module, source):
+        return objects.Part(family, module, source, compat.patcher(module, compat.DIFFUSION))
+
     encoder = Part("toy", ToyTextEncoder(), "toy")
     positive, negative = generation.TextEncode().encode(encoder, "a toy", "not this")
     (spec,) = generation.FastVARPruning().build("paper", 2.0, 5, -1, -1, "Infinity-2B 1024px")
@@ -155,12 +159,12 @@ def test_front_doors_speak_only_to_the_family_interface():
     """No node or tool imports a family folder; no family-name branch outside the family folders (issue #13).
 
     Two tools write or load the official files of one family on purpose: tiny_models (Infinity checkpoint
-    keys) and comfy_ops_check (the loaders' ``operations=``).
+    keys), comfy_ops_check and fp8_effect (the loaders' ``operations=``).
     """
     branch = re.compile(r"\bfamily\s*(==|!=|in\s*\()|\.family\s*(==|!=)|(==|!=)\s*[\"'](infinity|hart)[\"']"
                         r"|[\"'](infinity|hart)[\"']\s*(==|!=)")
     family_import = re.compile(r"fastvar_core\.(infinity|hart)\b|fastvar_core import (infinity|hart)")
-    official_files = ("tools/tiny_models.py", "tools/comfy_ops_check.py")
+    official_files = ("tools/tiny_models.py", "tools/comfy_ops_check.py", "tools/fp8_effect.py")
     offenders = []
     for path in sorted([*ROOT.joinpath("nodes").glob("*.py"), *ROOT.joinpath("tools").glob("*.py"),
                         *ROOT.joinpath("fastvar_core").rglob("*.py")]):

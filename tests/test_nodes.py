@@ -255,7 +255,7 @@ def test_decode_reports_every_tile_and_cancel_stops_between_tiles(monkeypatch):
     compat = sys.modules[PACK.__name__ + ".nodes.compat"]
     vae_module = pack_copy(load_infinity_vae)(Path(PARITY / "infinity" / "checkpoints" / "infinity_vae_d32_tiny.pth"))
     latent = torch.randint(0, 2, (1, 32, 24, 24)).float() * 2 - 1
-    vae = objects.Part("infinity", vae_module, "tiny")
+    vae = objects.Part("infinity", vae_module, "tiny", compat.patcher(vae_module, compat.VAE))
     made = objects.Latent("infinity", types.SimpleNamespace(latent=latent))
 
     seen, checks = [], []

@@ -439,7 +439,9 @@ def _node_parts(batch_tokens: int = 5):
     module = pack_module("fastvar_core.infinity.model").InfinityTransformer(
         _in_pack(random_model.config, "fastvar_core.infinity.config"))
     module.load_state_dict(random_model.state_dict())
-    model = objects.Part("infinity", module.eval().requires_grad_(False), "random", "auto")
+    compat = pack_module("nodes.compat")
+    module = module.eval().requires_grad_(False)
+    model = objects.Part("infinity", module, "random", compat.patcher(module, compat.DIFFUSION))
     features = _in_pack(random_conditioning(SHAPE, 1, tokens=batch_tokens), "fastvar_core.infinity.text")
     return model, objects.Conditioning("infinity", features, ["x"])
 
@@ -497,7 +499,7 @@ def test_node_interrupt_stops_within_one_scale_frees_caches_and_next_run_matches
     assert len(forwards) == 6  # stopped right after the scale in progress
     assert caches and not any(holds_tensors(c) for c in caches)  # KV caches released
     assert runs and all(not r._cache for r in runs)  # FastVAR restore cache released
-    assert next(model.module.parameters()).device == compat.offload_device()
+    assert next(model.module.parameters()).device == model.patcher.offload_device
     monkeypatch.setattr(compat, "check_interrupt", lambda: None)
     again = sampler.sample(model, cond, pruning=spec, **SAMPLER_ARGS)["result"][0].result
     assert torch.equal(again.latent, reference.latent)
@@ -513,7 +515,7 @@ def test_node_sampler_restores_the_attention_backend(monkeypatch, node_parts):
     seen = []
     monkeypatch.setattr(compat, "check_interrupt", lambda: seen.append(attention.default_backend()))
     sampler = PACK.NODE_CLASS_MAPPINGS["FastVAR_Sampler"]()
-    sampler.sample(objects.Part("infinity", model.module, "random", "math"), cond, **SAMPLER_ARGS)
+    sampler.sample(objects.Part("infinity", model.module, "random", model.patcher, "math"), cond, **SAMPLER_ARGS)
     assert seen and set(seen) == {"math"}
     assert attention.default_backend() == before
 
@@ -522,7 +524,7 @@ def test_node_sampler_restores_the_attention_backend(monkeypatch, node_parts):
 
     monkeypatch.setattr(compat, "check_interrupt", fail)
     with pytest.raises(InterruptProcessingException):
-        sampler.sample(objects.Part("infinity", model.module, "random", "math"), cond, **SAMPLER_ARGS)
+        sampler.sample(objects.Part("infinity", model.module, "random", model.patcher, "math"), cond, **SAMPLER_ARGS)
     assert attention.default_backend() == before
 
 
@@ -543,8 +545,9 @@ def test_node_decode_refuses_a_vae_of_another_model(node_parts, tmp_path):
     model, cond = node_parts
     write_tiny_d56_vae(tmp_path / "infinity_vae_d56_f8_14_patchify.pth")
     objects = pack_module("nodes.objects")
-    vae = objects.Part("infinity", pack_module("fastvar_core.infinity.vae").load_infinity_vae(
-        tmp_path / "infinity_vae_d56_f8_14_patchify.pth"), "d56")
+    compat = pack_module("nodes.compat")
+    module = pack_module("fastvar_core.infinity.vae").load_infinity_vae(tmp_path / "infinity_vae_d56_f8_14_patchify.pth")
+    vae = objects.Part("infinity", module, "d56", compat.patcher(module, compat.VAE))
     latent = PACK.NODE_CLASS_MAPPINGS["FastVAR_Sampler"]().sample(model, cond, **SAMPLER_ARGS)["result"][0]
     with pytest.raises(Exception) as err:
         PACK.NODE_CLASS_MAPPINGS["FastVAR_Decode"]().decode(vae, latent, "auto")

@@ -38,6 +38,9 @@ class ToyConditioning:
 class ToyTextEncoder(nn.Module):
     width = 4
 
+    def working_memory(self, prompts: int) -> int:
+        return prompts * 2 * self.width * 4  # its (B, 2, 4) float32 features
+
     def encode(self, prompts: list[str]) -> ToyConditioning:
         rows = [[[(ord(c) % 13) / 13 for c in (p + " " * 8)[i:i + 4]] for i in (0, 4)] for p in prompts]
         return ToyConditioning(torch.tensor(rows, dtype=torch.float32))  # (B, 2, 4)
@@ -127,10 +130,13 @@ def register_toy(families):
         presets = PresetTable(scales_1024=4, tails={"paper": ({1: 0.5}, 2), "2k": ({1: 0.75}, 2)},
                               layers=lambda depth: (0, depth))
 
-        def load_model(self, path, *, device, dtype):
+        def load_model(self, path, *, device, dtype, operations=None):
             return ToyModel().to(device)
 
-        def load_vae(self, path, *, device):
+        def compute_dtype(self, model):
+            return model.head.weight.dtype
+
+        def load_vae(self, path, *, device, operations=None):
             return ToyVAE()
 
         def load_text_encoder(self, path, tokenizer=None, *, device, dtype=None):

@@ -230,6 +230,12 @@ class ResidualDiffusion(nn.Module):
         return x[:n] * VAE_SCALE
 
 
+def diffusion_values_per_token(config) -> int:
+    """Float32 activations alive per token and CFG row in the diffusion head: the noisy sample, the condition
+    and a res-block's input, normalised input, hidden layer and the AdaLN's 3W modulation."""
+    return 2 * config.vae_channels + 7 * config.diff_width
+
+
 def diffusion_flops_per_token(config) -> float:
     """FLOPs of one token's residual diffusion over all sampling steps, per CFG row, for a HARTConfig.
 

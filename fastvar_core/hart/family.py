@@ -7,13 +7,13 @@ from pathlib import Path
 
 import torch
 
-from ..cost import ArchSpec
+from ..cost import ArchSpec, decode_memory
 from ..errors import ConfigError
 from ..families import Family, register
 from ..pruning import PresetTable
 from ..schedules import hart_schedule, hart_schedule_for_size
 from .config import HART_0_7B, llama_ffn_hidden
-from .diffusion import diffusion_flops_per_token
+from .diffusion import diffusion_flops_per_token, diffusion_values_per_token
 
 
 class HARTFamily(Family):
@@ -36,15 +36,15 @@ class HARTFamily(Family):
     # default 900, so one top-k widget serves both families.
     OFFICIAL_TOP_K = (None, 0, 900)
 
-    def load_model(self, path, *, device, dtype):
+    def load_model(self, path, *, device, dtype, operations=None):
         from .loader import load_hart_model
 
-        return load_hart_model(path, device=device, dtype=dtype)
+        return load_hart_model(path, device=device, dtype=dtype, operations=operations)
 
-    def load_vae(self, path, *, device):
+    def load_vae(self, path, *, device, operations=None):
         from .vae import load_hart_vae
 
-        return load_hart_vae(path, device=device)
+        return load_hart_vae(path, device=device, operations=operations)
 
     def load_text_encoder(self, path, tokenizer=None, *, device, dtype=None):
         from .text import load_qwen_encoder
@@ -117,7 +117,13 @@ class HARTFamily(Family):
         # Scale 0 runs the fixed-length text context, whatever the prompt.
         return ArchSpec(depth=config.depth, width=config.embed_dim, ffn_hidden=config.ffn_hidden, ffn_matrices=3,
                         prefix_tokens=config.context_token, head_outputs=config.vocab_size,
-                        token_channels=config.vae_channels, last_scale_flops_per_token=diffusion_flops_per_token(config))
+                        token_channels=config.vae_channels, last_scale_flops_per_token=diffusion_flops_per_token(config),
+                        heads=config.num_heads, last_scale_values_per_token=diffusion_values_per_token(config))
+
+    def decode_memory(self, vae, latent_shape, tile):
+        c = vae.config
+        hw = (tile, tile) if tile else tuple(latent_shape[-2:])
+        return decode_memory([c.ch * m for m in c.ch_mult], c.downsample, hw, batch=latent_shape[0])
 
     def chart_models(self):
         return {

@@ -181,7 +181,7 @@ def sample_hart(
                 if forced:
                     idx = idx.to(device)  # no draw: the teacher's codes, embedded without smoothing
                 else:
-                    check_logits(logits, si, model.head.weight.dtype)
+                    check_logits(logits, si, model.dtype)
                     filter_logits_(logits, official_top_k(si) if top_k is None else top_k, top_p)
                     idx = draw_tokens(logits, generator, si, hooks)
                 tokens[si] = idx.cpu()

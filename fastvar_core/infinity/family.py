@@ -6,7 +6,7 @@ from dataclasses import replace
 
 import torch
 
-from ..cost import ArchSpec
+from ..cost import ArchSpec, decode_memory
 from ..errors import ConfigError
 from ..families import Family, register
 from ..pruning import PresetTable
@@ -48,15 +48,15 @@ class InfinityFamily(Family):
         layers=preset_layers,
     )
 
-    def load_model(self, path, *, device, dtype):
+    def load_model(self, path, *, device, dtype, operations=None):
         from .loader import load_infinity_model
 
-        return load_infinity_model(path, device=device, dtype=dtype)
+        return load_infinity_model(path, device=device, dtype=dtype, operations=operations)
 
-    def load_vae(self, path, *, device):
+    def load_vae(self, path, *, device, operations=None):
         from .vae import load_infinity_vae
 
-        return load_infinity_vae(path, device=device)
+        return load_infinity_vae(path, device=device, operations=operations)
 
     def load_text_encoder(self, path, tokenizer=None, *, device, dtype=None):
         from .text import load_t5_encoder
@@ -75,7 +75,10 @@ class InfinityFamily(Family):
         # Cross-attention keys per row: the conditioning's longest prompt, else CHART_TEXT_TOKENS.
         return ArchSpec(depth=config.depth, width=config.embed_dim, ffn_hidden=config.ffn_hidden, ffn_matrices=2,
                         text_tokens=cond.max_seqlen if cond is not None else CHART_TEXT_TOKENS,
-                        head_outputs=2 * config.bits, token_channels=config.bits)
+                        head_outputs=2 * config.bits, token_channels=config.bits, heads=config.num_heads)
+
+    def compute_dtype(self, model):
+        return model.block_dtype
 
     def released_configs(self):
         return {"Infinity-2B": INFINITY_2B, "Infinity-8B": INFINITY_8B}
@@ -150,6 +153,11 @@ class InfinityFamily(Family):
         # The 8B's f8 patchify VAE decodes a latent twice the token map's side (docs/infinity.md §1.3).
         limit = 64 * (2 if vae.config.patch_size == 8 else 1)
         return 64 if max(latent.shape[-2:]) > limit else None
+
+    def decode_memory(self, vae, latent_shape, tile):
+        c = vae.config
+        hw = (tile, tile) if tile else tuple(latent_shape[-2:])
+        return decode_memory([c.base_ch * m for m in c.ch_mult], c.patch_size, hw, batch=latent_shape[0])
 
 
 INFINITY = register(InfinityFamily())
