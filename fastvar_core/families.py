@@ -260,12 +260,11 @@ def _features(cond) -> torch.Tensor:
     return cond.kv_compact if hasattr(cond, "kv_compact") else cond.context
 
 
-def sampling_memory(family: str | Family, model, cond, schedule: ScaleSchedule, *, pruning=None,
+def sampling_memory(family: str | Family, model, cond, schedule: ScaleSchedule, *, plan: PruningConfig | None = None,
                     batch: int = 1) -> MemoryEstimate:
     """Working memory of :func:`sample` beside the weights: KV cache and peak activations of ``batch`` images
-    (both CFG rows) with ``pruning`` resolved as the sampler will (cost.sampling_memory)."""
+    (both CFG rows) running ``plan``, the pruning already resolved by :func:`resolve_pruning` (cost.sampling_memory)."""
     fam = get_family(family)
-    plan = resolve_pruning(fam, pruning, schedule, model.config, cond)
     arch = replace(fam.arch_spec(model.config, cond), dtype_bytes=fam.compute_dtype(model).itemsize)
     return cost.sampling_memory(arch, list(schedule.scales), plan, batch=batch)
 

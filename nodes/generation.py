@@ -188,7 +188,8 @@ class FastVARSampler:
             progress.update(step, preview()[0], total)
 
         parts = [model] + ([model.companion] if model.companion is not None else [])
-        need = families.sampling_memory(family, model.module, cond, schedule, pruning=pruning, batch=batch_size)
+        plan = families.resolve_pruning(family, pruning, schedule, model.module.config, cond)  # resolved once
+        need = families.sampling_memory(family, model.module, cond, schedule, plan=plan, batch=batch_size)
 
         def run(hooks, callback=None):
             device = compat.load_models([p.patcher for p in parts], need.total)
@@ -196,7 +197,7 @@ class FastVARSampler:
                 result = families.sample(family, model.module, cond.to(device), schedule,
                                          vae=model.companion.module if model.companion is not None else None,
                                          negative=neg.to(device) if neg is not None else None, cfg=cfg, tau=tau,
-                                         top_k=top_k, top_p=top_p, seed=seed, pruning=pruning, callback=callback,
+                                         top_k=top_k, top_p=top_p, seed=seed, pruning=plan, callback=callback,
                                          hooks=hooks)
             result.latent = result.latent.to(compat.intermediate_device())
             return result

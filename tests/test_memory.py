@@ -119,7 +119,8 @@ def test_hart_nodes_load_each_part_through_compat_with_its_kind_and_estimate(cal
     patchers, memory, _ = loads[-1]
     schedule = latent.result.schedule
     cond = positive.value.repeat(2)
-    expected = families.sampling_memory("hart", model.module, cond, schedule, pruning=spec, batch=2).total
+    plan = families.resolve_pruning("hart", spec, schedule, model.module.config, cond)
+    expected = families.sampling_memory("hart", model.module, cond, schedule, plan=plan, batch=2).total
     assert patchers == [model.patcher, vae.patcher] and memory == expected > 0
     unpruned = families.sampling_memory("hart", model.module, cond, schedule, batch=2).total
     assert memory < unpruned
