@@ -43,6 +43,7 @@ class Family(ABC):
     negative_prompt: bool  # a negative prompt replaces the unconditional branch
     has_tau: bool  # the sampler takes a logit temperature divisor
     can_skip: bool  # pruning may skip whole scales (docs/fastvar.md §3.7)
+    pixel_budgets: tuple[str, ...] = ()  # the size classes schedule_for_* take as ``budget`` (empty: not listed)
     min_cache_scale = 0  # the earliest scale that can refill pruned tokens (it must hold a token map)
     attention_sublayer: str  # name of self-attention in the kept-token records (token maps)
     # Official sampling defaults; None for a knob the family does not have.
@@ -101,6 +102,11 @@ class Family(ABC):
         ``cond``: the run's conditioning, when it changes the cost (Infinity's prompt length); None: the
         family's documented assumption, which the chart uses.
         """
+
+    def detect_config(self, path: str | os.PathLike):
+        """The model config of the release at ``path``, read cheaply (headers or memory-mapped shapes, no
+        weights); None when it cannot be told without loading. The chart uses it to draw the connected model."""
+        return None
 
     # ---- configs and random-weight models (the tools' benchmarks and demos) ------------------------
     def released_configs(self) -> dict[str, object]:

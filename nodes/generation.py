@@ -75,44 +75,80 @@ class FastVARPruning:
         }
         return {"required": {
             "preset": (list(MODES), {"default": "paper", "tooltip": "off: no pruning. paper: the official FastVAR setting. 2k: for the zero-shot 2K schedule. speed target: ratios chosen by the cost model. custom: the sliders below. fast: paper (2k on 2K schedules) plus two accelerations beyond the paper: no unconditional CFG branch at the last two scales and half the KV cache of the two scales before (trades some guidance fidelity for speed)."}),
-            "speed_target": ("FLOAT", {"default": 2.0, "min": SPEED_TARGET_RANGE[0], "max": SPEED_TARGET_RANGE[1], "step": 0.1, "tooltip": "speed target only: desired speedup of the transformer; the latest scales are pruned first."}),
+            "speed_target": ("FLOAT", {"default": SPEED_TARGET_DEFAULT, "min": SPEED_TARGET_RANGE[0], "max": SPEED_TARGET_RANGE[1], "step": 0.1, "tooltip": "speed target only: desired reduction of the transformer's FLOPs (cost model); the latest scales are pruned first."}),
             **sliders,
-            "cache_from_end": ("INT", {"default": 5, "min": 2, "max": 12, "tooltip": "custom only: which scale (counted from the end) refills the pruned tokens; must come before every pruned scale."}),
+            "cache_from_end": ("INT", {"default": CACHE_FROM_END_DEFAULT, "min": 2, "max": 12, "tooltip": "custom only: which scale (counted from the end) refills the pruned tokens; must come before every pruned scale."}),
             "first_layer": ("INT", {"default": -1, "min": -1, "max": 128, "tooltip": "First transformer layer that prunes; -1 = the family's default (Infinity 3, HART 0)."}),
             "last_layer": ("INT", {"default": -1, "min": -1, "max": 128, "tooltip": "Last transformer layer that prunes; -1 = the family's default (Infinity-2B 27, HART all)."}),
-            "chart_for": (list(CHART_MODELS), {"default": "Infinity-2B 1024px", "tooltip": "Only for the schedule chart on this node: which model and size it draws. The sampler applies the pruning to its own model and size."}),
+        }, "optional": {
+            # Display only: the frontend keeps it out of the prompt, so changing it never re-runs the sampler.
+            "chart_for": ([CHART_CONNECTED, *CHART_MODELS], {"default": CHART_CONNECTED, "tooltip": "Only for the schedule chart on this node: the connected sampler's model and size, or a released model at its square size. The sampler always applies the pruning to its own model and size."}),
         }}
+
+    @classmethod
+    def make_request(cls, preset, speed_target, cache_from_end, first_layer, last_layer, **sliders) -> PruningRequest:
+        """The request of the widget values (checked as it is built: ConfigError). Widgets the preset ignores
+        are replaced by their defaults first, so moving one gives the very same request."""
+        ignored = ignored_widgets(preset)
+        if "speed_target" in ignored:
+            speed_target = SPEED_TARGET_DEFAULT
+        if "cache_from_end" in ignored:
+            cache_from_end = CACHE_FROM_END_DEFAULT
+        if "first_layer" in ignored:
+            first_layer = last_layer = -1
+        tail = tuple(0 if f"last_{k}_drop" in ignored else sliders.get(f"last_{k}_drop", 0)
+                     for k in range(1, TAIL_SLIDERS + 1))
+        return cls._request(preset, speed_target, cache_from_end, first_layer, last_layer, tail)
 
     @staticmethod
     @functools.lru_cache(maxsize=64)
-    def make_request(preset, speed_target, cache_from_end, first_layer, last_layer, **sliders) -> PruningRequest:
-        """The request of the widget values (checked as it is built: ConfigError). Cached, so VALIDATE_INPUTS and
-        build share one request per set of values."""
-        tail = tuple(sliders.get(f"last_{k}_drop", 0) / 100 for k in range(1, TAIL_SLIDERS + 1))
+    def _request(preset, speed_target, cache_from_end, first_layer, last_layer, tail) -> PruningRequest:
+        # Cached, so VALIDATE_INPUTS and build share one request per set of values.
         return PruningRequest(
-            mode=preset, tail_drop_ratios=tail, cache_from_end=cache_from_end, speed_target=speed_target,
-            layer_start=None if first_layer < 0 else first_layer, layer_stop=None if last_layer < 0 else last_layer + 1,
+            mode=preset, tail_drop_ratios=tuple(t / 100 for t in tail), cache_from_end=cache_from_end,
+            speed_target=speed_target, layer_start=None if first_layer < 0 else first_layer,
+            layer_stop=None if last_layer < 0 else last_layer + 1,
         )
 
     @classmethod
-    def VALIDATE_INPUTS(cls, preset, speed_target, cache_from_end, first_layer, last_layer, **sliders):
+    def VALIDATE_INPUTS(cls, preset, speed_target, cache_from_end, first_layer, last_layer, chart_for=None, **sliders):
         try:
             cls.make_request(preset, speed_target, cache_from_end, first_layer, last_layer, **sliders)
         except ConfigError as exc:
             return str(exc)
         return True
 
-    def build(self, preset, speed_target, cache_from_end, first_layer, last_layer, chart_for, **sliders):
+    def build(self, preset, speed_target, cache_from_end, first_layer, last_layer, chart_for=None, **sliders):
+        # chart_for only chooses what the chart draws: it never reaches the request.
         return (self.make_request(preset, speed_target, cache_from_end, first_layer, last_layer, **sliders),)
+
+
+SPEED_TARGET_DEFAULT = 2.0
+CACHE_FROM_END_DEFAULT = 5
+CHART_CONNECTED = "the connected sampler"
+
+
+def ignored_widgets(preset: str) -> tuple[str, ...]:
+    """The Pruning node's widgets that ``preset`` does not read (the frontend greys them and sends defaults)."""
+    tail = tuple(f"last_{k}_drop" for k in range(1, TAIL_SLIDERS + 1))
+    if preset == "custom":
+        return ("speed_target",)
+    ignored = ("speed_target",) if preset != "speed target" else ()
+    ignored += (*tail, "cache_from_end")
+    if preset == "off":
+        ignored += ("first_layer", "last_layer")
+    return ignored
 
 
 def _ordinal(k: int) -> str:
     return {1: "last", 2: "2nd", 3: "3rd"}.get(k, f"{k}th")
 
 
-# Aspect ratios offered by the sampler: label -> Infinity template (h/w).
+# Aspect ratios offered by the sampler: label -> Infinity template (h/w). 16:9 and 9:16 have no template of their
+# own: they run the nearest one, 7:4 and 4:7 (the node shows the resulting width and height).
 ASPECTS = {"1:1": 1.0, "4:5": 1.25, "5:4": 0.8, "3:4": 1.333, "4:3": 0.75, "2:3": 1.5, "3:2": 0.666, "4:7": 1.75,
-           "7:4": 0.571, "1:2": 2.0, "2:1": 0.5, "2:5": 2.5, "5:2": 0.4, "1:3": 3.0, "3:1": 0.333}
+           "7:4": 0.571, "16:9 (runs 7:4)": 0.571, "9:16 (runs 4:7)": 1.75, "1:2": 2.0, "2:1": 0.5, "2:5": 2.5,
+           "5:2": 0.4, "1:3": 3.0, "3:1": 0.333}
 BUDGETS = {"auto": None, "0.06M (256px)": "0.06M", "0.25M (512px)": "0.25M", "0.60M (768px)": "0.60M",
            "1M (1024px)": "1M", "2K (zero-shot)": "2K"}
 
@@ -151,10 +187,10 @@ class FastVARSampler:
                 "seed": ("INT", {"default": 0, "min": 0, "max": MAX_SEED, "control_after_generate": True, "tooltip": "Same seed, same settings: the same image."}),
                 "width": ("INT", {"default": 1024, "min": 64, "max": 4096, "step": 16, "tooltip": "Requested width; snapped to the nearest aspect template and size class (HART: 1024 class or 2K)."}),
                 "height": ("INT", {"default": 1024, "min": 64, "max": 4096, "step": 16, "tooltip": "Requested height; snapped like the width."}),
-                "aspect_ratio": (["from width/height", *ASPECTS], {"default": "from width/height", "tooltip": "Width:height template; 'from width/height' picks the nearest one."}),
+                "aspect_ratio": (["from width/height", *ASPECTS], {"default": "from width/height", "tooltip": "Width:height template; 'from width/height' picks the nearest one. Choosing one sets width and height to the size it runs."}),
                 "pixel_budget": (list(BUDGETS), {"default": "auto", "tooltip": "Image size class; auto picks the closest to width x height. 2K is zero-shot (beyond the trained sizes)."}),
                 "cfg": ("FLOAT", {"default": 3.0, "min": 1.0, "max": 20.0, "step": 0.1, "round": 0.01, "tooltip": "Classifier-free guidance. Infinity: 3-4; HART: 4.5 (ramped up over the scales as upstream does)."}),
-                "tau": ("FLOAT", {"default": 0.5, "min": 0.05, "max": 2.0, "step": 0.05, "tooltip": "Infinity only: logit temperature divisor (official 0.5 for 2B, 1.0 for 8B)."}),
+                "tau": ("FLOAT", {"default": 0.5, "min": 0.05, "max": 2.0, "step": 0.05, "tooltip": "Logit temperature divisor (official 0.5 for Infinity-2B, 1.0 for 8B); greyed when the connected model has none."}),
                 "top_k": ("INT", {"default": 900, "min": 0, "max": 10000, "tooltip": "Keep the k most likely tokens (0 = off). Infinity: 900 (no effect on bits). HART: official 600/300 per scale when set to 900 or 0."}),
                 "top_p": ("FLOAT", {"default": 0.97, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip": "Nucleus sampling (0 = off). Infinity: 0.97; HART upstream: off."}),
                 "batch_size": ("INT", {"default": 1, "min": 1, "max": 16, "tooltip": "Images generated together from the same prompt."}),

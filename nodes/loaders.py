@@ -93,6 +93,7 @@ def _choices(names: tuple[str, ...], want: str, keep=lambda name: True, kinds=No
 class LoadInfinityModel:
     DESCRIPTION = ("Loads an official Infinity transformer: infinity_2b_reg.pth (or .safetensors) or the sharded "
                    "infinity_8b_weights folder. Size and settings are detected from the file.")
+    FAMILY, DIRS = "infinity", INFINITY_MODEL_DIRS  # the family of what it loads (read by the frontend's routes)
     CATEGORY = "FastVAR/loaders"
     RETURN_TYPES = (MODEL,)
     RETURN_NAMES = ("model",)
@@ -118,6 +119,7 @@ class LoadInfinityModel:
 class LoadInfinityVAE:
     DESCRIPTION = ("Loads Infinity's BSQ VAE (infinity_vae_d32reg.pth for 2B, infinity_vae_d56_f8_14_patchify.pth "
                    "for 8B). Its bit depth is checked against the model before sampling.")
+    FAMILY, DIRS = "infinity", INFINITY_VAE_DIRS  # the family of what it loads (read by the frontend's routes)
     CATEGORY = "FastVAR/loaders"
     RETURN_TYPES = (VAE,)
     RETURN_NAMES = ("vae",)
@@ -138,6 +140,7 @@ class LoadInfinityVAE:
 class LoadT5TextEncoder:
     DESCRIPTION = ("Loads the flan-t5-xl encoder that conditions Infinity: the Hugging Face folder, or a single "
                    "encoder file plus a tokenizer folder. Nothing is downloaded.")
+    FAMILY, DIRS = "infinity", T5_DIRS  # the family of what it loads (read by the frontend's routes)
     CATEGORY = "FastVAR/loaders"
     RETURN_TYPES = (TEXT_ENCODER,)
     RETURN_NAMES = ("text_encoder",)
@@ -161,6 +164,7 @@ class LoadT5TextEncoder:
 class LoadHARTModel:
     DESCRIPTION = ("Loads the HART transformer from the hart-0.7b-1024px release folder (or its llm/ folder), "
                    "using the EMA weights as the official scripts do.")
+    FAMILY, DIRS = "hart", HART_DIRS  # the family of what it loads (read by the frontend's routes)
     CATEGORY = "FastVAR/loaders"
     RETURN_TYPES = (MODEL,)
     RETURN_NAMES = ("model",)
@@ -182,6 +186,7 @@ class LoadHARTModel:
 
 class LoadHARTVAE:
     DESCRIPTION = "Loads HART's VAE (the tokenizer/ folder of the release)."
+    FAMILY, DIRS = "hart", HART_DIRS  # the family of what it loads (read by the frontend's routes)
     CATEGORY = "FastVAR/loaders"
     RETURN_TYPES = (VAE,)
     RETURN_NAMES = ("vae",)
@@ -201,6 +206,7 @@ class LoadHARTVAE:
 class LoadQwen2TextEncoder:
     DESCRIPTION = ("Loads the Qwen2-VL-1.5B-Instruct text model that conditions HART (a Hugging Face folder). "
                    "Nothing is downloaded.")
+    FAMILY, DIRS = "hart", QWEN_DIRS  # the family of what it loads (read by the frontend's routes)
     CATEGORY = "FastVAR/loaders"
     RETURN_TYPES = (TEXT_ENCODER,)
     RETURN_NAMES = ("text_encoder",)

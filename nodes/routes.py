@@ -1,14 +1,20 @@
-"""HTTP endpoint behind the schedule chart: GET /fastvar/schedule_chart?chart_for=...&preset=...&...
+"""HTTP endpoints behind the pack's frontend (registered only inside ComfyUI):
 
-Registered only inside ComfyUI; the JSON comes from chart.schedule_chart.
+- GET /fastvar/schedule_chart?preset=...&...: the Pruning node's chart (:func:`chart_from_query`);
+- GET /fastvar/ui_facts: what each loader node's family offers and which Pruning widgets each preset ignores
+  (:func:`ui_facts`), so the frontend greys what is ignored without knowing any family or preset by name;
+- GET /fastvar/sampler_size?...: the image size the sampler's size widgets give (:func:`size_from_query`).
 """
 
 from __future__ import annotations
 
 from ..fastvar_core.errors import FastVARError
+from ..fastvar_core.families import get_family
+from ..fastvar_core.pruning_request import MODES
 
-from .chart import schedule_chart
-from .generation import TAIL_SLIDERS, FastVARPruning
+from . import NODE_CLASS_MAPPINGS, compat
+from .chart import CHART_MODELS, connected_model, plan_chart, schedule_chart
+from .generation import BUDGETS, CHART_CONNECTED, TAIL_SLIDERS, FastVARPruning, ignored_widgets, pick_schedule
 
 try:  # pragma: no cover - only inside ComfyUI
     from aiohttp import web
@@ -19,19 +25,89 @@ except (ImportError, AttributeError):
     _routes = None
 
 
+def ui_facts() -> dict:
+    """``loaders``: node id -> the facts of its family the frontend needs (every node that loads one family's
+    part): its label, whether the sampler's tau and the negative prompt apply, and the pixel_budget choices
+    it takes. ``pruning_ignored``: preset -> the Pruning widgets it does not read."""
+    loaders = {}
+    for node_id, cls in NODE_CLASS_MAPPINGS.items():
+        if getattr(cls, "FAMILY", None) is None:
+            continue
+        fam = get_family(cls.FAMILY)
+        budgets = [label for label, b in BUDGETS.items() if b is None or not fam.pixel_budgets or b in fam.pixel_budgets]
+        loaders[node_id] = {"label": fam.label, "has_tau": fam.has_tau, "negative_prompt": fam.negative_prompt,
+                            "pixel_budgets": budgets}
+    return {"loaders": loaders, "pruning_ignored": {mode: list(ignored_widgets(mode)) for mode in MODES}}
+
+
+def _connected(query) -> tuple[str, object, object] | None:
+    """(family name, model config, schedule) of the sampler the query describes; None when none is connected."""
+    cls = NODE_CLASS_MAPPINGS.get(query.get("loader", ""))
+    if getattr(cls, "FAMILY", None) is None:
+        return None
+    fam = get_family(cls.FAMILY)
+    config = None
+    if query.get("model"):
+        try:
+            config = fam.detect_config(compat.resolve(cls.DIRS, query["model"]))
+        except (FastVARError, OSError):
+            config = None  # the chart falls back to the family's first released model
+    if config is None:
+        config = next(iter(fam.released_configs().values()))
+    model = type("Connected", (), {"family": fam.name, "module": connected_model(config)})
+    schedule = pick_schedule(model, int(query.get("width", 1024)), int(query.get("height", 1024)),
+                             query.get("aspect_ratio", "from width/height"), query.get("pixel_budget", "auto"))
+    return fam.name, config, schedule
+
+
+def _config_name(family: str, config) -> str:
+    names = [n for n, c in get_family(family).released_configs().items() if c == config]
+    return names[0] if names else get_family(family).label
+
+
 def chart_from_query(query) -> dict:
-    """Build the chart for the Pruning node's widget values given as query parameters."""
+    """Build the chart for the Pruning node's widget values given as query parameters.
+
+    ``chart_for`` is a released model's label, or "the connected sampler" (the default) with the sampler's
+    ``loader`` (node id of its model's loader), ``model`` (that loader's file or folder) and size widgets.
+    """
     try:
         sliders = {f"last_{k}_drop": int(query.get(f"last_{k}_drop", 0)) for k in range(1, TAIL_SLIDERS + 1)}
-        values = (query.get("preset", "paper"), float(query.get("speed_target", 2.0)),
+        preset = query.get("preset", "paper")
+        values = (preset, float(query.get("speed_target", 2.0)),
                   int(query.get("cache_from_end", 5)), int(query.get("first_layer", -1)), int(query.get("last_layer", -1)))
     except (TypeError, ValueError) as exc:
         return {"error": f"bad chart request: {exc}"}
     try:
         request = FastVARPruning.make_request(*values, **sliders)
+        chart_for = query.get("chart_for", CHART_CONNECTED)
+        if chart_for == CHART_CONNECTED:
+            connected = _connected(query)
+            if connected is None:
+                data = schedule_chart(next(iter(CHART_MODELS)), request)
+                data["model"] += " (no sampler connected)"
+            else:
+                family, config, schedule = connected
+                h, w = schedule.image_size
+                data = plan_chart(f"{_config_name(family, config)} {w}x{h}", family, config, schedule, request)
+        else:
+            data = schedule_chart(chart_for, request)
     except FastVARError as exc:
         return {"error": str(exc)}
-    return schedule_chart(query.get("chart_for", "Infinity-2B 1024px"), request)
+    data["ignored"] = list(ignored_widgets(preset))
+    return data
+
+
+def size_from_query(query) -> dict:
+    """{"width", "height"} of the image the sampler's size widgets give for the connected ``loader``."""
+    try:
+        connected = _connected(query)
+    except (FastVARError, TypeError, ValueError) as exc:
+        return {"error": str(exc)}
+    if connected is None:
+        return {"error": "no model loader connected"}
+    h, w = connected[2].image_size
+    return {"width": w, "height": h}
 
 
 if _routes is not None:  # pragma: no cover
@@ -39,3 +115,11 @@ if _routes is not None:  # pragma: no cover
     @_routes.get("/fastvar/schedule_chart")
     async def _schedule_chart(request):
         return web.json_response(chart_from_query(request.rel_url.query))
+
+    @_routes.get("/fastvar/ui_facts")
+    async def _ui_facts(request):
+        return web.json_response(ui_facts())
+
+    @_routes.get("/fastvar/sampler_size")
+    async def _sampler_size(request):
+        return web.json_response(size_from_query(request.rel_url.query))

@@ -291,3 +291,79 @@ def pack_copy(function):
     """The same function from the pack's own copy of fastvar_core (the nodes import that copy)."""
     module = sys.modules[PACK.__name__ + "." + function.__module__]
     return getattr(module, function.__name__)
+
+
+def test_chart_selector_is_optional_display_only():
+    """chart_for is optional (the frontend keeps it out of the prompt); old saved values are still accepted and
+    never reach the request."""
+    node = MAPPINGS["FastVAR_Pruning"]
+    types_ = node.INPUT_TYPES()
+    assert "chart_for" not in types_["required"]
+    choices, options = types_["optional"]["chart_for"]
+    assert choices[0] == options["default"] == "the connected sampler" and "Infinity-8B 1024px" in choices
+    args = _pruning_args(preset="paper")
+    assert node.VALIDATE_INPUTS(chart_for="HART-0.7B 2K", **args) is True
+    (with_old,) = node().build(chart_for="Infinity-8B 1024px", **args)
+    (without,) = node().build(**args)
+    assert with_old is without
+
+
+@pytest.mark.parametrize("preset, moved", [
+    ("paper", dict(last_1_drop=35, last_4_drop=80, cache_from_end=9, speed_target=7.5)),
+    ("2k", dict(last_6_drop=10)),
+    ("fast", dict(cache_from_end=3)),
+    ("speed target", dict(last_2_drop=55, cache_from_end=2)),
+    ("custom", dict(speed_target=9.0)),
+    ("off", dict(first_layer=4, last_layer=9, last_1_drop=50)),
+])
+def test_a_slider_the_preset_ignores_changes_nothing_the_sampler_gets(preset, moved):
+    """Moving a widget the preset ignores gives the same request object, hence the same plan for the sampler."""
+    node = MAPPINGS["FastVAR_Pruning"]
+    generation = sys.modules[PACK.__name__ + ".nodes.generation"]
+    assert set(moved) <= set(generation.ignored_widgets(preset))
+    (before,) = node().build(**_pruning_args(preset=preset))
+    (after,) = node().build(**_pruning_args(preset=preset, **moved))
+    assert after is before
+    families, schedules = _core("families"), _core("schedules")
+    for schedule in (schedules.infinity_schedule(1.0, "1M"), schedules.infinity_schedule(0.5, "2K")):
+        plans = [families.resolve_pruning("infinity", r, schedule, _core("infinity.config").INFINITY_2B)
+                 for r in (before, after)]
+        assert plans[0].to_dict() == plans[1].to_dict()
+
+
+def test_a_slider_the_preset_reads_still_changes_the_request():
+    node = MAPPINGS["FastVAR_Pruning"]
+    assert node().build(**_pruning_args(preset="custom", last_1_drop=50))[0] != node().build(
+        **_pruning_args(preset="custom", last_1_drop=55))[0]
+    assert node().build(**_pruning_args(preset="speed target", speed_target=3.0))[0].speed_target == 3.0
+    assert node().build(**_pruning_args(preset="paper", first_layer=5))[0].layer_start == 5
+
+
+def test_chart_reports_what_the_preset_uses_per_scale():
+    """Under a preset the chart says which widgets are ignored and the values the preset uses instead."""
+    routes = sys.modules[PACK.__name__ + ".nodes.routes"]
+    data = routes.chart_from_query({"preset": "paper", "chart_for": "Infinity-2B 1024px", "last_1_drop": "30"})
+    assert data["uses"] == {"drop_from_end": {1: 100, 2: 100, 3: 50, 4: 40}, "cache_from_end": 5}
+    assert {"last_1_drop", "cache_from_end", "speed_target"} <= set(data["ignored"])
+    assert "first_layer" not in data["ignored"]
+    hart = routes.chart_from_query({"preset": "2k", "chart_for": "HART-0.7B 2K"})
+    assert hart["uses"] == {"drop_from_end": {1: 75, 2: 50, 3: 50}, "cache_from_end": 4}
+    custom = routes.chart_from_query({"preset": "custom", "last_2_drop": "40", "cache_from_end": "4",
+                                      "chart_for": "Infinity-2B 1024px"})
+    assert custom["ignored"] == ["speed_target"]
+
+
+def test_ui_facts_come_from_the_families():
+    """The frontend greys tau and the negative prompt and offers the pixel budgets from each loader's Family."""
+    routes = sys.modules[PACK.__name__ + ".nodes.routes"]
+    facts = routes.ui_facts()
+    hart, infinity = facts["loaders"]["FastVAR_LoadHARTModel"], facts["loaders"]["FastVAR_LoadInfinityModel"]
+    assert hart == {"label": "HART", "has_tau": False, "negative_prompt": False,
+                    "pixel_budgets": ["auto", "1M (1024px)", "2K (zero-shot)"]}
+    assert infinity["has_tau"] and infinity["negative_prompt"]
+    assert infinity["pixel_budgets"] == list(MAPPINGS["FastVAR_Sampler"].INPUT_TYPES()["required"]["pixel_budget"][0])
+    assert facts["loaders"]["FastVAR_LoadQwen2TextEncoder"]["negative_prompt"] is False
+    assert "FastVAR_Sampler" not in facts["loaders"]
+    tail = [f"last_{k}_drop" for k in range(1, 7)]
+    assert facts["pruning_ignored"]["paper"] == ["speed_target", *tail, "cache_from_end"]
+    assert facts["pruning_ignored"]["off"] == ["speed_target", *tail, "cache_from_end", "first_layer", "last_layer"]

@@ -1,20 +1,85 @@
-// Schedule chart on the FastVAR Pruning node: one bar per scale (tokens forwarded vs total), skipped steps
-// and the cache scale marked, and the predicted speedup from the pack's cost model. Display only: the
-// widget is kept out of the saved widget values and out of the prompt.
+// FastVAR Pruning node: the schedule chart (one bar per scale, tokens forwarded vs total, skipped steps and the
+// cache scale marked, the cost model's FLOP ratio) for the connected sampler's model and size, and the widgets
+// the preset ignores greyed, labelled with what the preset uses, and sent to the server as their defaults (so
+// moving one never re-runs the sampler). chart_for is display only: kept out of the prompt.
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 
 const NODE_ID = "FastVAR_Pruning";
-const CHART_HEIGHT = 180;
+const SAMPLER_ID = "FastVAR_Sampler";
+const CHART_HEIGHT = 200;
 const INPUTS = ["preset", "speed_target", "last_1_drop", "last_2_drop", "last_3_drop", "last_4_drop",
   "last_5_drop", "last_6_drop", "cache_from_end", "first_layer", "last_layer", "chart_for"];
+const SIZE_INPUTS = ["width", "height", "aspect_ratio", "pixel_budget"];
+
+let facts = null; // /fastvar/ui_facts: loader families and the widgets each preset ignores
+const factsReady = api.fetchApi("/fastvar/ui_facts").then((r) => r.json()).then((f) => (facts = f)).catch(() => null);
+
+function linkOf(graph, id) {
+  return graph?.links?.get ? graph.links.get(id) : graph?.links?.[id];
+}
+
+// The loader node feeding an input of `node` (e.g. the sampler's model), or null.
+function originOf(node, inputName) {
+  const input = node?.inputs?.find((i) => i.name === inputName);
+  const link = input?.link != null ? linkOf(node.graph, input.link) : null;
+  return link ? node.graph.getNodeById(link.origin_id) : null;
+}
+
+function connectedSampler(node) {
+  for (const id of node.outputs?.[0]?.links || []) {
+    const link = linkOf(node.graph, id);
+    const target = link ? node.graph.getNodeById(link.target_id) : null;
+    if (target && (target.comfyClass || target.type) === SAMPLER_ID) return target;
+  }
+  return null;
+}
 
 function widgetValues(node) {
   const params = new URLSearchParams();
   for (const w of node.widgets || []) {
     if (INPUTS.includes(w.name)) params.set(w.name, String(w.value));
   }
+  const sampler = connectedSampler(node);
+  const loader = sampler ? originOf(sampler, "model") : null;
+  if (loader) {
+    params.set("loader", loader.comfyClass || loader.type);
+    params.set("model", String(loader.widgets?.[0]?.value ?? ""));
+    for (const w of sampler.widgets || []) {
+      if (SIZE_INPUTS.includes(w.name)) params.set(w.name, String(w.value));
+    }
+  }
   return params;
+}
+
+function ignoredWidgets(node) {
+  const preset = node.widgets?.find((w) => w.name === "preset")?.value;
+  return facts?.pruning_ignored?.[preset] || [];
+}
+
+// What the preset uses in place of an ignored widget, from the chart's plan.
+function usedValue(name, preset, data) {
+  const uses = data?.uses;
+  const tail = /^last_(\d)_drop$/.exec(name);
+  if (tail && uses) {
+    const r = uses.drop_from_end[tail[1]] ?? 0;
+    return r >= 100 ? "100 % (skips this scale)" : `${r} %`;
+  }
+  if (name === "cache_from_end" && uses) return uses.cache_from_end == null ? "no cache" : `${uses.cache_from_end}`;
+  if (name === "speed_target") return preset === "custom" ? "the sliders" : "its own ratios";
+  return "no pruning";
+}
+
+function markIgnored(node, data) {
+  const ignored = ignoredWidgets(node);
+  const preset = node.widgets?.find((w) => w.name === "preset")?.value;
+  for (const w of node.widgets || []) {
+    if (!INPUTS.includes(w.name) || w.name === "preset" || w.name === "chart_for") continue;
+    const off = ignored.includes(w.name);
+    w.disabled = off;
+    w.label = off ? `${w.name} (ignored: preset ${preset} uses ${usedValue(w.name, preset, data)})` : undefined;
+  }
+  node.setDirtyCanvas?.(true, true);
 }
 
 function draw(canvas, data) {
@@ -32,18 +97,21 @@ function draw(canvas, data) {
     wrapText(ctx, data.error, 6, 16, width - 12, 14);
     return;
   }
-  const top = 34, bottom = CHART_HEIGHT - 16, left = 6, right = width - 6;
+  const left = 6, right = width - 6;
+  ctx.fillStyle = "#ddd";
+  let y = wrapText(ctx, `${data.model}: ${data.speedup_text}`, left, 12, right - left, 13);
+  const top = legend(ctx, left, y + 14, right) + 6;
+  const bottom = CHART_HEIGHT - 16;
   const n = data.scales.length;
   const slot = (right - left) / n;
-  const maxTokens = Math.max(...data.scales.map((s) => s.tokens));
-  ctx.fillStyle = "#ddd";
-  ctx.fillText(`${data.model}: predicted ${data.speedup.toFixed(2)}x faster`, left, 12);
-  legend(ctx, left, 26);
+  // Square-root heights: a 2K schedule's early scales hold a thousandth of the last one's tokens.
+  const maxRoot = Math.sqrt(Math.max(...data.scales.map((s) => s.tokens)));
+  const height = (tokens) => (tokens > 0 ? Math.max(2, ((bottom - top) * Math.sqrt(tokens)) / maxRoot) : 0);
   data.scales.forEach((s, i) => {
     const x = left + i * slot + 1;
     const barW = Math.max(2, slot - 3);
-    const full = ((bottom - top) * s.tokens) / maxTokens;
-    const kept = ((bottom - top) * s.forwarded) / maxTokens;
+    const full = height(s.tokens);
+    const kept = height(s.forwarded);
     ctx.fillStyle = "#444";
     ctx.fillRect(x, bottom - full, barW, full);
     ctx.fillStyle = s.skipped ? "#444" : s.forwarded < s.tokens ? "#f0a030" : "#4a90d9";
@@ -70,19 +138,28 @@ function draw(canvas, data) {
   });
 }
 
-function legend(ctx, x, y) {
+// Draws the legend, wrapping at `right`; returns the y of its last line.
+function legend(ctx, x0, y, right) {
   const items = [["#4a90d9", "all tokens"], ["#f0a030", "kept (pruned scale)"], ["#7c7", "cache"], ["#e66", "skipped"]];
   ctx.font = "10px sans-serif";
+  let x = x0;
   for (const [color, label] of items) {
+    const w = 16 + ctx.measureText(label).width;
+    if (x > x0 && x + w - 5 > right) {
+      x = x0;
+      y += 12;
+    }
     ctx.fillStyle = color;
     ctx.fillRect(x, y - 7, 8, 8);
     ctx.fillStyle = "#aaa";
     ctx.fillText(label, x + 11, y);
-    x += 16 + ctx.measureText(label).width;
+    x += w;
   }
   ctx.font = "11px sans-serif";
+  return y;
 }
 
+// Draws wrapped text; returns the y of its last line.
 function wrapText(ctx, text, x, y, maxWidth, lineHeight) {
   let line = "";
   for (const word of text.split(" ")) {
@@ -96,9 +173,10 @@ function wrapText(ctx, text, x, y, maxWidth, lineHeight) {
     }
   }
   if (line) ctx.fillText(line, x, y);
+  return y;
 }
 
-function attachChart(node) {
+function attachChart(node, defaults) {
   const canvas = document.createElement("canvas");
   canvas.style.width = "100%";
   canvas.style.height = `${CHART_HEIGHT}px`;
@@ -118,17 +196,26 @@ function attachChart(node) {
   const refresh = () => {
     clearTimeout(pending);
     pending = setTimeout(async () => {
+      await factsReady;
       try {
         const response = await api.fetchApi(`/fastvar/schedule_chart?${widgetValues(node).toString()}`);
         lastData = response.ok ? await response.json() : { error: `chart request failed (${response.status})` };
       } catch (err) {
         lastData = { error: `chart unavailable: ${err}` };
       }
+      markIgnored(node, lastData);
       draw(canvas, lastData);
     }, 120);
   };
   for (const w of node.widgets || []) {
     if (!INPUTS.includes(w.name)) continue;
+    if (w.name === "chart_for") {
+      w.options = w.options || {};
+      w.options.serialize = false; // display only: saved with the workflow, never in the prompt
+    } else if (w.name in defaults) {
+      // An ignored widget goes to the server as its default: the prompt, and ComfyUI's cache, stay the same.
+      w.serializeValue = () => (ignoredWidgets(node).includes(w.name) ? defaults[w.name] : w.value);
+    }
     const original = w.callback;
     w.callback = function (...args) {
       const out = original?.apply(this, args);
@@ -141,14 +228,46 @@ function attachChart(node) {
   refresh();
 }
 
+function refreshCharts() {
+  for (const n of app.graph?._nodes || app.graph?.nodes || []) n.fastvarRefreshChart?.();
+}
+
 app.registerExtension({
   name: "fastvar.scheduleChart",
   async beforeRegisterNodeDef(nodeType, nodeData) {
+    if (nodeData.name === SAMPLER_ID) {
+      // The chart follows the sampler's model and size.
+      const onConnectionsChange = nodeType.prototype.onConnectionsChange;
+      nodeType.prototype.onConnectionsChange = function (...args) {
+        const out = onConnectionsChange?.apply(this, args);
+        refreshCharts();
+        return out;
+      };
+      const onNodeCreated = nodeType.prototype.onNodeCreated;
+      nodeType.prototype.onNodeCreated = function (...args) {
+        const out = onNodeCreated?.apply(this, args);
+        for (const w of this.widgets || []) {
+          if (!SIZE_INPUTS.includes(w.name)) continue;
+          const original = w.callback;
+          w.callback = function (...a) {
+            const r = original?.apply(this, a);
+            refreshCharts();
+            return r;
+          };
+        }
+        return out;
+      };
+      return;
+    }
     if (nodeData.name !== NODE_ID) return;
+    const defaults = {};
+    for (const [name, spec] of Object.entries(nodeData.input?.required || {})) {
+      if (spec?.[1] && "default" in spec[1]) defaults[name] = spec[1].default;
+    }
     const onNodeCreated = nodeType.prototype.onNodeCreated;
     nodeType.prototype.onNodeCreated = function (...args) {
       const out = onNodeCreated?.apply(this, args);
-      attachChart(this);
+      attachChart(this, defaults);
       return out;
     };
     const onConfigure = nodeType.prototype.onConfigure;
@@ -157,5 +276,14 @@ app.registerExtension({
       this.fastvarRefreshChart?.(); // a loaded workflow sets widget values without callbacks
       return out;
     };
+    const onConnectionsChange = nodeType.prototype.onConnectionsChange;
+    nodeType.prototype.onConnectionsChange = function (...args) {
+      const out = onConnectionsChange?.apply(this, args);
+      this.fastvarRefreshChart?.();
+      return out;
+    };
+  },
+  async afterConfigureGraph() {
+    refreshCharts(); // links exist only once the whole graph is configured
   },
 });

@@ -11,7 +11,7 @@ from ..cost import ArchSpec, decode_memory
 from ..errors import ConfigError
 from ..families import Family, register
 from ..pruning import PresetTable
-from ..schedules import hart_schedule, hart_schedule_for_size
+from ..schedules import HART_BUDGETS, hart_schedule, hart_schedule_for_size
 from .config import HART_0_7B, llama_ffn_hidden
 from .diffusion import diffusion_flops_per_token, diffusion_values_per_token
 
@@ -22,6 +22,7 @@ class HARTFamily(Family):
     text_encoder_name = "Qwen2-VL-1.5B-Instruct"
     negative_prompt = False  # the unconditional branch is an empty context
     has_tau = False
+    pixel_budgets = HART_BUDGETS
     can_skip = False  # every scale feeds the next; the last carries the residual diffusion (docs/hart.md)
     min_cache_scale = 1  # scale 0 runs the text tokens, not a token map
     attention_sublayer = "attn"

@@ -10,7 +10,7 @@ from ..cost import ArchSpec, decode_memory
 from ..errors import ConfigError
 from ..families import Family, register
 from ..pruning import PresetTable
-from ..schedules import infinity_schedule, infinity_schedule_for_size
+from ..schedules import INFINITY_BUDGETS, infinity_schedule, infinity_schedule_for_size
 from .config import INFINITY_2B, INFINITY_8B
 
 # Cross-attention keys per row assumed when the prompt is unknown (the schedule chart); a run counts its
@@ -35,6 +35,7 @@ class InfinityFamily(Family):
     text_encoder_name = "flan-t5-xl"
     negative_prompt = True
     has_tau = True
+    pixel_budgets = (*INFINITY_BUDGETS, "2K")
     can_skip = True
     attention_sublayer = "sa"
     defaults = {"cfg": 3.0, "tau": 0.5, "top_k": 900, "top_p": 0.97}
