@@ -241,6 +241,35 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return dict(load_file(prefer_safetensors(path)))
 
 
+def read_shapes(path: str | os.PathLike) -> Mapping[str, object]:
+    """The tensors of a weight file or sharded folder without reading their data: 'meta' tensors of the
+    stored shapes from safetensors headers, or a memory-mapped pickle (its tensors are read only when used).
+    For telling a configuration cheaply; CheckpointError as :func:`load_state_dict`."""
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(path.glob("*.safetensors"))
+        if not files:
+            raise CheckpointError(f"{_describe(path)} holds no .safetensors shards.")
+    else:
+        path = prefer_safetensors(path)
+        _check_file(path)
+        if path.suffix != SAFETENSORS_SUFFIX:
+            return load_file(path)  # a zip pickle is memory-mapped (_load_pickle)
+        files = [path]
+    shapes: dict[str, torch.Tensor] = {}
+    for file in files:
+        try:
+            with open(file, "rb") as f:
+                size = int.from_bytes(f.read(8), "little")
+                header = json.loads(f.read(size))
+        except (OSError, ValueError) as exc:
+            raise CheckpointError(f"{_describe(file)} has no readable safetensors header ({exc}).") from None
+        for key, entry in header.items():
+            if key != "__metadata__" and isinstance(entry, dict) and "shape" in entry:
+                shapes[key] = torch.empty(entry["shape"], device="meta")
+    return shapes
+
+
 def flatten_tensors(obj: Mapping[str, object], prefix: str = "") -> dict[str, torch.Tensor]:
     """Flatten nested dicts of tensors to ``{'a.b.c': tensor}`` (non-tensor leaves are dropped)."""
     out: dict[str, torch.Tensor] = {}

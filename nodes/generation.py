@@ -58,8 +58,10 @@ TAIL_SLIDERS = 6
 class FastVARPruning:
     DESCRIPTION = ("FastVAR cached token pruning (ICCV 2025): at the late, large scales only the most distinct "
                    "tokens go through attention and FFN; the rest are refilled from an earlier scale's cached output. "
-                   "'paper' is the official setting (2.7x on Infinity-2B, 1.5x on HART at 1024 px); 100 % on a "
-                   "scale skips it.")
+                   "'paper' is the official setting: the paper measured 2.7x faster generation on Infinity-2B and "
+                   "1.5x on HART at 1024 px. 100 % on a scale skips it. The chart draws the plan for the connected "
+                   "sampler's model and size; its number is the cost model's prediction of how many fewer transformer "
+                   "FLOPs run (higher than a measured speedup, which also counts VAE decoding and overheads).")
     CATEGORY = "FastVAR"
     RETURN_TYPES = (PRUNING,)
     RETURN_NAMES = ("pruning",)

@@ -367,3 +367,91 @@ def test_ui_facts_come_from_the_families():
     tail = [f"last_{k}_drop" for k in range(1, 7)]
     assert facts["pruning_ignored"]["paper"] == ["speed_target", *tail, "cache_from_end"]
     assert facts["pruning_ignored"]["off"] == ["speed_target", *tail, "cache_from_end", "first_layer", "last_layer"]
+
+
+def _header_only_checkpoint(path, config):
+    """A .safetensors file holding only the header of a released Infinity transformer of ``config``."""
+    import json
+
+    import torch
+
+    loader = _core("infinity.loader")
+    with torch.device("meta"):
+        net = _core("infinity.model").InfinityTransformer(config)
+    header = {loader.official_key(k, config): {"dtype": "F32", "shape": list(v.shape), "data_offsets": [0, 0]}
+              for k, v in net.state_dict().items()}
+    raw = json.dumps(header).encode()
+    path.write_bytes(len(raw).to_bytes(8, "little") + raw)
+
+
+def test_infinity_detects_the_release_from_the_file_header(tmp_path):
+    family = _core("families").get_family("infinity")
+    configs = _core("infinity.config")
+    for name, config in (("2b.safetensors", configs.INFINITY_2B), ("8b.safetensors", configs.INFINITY_8B)):
+        _header_only_checkpoint(tmp_path / name, config)
+        assert family.detect_config(tmp_path / name) == config
+    (tmp_path / "cut.safetensors").write_bytes(b"\x10")
+    with pytest.raises(Exception, match="no readable safetensors header"):
+        family.detect_config(tmp_path / "cut.safetensors")
+
+
+@pytest.mark.parametrize("loader, model, size", [
+    ("FastVAR_LoadInfinityModel", "8b.safetensors", dict(width="1024", height="576", aspect_ratio="from width/height",
+                                                          pixel_budget="auto")),
+    ("FastVAR_LoadInfinityModel", "2b.safetensors", dict(width="1024", height="1024", aspect_ratio="16:9 (runs 7:4)",
+                                                          pixel_budget="2K (zero-shot)")),
+    ("FastVAR_LoadHARTModel", "hart-0.7b-1024px", dict(width="768", height="1024", aspect_ratio="from width/height",
+                                                       pixel_budget="auto")),
+])
+@pytest.mark.parametrize("preset", ["paper", "fast", "speed target"])
+def test_chart_of_the_connected_sampler_is_the_plan_the_sampler_runs(tmp_path, loader, model, size, preset):
+    """With chart_for = the connected sampler, the chart's plan and FLOP ratio are those of the sampler's own
+    model (detected from the loader's file) at the sampler's size."""
+    import torch
+
+    compat, routes = sys.modules[PACK.__name__ + ".nodes.compat"], sys.modules[PACK.__name__ + ".nodes.routes"]
+    generation = sys.modules[PACK.__name__ + ".nodes.generation"]
+    families, cost, configs = _core("families"), _core("cost"), _core("infinity.config")
+    (tmp_path / "infinity").mkdir()
+    (tmp_path / "hart" / "hart-0.7b-1024px").mkdir(parents=True)
+    config = configs.INFINITY_8B if model.startswith("8b") else configs.INFINITY_2B
+    _header_only_checkpoint(tmp_path / "infinity" / model, config)
+    compat.set_model_dirs({"infinity": [tmp_path / "infinity"], "hart": [tmp_path / "hart"]})
+    try:
+        chart = routes.chart_from_query({"preset": preset, "speed_target": "2.5", "loader": loader, "model": model,
+                                         **size})
+    finally:
+        compat.set_model_dirs({})
+    family = families.get_family(MAPPINGS[loader].FAMILY)
+    if family.name == "hart":
+        config = _core("hart.config").HART_0_7B
+        builder = _core("hart.model").HARTTransformer
+    else:
+        builder = _core("infinity.model").InfinityTransformer
+    with torch.device("meta"):
+        net = builder(config)
+    part = types.SimpleNamespace(family=family.name, module=net)
+    schedule = generation.pick_schedule(part, int(size["width"]), int(size["height"]), size["aspect_ratio"],
+                                        size["pixel_budget"])
+    request = MAPPINGS["FastVAR_Pruning"]().build(**_pruning_args(preset=preset, speed_target=2.5))[0]
+    plan = families.resolve_pruning(family, request, schedule, net.config)  # what the sampler resolves
+    h, w = schedule.image_size
+    assert (chart["width"], chart["height"]) == (w, h)
+    assert chart["config"] == plan.to_dict()
+    speedup = cost.predicted_speedup(family.arch_spec(net.config), list(schedule.scales), plan)
+    assert chart["speedup"] == pytest.approx(speedup, rel=1e-12)
+    assert chart["speedup_text"] == f"{speedup:.1f}x fewer transformer FLOPs (cost-model prediction)"
+    name = {"8b.safetensors": "Infinity-8B", "2b.safetensors": "Infinity-2B"}.get(model, "HART-0.7B")
+    assert chart["model"] == f"{name} {w}x{h}"
+
+
+def test_aspect_choice_gives_the_size_it_runs_and_no_sampler_falls_back():
+    routes = sys.modules[PACK.__name__ + ".nodes.routes"]
+    query = {"loader": "FastVAR_LoadInfinityModel", "width": "1024", "height": "1024", "pixel_budget": "auto"}
+    assert routes.size_from_query({**query, "aspect_ratio": "16:9 (runs 7:4)"}) == {"width": 1344, "height": 768}
+    assert routes.size_from_query({**query, "aspect_ratio": "9:16 (runs 4:7)"}) == {"width": 768, "height": 1344}
+    assert routes.size_from_query({**query, "aspect_ratio": "1:1", "pixel_budget": "0.25M (512px)"}) == {
+        "width": 512, "height": 512}
+    assert routes.size_from_query({"aspect_ratio": "1:1"}) == {"error": "no model loader connected"}
+    chart = routes.chart_from_query({"preset": "paper"})  # no sampler connected: the first released model
+    assert chart["model"] == "Infinity-2B 1024px (no sampler connected)"

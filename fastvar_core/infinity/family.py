@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 
 import torch
 
@@ -11,7 +12,7 @@ from ..errors import ConfigError
 from ..families import Family, register
 from ..pruning import PresetTable
 from ..schedules import INFINITY_BUDGETS, infinity_schedule, infinity_schedule_for_size
-from .config import INFINITY_2B, INFINITY_8B
+from .config import INFINITY_2B, INFINITY_8B, InfinityConfig
 
 # Cross-attention keys per row assumed when the prompt is unknown (the schedule chart); a run counts its
 # longest prompt's T5 tokens instead (docs/fastvar.md §4.6).
@@ -80,6 +81,13 @@ class InfinityFamily(Family):
 
     def compute_dtype(self, model):
         return model.block_dtype
+
+    def detect_config(self, path):
+        from ..checkpoint import read_shapes
+        from .loader import unwrap_container
+
+        source = f"'{Path(path).name}'"
+        return InfinityConfig.from_state_dict(unwrap_container(read_shapes(path), source), source)
 
     def released_configs(self):
         return {"Infinity-2B": INFINITY_2B, "Infinity-8B": INFINITY_8B}
