@@ -8,6 +8,8 @@
 
 from __future__ import annotations
 
+import functools
+
 from ..fastvar_core.errors import FastVARError
 from ..fastvar_core.families import get_family
 from ..fastvar_core.pruning_request import MODES
@@ -49,7 +51,8 @@ def _connected(query) -> tuple[str, object, object] | None:
     config = None
     if query.get("model"):
         try:
-            config = fam.detect_config(compat.resolve(cls.DIRS, query["model"]))
+            path = compat.resolve(cls.DIRS, query["model"])
+            config = _detect(fam.name, str(path), path.stat().st_mtime)
         except (FastVARError, OSError):
             config = None  # the chart falls back to the family's first released model
     if config is None:
@@ -58,6 +61,12 @@ def _connected(query) -> tuple[str, object, object] | None:
     schedule = pick_schedule(model, int(query.get("width", 1024)), int(query.get("height", 1024)),
                              query.get("aspect_ratio", "from width/height"), query.get("pixel_budget", "auto"))
     return fam.name, config, schedule
+
+
+@functools.lru_cache(maxsize=16)
+def _detect(family: str, path: str, mtime: float):
+    """The detected config of a model file, once per file version (the chart refreshes on every widget change)."""
+    return get_family(family).detect_config(path)
 
 
 def _config_name(family: str, config) -> str:
@@ -94,6 +103,8 @@ def chart_from_query(query) -> dict:
             data = schedule_chart(chart_for, request)
     except FastVARError as exc:
         return {"error": str(exc)}
+    except (KeyError, TypeError, ValueError) as exc:
+        return {"error": f"bad chart request: {exc}"}
     data["ignored"] = list(ignored_widgets(preset))
     return data
 
@@ -102,7 +113,7 @@ def size_from_query(query) -> dict:
     """{"width", "height"} of the image the sampler's size widgets give for the connected ``loader``."""
     try:
         connected = _connected(query)
-    except (FastVARError, TypeError, ValueError) as exc:
+    except (FastVARError, KeyError, TypeError, ValueError) as exc:
         return {"error": str(exc)}
     if connected is None:
         return {"error": "no model loader connected"}
