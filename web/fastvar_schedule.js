@@ -235,6 +235,23 @@ function refreshCharts() {
 app.registerExtension({
   name: "fastvar.scheduleChart",
   async beforeRegisterNodeDef(nodeType, nodeData) {
+    if ((nodeData.output || []).includes("FASTVAR_MODEL")) {
+      // A model loader: choosing another file (e.g. 2B -> 8B) redraws the charts of the samplers it feeds.
+      const onNodeCreated = nodeType.prototype.onNodeCreated;
+      nodeType.prototype.onNodeCreated = function (...args) {
+        const out = onNodeCreated?.apply(this, args);
+        for (const w of this.widgets || []) {
+          const original = w.callback;
+          w.callback = function (...a) {
+            const r = original?.apply(this, a);
+            refreshCharts();
+            return r;
+          };
+        }
+        return out;
+      };
+      return;
+    }
     if (nodeData.name === SAMPLER_ID) {
       // The chart follows the sampler's model and size.
       const onConnectionsChange = nodeType.prototype.onConnectionsChange;
