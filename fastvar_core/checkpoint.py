@@ -241,6 +241,26 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return dict(load_file(prefer_safetensors(path)))
 
 
+def read_shapes(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """A weight file's tensors as data-less ``meta`` tensors (names and shapes only), flattened.
+
+    Reads only the safetensors header, or a memory-mapped pickle without touching its data: cheap enough to
+    check a file before a long computation.
+    """
+    path = prefer_safetensors(path)
+    _check_file(path)
+    if path.suffix == SAFETENSORS_SUFFIX:
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                return {k: torch.empty(f.get_slice(k).get_shape(), device="meta") for k in f.keys()}
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise CheckpointError(f"{_describe(path)} is not a readable safetensors file ({exc}); "
+                                  f"it may be truncated or corrupt: download it again.") from None
+    return {k: torch.empty(v.shape, dtype=v.dtype, device="meta") for k, v in flatten_tensors(load_file(path)).items()}
+
+
 def flatten_tensors(obj: Mapping[str, object], prefix: str = "") -> dict[str, torch.Tensor]:
     """Flatten nested dicts of tensors to ``{'a.b.c': tensor}`` (non-tensor leaves are dropped)."""
     out: dict[str, torch.Tensor] = {}

@@ -16,7 +16,8 @@ from ..fastvar_core.sampling import SamplingHooks
 
 from . import compat
 from .chart import CHART_MODELS
-from .objects import CONDITIONING, LATENT, MODEL, PRUNING, TEXT_ENCODER, VAE, Conditioning, Latent, same_family
+from .wiring import check_decode_vae
+from .objects import CONDITIONING, LATENT, MODEL, PRUNING, TEXT_ENCODER, VAE, Conditioning, Latent, check_inputs
 
 MAX_SEED = 0xFFFFFFFFFFFFFFFF
 
@@ -173,13 +174,17 @@ class FastVARSampler:
         from ..fastvar_core.pipeline import check_batch
 
         check_batch(batch_size)
-        same_family("the conditioning", model.family, positive.family, "use the text encoder of the model's family")
+        conds = {"positive": positive} | ({"negative": negative} if negative is not None else {})
+        check_inputs("FastVAR Sampler", {"model": (model.family, "a model of {}")} | {
+            name: (c.family, "{} conditioning (from its text encoder, "
+                                  f"{get_family(c.family).text_encoder_name})")
+            for name, c in conds.items()})
+        check_decode_vae(prompt, unique_id, model)
         family = get_family(model.family)
         schedule = pick_schedule(model, width, height, aspect_ratio, pixel_budget)
         cond = positive.value.repeat(batch_size) if batch_size > 1 else positive.value
         neg = None
         if negative is not None and negative.value is not None:
-            same_family("the negative conditioning", model.family, negative.family)
             neg = negative.value.repeat(batch_size) if batch_size > 1 else negative.value
         progress = compat.Progress(schedule.num_scales)
 
@@ -211,7 +216,7 @@ class FastVARSampler:
                 f"sampling {seconds:.2f}s, seed {seed}")
         # A Token Map added after this run was cached gets a latent without records: it runs it again, recording.
         rerun = None if record else functools.partial(run, SamplingHooks(record_kept=True))
-        return {"ui": {"fastvar_info": [info]}, "result": (Latent(model.family, result, info, rerun), info)}
+        return {"ui": {"fastvar_info": [info]}, "result": (Latent(model.family, result, info, rerun, model.module), info)}
 
 
 def feeds_token_map(prompt: dict | None, unique_id) -> bool:
@@ -237,7 +242,9 @@ class FastVARDecode:
         }}
 
     def decode(self, vae, latent, tiling):
-        same_family("the VAE", latent.family, vae.family, "use the VAE of the model that made the latent")
+        check_inputs("FastVAR Decode", {"latent": (latent.family, "a latent made by {}"), "vae": (vae.family, "a VAE of {}")})
+        if latent.model is not None:
+            families.check_pair(latent.family, latent.model, vae.module, "FastVAR Decode's input 'vae'")
         progress = compat.Progress(1)
 
         def callback(done, total):  # after every tile: progress, and Cancel stops between tiles

@@ -151,8 +151,14 @@ class LoadInfinityVAE:
             "vae_name": (sorted({f for f in files if not f.startswith(inside)}), {"tooltip": "VAE file in models/vae (or a file named *vae* in models/infinity)."}),
         }}
 
+    FAMILY = "infinity"
+
+    @classmethod
+    def vae_path(cls, vae_name) -> Path:
+        return compat.resolve(INFINITY_VAE_DIRS, vae_name)
+
     def load(self, vae_name):
-        return (load_vae_part("infinity", compat.resolve(INFINITY_VAE_DIRS, vae_name)),)
+        return (load_vae_part(self.FAMILY, self.vae_path(vae_name)),)
 
 
 class LoadT5TextEncoder:
@@ -214,8 +220,14 @@ class LoadHARTVAE:
             "vae_folder": (folders, {"tooltip": "The release folder or its tokenizer/ folder, in models/hart."}),
         }}
 
+    FAMILY = "hart"
+
+    @classmethod
+    def vae_path(cls, vae_folder) -> Path:
+        return compat.resolve(HART_DIRS, vae_folder)
+
     def load(self, vae_folder):
-        return (load_vae_part("hart", compat.resolve(HART_DIRS, vae_folder)),)
+        return (load_vae_part(self.FAMILY, self.vae_path(vae_folder)),)
 
 
 class LoadQwen2TextEncoder:

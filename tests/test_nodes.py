@@ -218,8 +218,8 @@ def test_folder_listing_and_resolution(tmp_path):
 
 def test_family_mismatch_is_a_clear_error():
     objects = sys.modules[PACK.__name__ + ".nodes.objects"]
-    with pytest.raises(Exception, match="the VAE is for HART, but the model is Infinity"):
-        objects.same_family("the VAE", "infinity", "hart")
+    with pytest.raises(Exception, match="Decode: input 'latent' holds a latent made by Infinity, but 'vae' holds a VAE of HART"):
+        objects.check_inputs("Decode", {"latent": ("infinity", "a latent made by {}"), "vae": ("hart", "a VAE of {}")})
 
 
 def test_hart_sampler_sizes():
