@@ -214,6 +214,9 @@ class FastVARSampler:
         h, w = schedule.image_size
         info = (f"{model.family} {w}x{h} ({schedule.num_scales} scales), pruning {result.pruning.name}, "
                 f"sampling {seconds:.2f}s, seed {seed}")
+        if plan.note:  # e.g. a speed target out of reach: say what was reached and why
+            compat.log.warning("FastVAR: %s", plan.note)
+            info += f"\n{plan.note}"
         # A Token Map added after this run was cached gets a latent without records: it runs it again, recording.
         rerun = None if record else functools.partial(run, SamplingHooks(record_kept=True))
         return {"ui": {"fastvar_info": [info]}, "result": (Latent(model.family, result, info, rerun, model.module), info)}

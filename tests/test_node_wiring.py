@@ -103,3 +103,17 @@ def test_decode_checks_the_loaded_vae_against_the_model(models, infinity_2b, mon
     with pytest.raises(Exception, match="FastVAR Decode's input 'vae': VAE and transformer do not belong together.*"
                                         "needs a 32-bit VAE, but the VAE has 14-bit codes"):
         NODES["FastVAR_Decode"]().decode(vae_8b, out, "auto")
+
+
+def test_sampler_info_and_log_say_a_speed_target_fell_short(models, infinity_2b, caplog):
+    """Issue #15 item 6: the node says what an unreachable speed target reached and why."""
+    request = NODES["FastVAR_Pruning"]().build("speed target", 20.0, 5, -1, -1, "Infinity-2B 1024px")[0]
+    t5 = _encode("FastVAR_LoadT5TextEncoder", "flan-t5-xl")
+    sampler = NODES["FastVAR_Sampler"]()
+    with caplog.at_level("WARNING", logger="fastvar"):
+        info = sampler.sample(infinity_2b, t5, 0, 1024, 1024, "from width/height", "auto", 3.0, 0.5, 900, 0.97, 1,
+                              pruning=request, prompt={}, unique_id="3")["result"][1]
+    note = info.splitlines()[1]
+    assert note.startswith("speed target 20x is out of reach: reached ")
+    assert "only the last 6 scales pruned (at most 90% of their tokens, up to 2 of them skipped)" in note
+    assert note in caplog.text

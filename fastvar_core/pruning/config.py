@@ -35,6 +35,7 @@ class PruningConfig:
     name: str = "custom"
     cfg_cutoff: int | None = None
     kv_drop_ratios: dict[int, float] = field(default_factory=dict)
+    note: str = ""  # for the user: how the plan falls short of what was asked (a speed target out of reach)
 
     def __post_init__(self) -> None:
         self.drop_ratios = {int(k): float(v) for k, v in self.drop_ratios.items()}
