@@ -87,7 +87,7 @@ class FastVARPruning:
     @staticmethod
     @functools.lru_cache(maxsize=64)
     def make_request(preset, speed_target, cache_from_end, first_layer, last_layer, **sliders) -> PruningRequest:
-        """The request of the widget values (checked as it is built: ConfigError). Cached, so VALIDATE_INPUTS and
+        """The request of the widget values (checked as it is built: ConfigError). Cached, so the chart and
         build share one request per set of values."""
         tail = tuple(sliders.get(f"last_{k}_drop", 0) / 100 for k in range(1, TAIL_SLIDERS + 1))
         return PruningRequest(
@@ -95,14 +95,8 @@ class FastVARPruning:
             layer_start=None if first_layer < 0 else first_layer, layer_stop=None if last_layer < 0 else last_layer + 1,
         )
 
-    @classmethod
-    def VALIDATE_INPUTS(cls, preset, speed_target, cache_from_end, first_layer, last_layer, **sliders):
-        try:
-            cls.make_request(preset, speed_target, cache_from_end, first_layer, last_layer, **sliders)
-        except ConfigError as exc:
-            return str(exc)
-        return True
-
+    # No VALIDATE_INPUTS: ComfyUI repeats its message once per input it takes (12 times for these widgets).
+    # build checks the request when the node runs, before the sampler, and reports it once.
     def build(self, preset, speed_target, cache_from_end, first_layer, last_layer, chart_for, **sliders):
         return (self.make_request(preset, speed_target, cache_from_end, first_layer, last_layer, **sliders),)
 
