@@ -56,6 +56,19 @@ class TextEncode:
 TAIL_SLIDERS = 6
 
 
+def _released_layers() -> dict[str, int]:
+    """Depth of every released model, by name (for the layer widgets' range and tooltips)."""
+    return {name: get_family(f).sizes(config)["depth"] for f in families.family_names()
+            for name, config in get_family(f).released_configs().items()}
+
+
+def _layer_widget(tooltip: str) -> tuple:
+    depths = _released_layers()
+    ranges = ", ".join(f"{name} 0-{d - 1}" for name, d in depths.items())
+    return ("INT", {"default": -1, "min": -1, "max": max(depths.values()) - 1,
+                    "tooltip": f"{tooltip} Layers of each model: {ranges}; checked against the connected model."})
+
+
 class FastVARPruning:
     DESCRIPTION = ("FastVAR cached token pruning (ICCV 2025): at the late, large scales only the most distinct "
                    "tokens go through attention and FFN; the rest are refilled from an earlier scale's cached output. "
@@ -79,8 +92,8 @@ class FastVARPruning:
             "speed_target": ("FLOAT", {"default": 2.0, "min": SPEED_TARGET_RANGE[0], "max": SPEED_TARGET_RANGE[1], "step": 0.1, "tooltip": "speed target only: desired speedup of the transformer; the latest scales are pruned first."}),
             **sliders,
             "cache_from_end": ("INT", {"default": 5, "min": 2, "max": 12, "tooltip": "custom only: which scale (counted from the end) refills the pruned tokens; must come before every pruned scale."}),
-            "first_layer": ("INT", {"default": -1, "min": -1, "max": 128, "tooltip": "First transformer layer that prunes; -1 = the family's default (Infinity 3, HART 0)."}),
-            "last_layer": ("INT", {"default": -1, "min": -1, "max": 128, "tooltip": "Last transformer layer that prunes; -1 = the family's default (Infinity-2B 27, HART all)."}),
+            "first_layer": _layer_widget("First transformer layer that prunes; -1 = the family's default (Infinity 3, HART 0)."),
+            "last_layer": _layer_widget("Last transformer layer that prunes; -1 = the family's default (Infinity-2B 27, HART all)."),
             "chart_for": (list(CHART_MODELS), {"default": "Infinity-2B 1024px", "tooltip": "Only for the schedule chart on this node: which model and size it draws. The sampler applies the pruning to its own model and size."}),
         }}
 
@@ -267,7 +280,7 @@ class FastVARTokenMap:
     def INPUT_TYPES(cls):
         return {"required": {
             "latent": (LATENT, {"tooltip": "From FastVAR Sampler (a run with pruning)."}),
-            "layer": ("INT", {"default": -1, "min": -1, "max": 128, "tooltip": "-1: grey level = share of pruned layers that kept the token; n: exactly what layer n kept."}),
+            "layer": _layer_widget("-1: grey level = share of pruned layers that kept the token; n: exactly what layer n kept."),
             "sublayer": (["all", "attention", "cross-attention", "ffn"], {"default": "all", "tooltip": "Which sub-layer's selection to show."}),
             "sample_index": ("INT", {"default": 0, "min": 0, "max": 63, "tooltip": "Which image of the batch."}),
         }}
@@ -283,6 +296,10 @@ class FastVARTokenMap:
         if not scales:
             raise ConfigError("this image was made without pruning, so there are no token maps to show: connect a "
                               "FastVAR Pruning node with a preset other than 'off' to the sampler and queue again")
+        first, stop = result.pruning.layers
+        if layer >= 0 and not result.pruning.prunes_layer(layer):
+            raise ConfigError(f"layer {layer} did not prune in this run (it pruned layers {first} to {stop - 1}): "
+                              f"set 'layer' to one of those, or -1 for all of them")
         h, w = result.schedule.image_size
         maps = []
         for s in scales:

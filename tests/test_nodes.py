@@ -321,3 +321,13 @@ def pack_copy(function):
     """The same function from the pack's own copy of fastvar_core (the nodes import that copy)."""
     module = sys.modules[PACK.__name__ + "." + function.__module__]
     return getattr(module, function.__name__)
+
+
+@pytest.mark.parametrize("node_id, name", [("FastVAR_Pruning", "first_layer"), ("FastVAR_Pruning", "last_layer"),
+                                           ("FastVAR_TokenMap", "layer")])
+def test_layer_widgets_span_the_released_models(node_id, name):
+    """Issue #15: the layer widgets went to 128 and clamped silently; they span the deepest release (Infinity-8B,
+    40 layers) and say each model's range."""
+    options = MAPPINGS[node_id].INPUT_TYPES()["required"][name][1]
+    assert (options["min"], options["max"], options["default"]) == (-1, 39, -1)
+    assert "Layers of each model: Infinity-2B 0-31, Infinity-8B 0-39, HART-0.7B 0-23" in options["tooltip"]

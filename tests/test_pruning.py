@@ -42,8 +42,8 @@ def test_json_round_trip():
         (PruningConfig(drop_ratios={9: 0.4, 11: 1.0}, cache_scale=10, layers=(0, 4)), "strictly before the first pruned or skipped scale (9)"),
         (PruningConfig(drop_ratios={9: 0.4}, cache_scale=None, layers=(0, 4)), "pruning.cache_scale is missing"),
         (PruningConfig(drop_ratios={13: 0.4}, cache_scale=8, layers=(0, 4)), "scale index 13 does not exist; this schedule has scales 0..12"),
-        (PruningConfig(drop_ratios={9: 0.4}, cache_scale=8, layers=(3, 40)), "pruning.layers = [3, 40) is outside the model's layers; allowed: 0 <= start <= stop <= 32"),
-        (PruningConfig(drop_ratios={9: 0.4}, cache_scale=8, layers=(5, 3)), "pruning.layers = [5, 3)"),
+        (PruningConfig(drop_ratios={9: 0.4}, cache_scale=8, layers=(3, 40)), "pruning.layers: pruned layers 3 to 39 do not fit this model's layers 0 to 31; choose a first and a last layer inside them"),
+        (PruningConfig(drop_ratios={9: 0.4}, cache_scale=8, layers=(5, 3)), "pruning.layers: the first pruned layer (5) comes after the last (2)"),
         (PruningConfig(drop_ratios={0: 1.0}, layers=(0, 4)), "skip the first scale"),
     ],
 )
