@@ -16,8 +16,8 @@ from ..fastvar_core.sampling import SamplingHooks
 
 from . import compat
 from .chart import CHART_MODELS
-from .wiring import check_decode_vae
 from .objects import CONDITIONING, LATENT, MODEL, PRUNING, TEXT_ENCODER, VAE, Conditioning, Latent, check_inputs
+from .wiring import check_decode_vae
 
 MAX_SEED = 0xFFFFFFFFFFFFFFFF
 
@@ -183,8 +183,7 @@ class FastVARSampler:
         check_batch(batch_size)
         conds = {"positive": positive} | ({"negative": negative} if negative is not None else {})
         check_inputs("FastVAR Sampler", {"model": (model.family, "a model of {}")} | {
-            name: (c.family, "{} conditioning (from its text encoder, "
-                                  f"{get_family(c.family).text_encoder_name})")
+            name: (c.family, "{} conditioning (from its text encoder, " + get_family(c.family).text_encoder_name + ")")
             for name, c in conds.items()})
         check_decode_vae(prompt, unique_id, model)
         family = get_family(model.family)
