@@ -242,9 +242,9 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 
 def read_shapes(path: str | os.PathLike) -> Mapping[str, object]:
-    """The tensors of a weight file or sharded folder without reading their data: 'meta' tensors of the
-    stored shapes from safetensors headers, or a memory-mapped pickle (its tensors are read only when used).
-    For telling a configuration cheaply; CheckpointError as :func:`load_state_dict`."""
+    """The tensors of a weight file or sharded folder as data-less ``meta`` tensors of the stored shapes: from
+    safetensors headers, or a memory-mapped pickle whose data is never touched (its nesting kept). Cheap enough to
+    tell a configuration or check a file before a long computation; CheckpointError as :func:`load_state_dict`."""
     path = Path(path)
     if path.is_dir():
         files = sorted(path.glob("*.safetensors"))
@@ -254,7 +254,7 @@ def read_shapes(path: str | os.PathLike) -> Mapping[str, object]:
         path = prefer_safetensors(path)
         _check_file(path)
         if path.suffix != SAFETENSORS_SUFFIX:
-            return load_file(path)  # a zip pickle is memory-mapped (_load_pickle)
+            return _to_meta(load_file(path))  # a zip pickle is memory-mapped (_load_pickle)
         files = [path]
     shapes: dict[str, torch.Tensor] = {}
     for file in files:
@@ -263,11 +263,20 @@ def read_shapes(path: str | os.PathLike) -> Mapping[str, object]:
                 size = int.from_bytes(f.read(8), "little")
                 header = json.loads(f.read(size))
         except (OSError, ValueError) as exc:
-            raise CheckpointError(f"{_describe(file)} has no readable safetensors header ({exc}).") from None
+            raise CheckpointError(f"{_describe(file)} has no readable safetensors header ({exc}); it may be "
+                                  f"truncated or corrupt: download it again.") from None
         for key, entry in header.items():
             if key != "__metadata__" and isinstance(entry, dict) and "shape" in entry:
                 shapes[key] = torch.empty(entry["shape"], device="meta")
     return shapes
+
+
+def _to_meta(obj):
+    if isinstance(obj, torch.Tensor):
+        return torch.empty(obj.shape, dtype=obj.dtype, device="meta")
+    if isinstance(obj, Mapping):
+        return {k: _to_meta(v) for k, v in obj.items()}
+    return obj
 
 
 def flatten_tensors(obj: Mapping[str, object], prefix: str = "") -> dict[str, torch.Tensor]:

@@ -69,6 +69,14 @@ class Family(ABC):
     def check_pair(self, model: torch.nn.Module, vae: torch.nn.Module) -> None:
         """IncompatibleModelsError when the VAE does not belong to the transformer."""
 
+    def read_vae_config(self, path: str | os.PathLike):
+        """The VAE's config read cheaply from its file (names and shapes, no weights), for
+        :meth:`check_vae_config` before a long computation; None: the family has no such check."""
+        return None
+
+    def check_vae_config(self, model: torch.nn.Module, config) -> None:
+        """IncompatibleModelsError when a VAE of ``config`` (:meth:`read_vae_config`) does not belong to the model."""
+
     @abstractmethod
     def text_width(self, model: torch.nn.Module) -> int:
         """Feature width the transformer expects from its text encoder."""
@@ -228,6 +236,19 @@ def check_pair(family: str | Family, model, vae, names: str = "") -> None:
     """The family's model/VAE check; its error names the two parts."""
     try:
         get_family(family).check_pair(model, vae)
+    except IncompatibleModelsError as exc:
+        raise IncompatibleModelsError(f"{names}: {exc}" if names else str(exc)) from None
+
+
+def check_vae_file(family: str | Family, model, path: str | os.PathLike, names: str = "") -> None:
+    """:func:`check_pair` against a VAE file not loaded yet, from its shapes only (no-op for a family without
+    :meth:`Family.read_vae_config`)."""
+    fam = get_family(family)
+    config = fam.read_vae_config(path)
+    if config is None:
+        return
+    try:
+        fam.check_vae_config(model, config)
     except IncompatibleModelsError as exc:
         raise IncompatibleModelsError(f"{names}: {exc}" if names else str(exc)) from None
 

@@ -16,11 +16,10 @@ from .pruning import ACCELERATED_PRESETS, PRESET_NAMES, PruningConfig, accelerat
 
 MODES = (*PRESET_NAMES, "speed target", "custom", *ACCELERATED_PRESETS)
 SPEED_TARGET_RANGE = (1.0, 20.0)
-# How strongly each late scale is pruned relative to the last one when aiming at a speed target: the
-# paper's sensitivity study finds the latest scales the most tolerant.
-_TARGET_WEIGHTS = (1.0, 0.85, 0.7, 0.55)
+# How strongly each late scale is pruned relative to the last one when aiming at a speed target (the
+# paper's sensitivity study finds the latest scales the most tolerant), and the cap below skipping.
+_TARGET_WEIGHTS = (1.0, 0.85, 0.7, 0.55, 0.4, 0.25)
 _TARGET_CAP = 0.9
-
 
 @dataclass(frozen=True)
 class PruningRequest:
@@ -101,15 +100,41 @@ class PruningRequest:
         return (start, stop)
 
     def _solve_target(self, family, scales, arch) -> PruningConfig:
-        n = len(scales)
-        tail = [k for k in range(len(_TARGET_WEIGHTS)) if n - 1 - k > 1]
-        cache = n - 1 - len(tail)
-        best = PruningConfig(name="speed target")
-        for step in range(1, 21):  # aggressiveness 5 % .. 100 %
-            level = step / 20
-            drop = {n - 1 - k: round(min(_TARGET_CAP, level * _TARGET_WEIGHTS[k]) * 20) / 20 for k in tail}
-            drop = {s: r for s, r in drop.items() if r > 0}
-            best = PruningConfig(drop, cache, self._layers(family, arch.depth), name="speed target")
-            if predicted_speedup(arch, scales, best) >= self.speed_target:
-                break
-        return best
+        """The lightest plan the cost model predicts to reach the target, searched over the space of the
+        family's presets: the presets themselves and, as in them, up to as many late scales pruned (5 %
+        steps, the latest strongest) and skipped as the longest preset. Out of reach: the fastest of
+        them, with a ``note`` saying what it reaches and why no more."""
+        n, layers = len(scales), self._layers(family, arch.depth)
+        tails = [tail for tail, _ in family.presets.tails.values()]
+        longest = max((len(t) for t in tails), default=0)
+        skips = max((sum(r >= 1 for r in t.values()) for t in tails), default=0) if family.can_skip else 0
+        longest = min(longest, len(_TARGET_WEIGHTS), n - 1 - max(1, family.min_cache_scale))
+        found: dict[tuple, PruningConfig] = {}
+        for name in family.presets.tails:
+            preset = make_preset(family.presets, name, n, arch.depth)
+            if not preset.is_off:
+                found[(tuple(sorted(preset.drop_ratios.items())), preset.cache_scale)] = replace(preset, layers=layers)
+        for length in range(1, longest + 1):
+            for step in range(1, 81):  # strength 5 % .. 400 %: every ratio up to its cap
+                drop = {}
+                for k in range(length):
+                    r = min(1.0, round(step / 20 * _TARGET_WEIGHTS[k] * 20) / 20)
+                    drop[n - 1 - k] = r if r >= 1.0 and k < skips else min(r, _TARGET_CAP)
+                drop = {s: r for s, r in drop.items() if r > 0}
+                if drop:
+                    cache = n - 1 - length
+                    found[(tuple(sorted(drop.items())), cache)] = PruningConfig(drop, cache, layers)
+        plans = sorted(((predicted_speedup(arch, scales, c), c) for c in found.values()), key=lambda p: p[0])
+        if not plans:
+            return PruningConfig(name="speed target", note=f"this schedule has too few scales ({n}) to prune")
+        for speedup, plan in plans:
+            if speedup >= self.speed_target:
+                return replace(plan, name="speed target")
+        speedup, plan = plans[-1]
+        limits = f"at most {_TARGET_CAP:.0%} of their tokens" + (
+            f", up to {skips} of them skipped" if skips else "; this model cannot skip scales")
+        return replace(plan, name="speed target", note=(
+            f"speed target {self.speed_target:g}x is out of reach: reached {speedup:.2f}x (predicted from the "
+            f"model's operations), the most within the presets' limits: only the last {longest} scales pruned "
+            f"({limits}), in layers {layers[0]} to {layers[1] - 1}; "
+            f"the earlier scales and other layers always run in full"))

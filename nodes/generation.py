@@ -16,7 +16,8 @@ from ..fastvar_core.sampling import SamplingHooks
 
 from . import compat
 from .chart import CHART_MODELS
-from .objects import CONDITIONING, LATENT, MODEL, PRUNING, TEXT_ENCODER, VAE, Conditioning, Latent, same_family
+from .objects import CONDITIONING, LATENT, MODEL, PRUNING, TEXT_ENCODER, VAE, Conditioning, Latent, check_inputs
+from .wiring import check_decode_vae
 
 MAX_SEED = 0xFFFFFFFFFFFFFFFF
 
@@ -55,6 +56,19 @@ class TextEncode:
 TAIL_SLIDERS = 6
 
 
+def _released_layers() -> dict[str, int]:
+    """Depth of every released model, by name (for the layer widgets' range and tooltips)."""
+    return {name: get_family(f).sizes(config)["depth"] for f in families.family_names()
+            for name, config in get_family(f).released_configs().items()}
+
+
+def _layer_widget(tooltip: str) -> tuple:
+    depths = _released_layers()
+    ranges = ", ".join(f"{name} 0-{d - 1}" for name, d in depths.items())
+    return ("INT", {"default": -1, "min": -1, "max": max(depths.values()) - 1,
+                    "tooltip": f"{tooltip} Layers of each model: {ranges}; checked against the connected model."})
+
+
 class FastVARPruning:
     DESCRIPTION = ("FastVAR cached token pruning (ICCV 2025): at the late, large scales only the most distinct "
                    "tokens go through attention and FFN; the rest are refilled from an earlier scale's cached output. "
@@ -80,8 +94,8 @@ class FastVARPruning:
             "speed_target": ("FLOAT", {"default": SPEED_TARGET_DEFAULT, "min": SPEED_TARGET_RANGE[0], "max": SPEED_TARGET_RANGE[1], "step": 0.1, "tooltip": "speed target only: desired reduction of the transformer's FLOPs (cost model); the latest scales are pruned first."}),
             **sliders,
             "cache_from_end": ("INT", {"default": CACHE_FROM_END_DEFAULT, "min": 2, "max": 12, "tooltip": "custom only: which scale (counted from the end) refills the pruned tokens; must come before every pruned scale."}),
-            "first_layer": ("INT", {"default": -1, "min": -1, "max": 128, "tooltip": "First transformer layer that prunes; -1 = the family's default (Infinity 3, HART 0)."}),
-            "last_layer": ("INT", {"default": -1, "min": -1, "max": 128, "tooltip": "Last transformer layer that prunes; -1 = the family's default (Infinity-2B 27, HART all)."}),
+            "first_layer": _layer_widget("First transformer layer that prunes; -1 = the family's default (Infinity 3, HART 0)."),
+            "last_layer": _layer_widget("Last transformer layer that prunes; -1 = the family's default (Infinity-2B 27, HART all)."),
         }, "optional": {
             # Display only: the frontend keeps it out of the prompt, so changing it never re-runs the sampler.
             "chart_for": ([CHART_CONNECTED, *CHART_MODELS], {"default": CHART_CONNECTED, "tooltip": "Only for the schedule chart on this node: the connected sampler's model and size, or a released model at its square size. The sampler always applies the pruning to its own model and size."}),
@@ -105,21 +119,16 @@ class FastVARPruning:
     @staticmethod
     @functools.lru_cache(maxsize=64)
     def _request(preset, speed_target, cache_from_end, first_layer, last_layer, tail) -> PruningRequest:
-        # Cached, so VALIDATE_INPUTS and build share one request per set of values.
+        # Cached, so the chart and build share one request per set of values.
         return PruningRequest(
             mode=preset, tail_drop_ratios=tuple(t / 100 for t in tail), cache_from_end=cache_from_end,
             speed_target=speed_target, layer_start=None if first_layer < 0 else first_layer,
             layer_stop=None if last_layer < 0 else last_layer + 1,
         )
 
-    @classmethod
-    def VALIDATE_INPUTS(cls, preset, speed_target, cache_from_end, first_layer, last_layer, chart_for=None, **sliders):
-        try:
-            cls.make_request(preset, speed_target, cache_from_end, first_layer, last_layer, **sliders)
-        except ConfigError as exc:
-            return str(exc)
-        return True
-
+    # No VALIDATE_INPUTS: ComfyUI repeats its message once per input it takes (12 times for these widgets).
+    # build checks the request when the node runs, before the sampler, and reports it once; the chart shows the
+    # same message while the artist edits.
     def build(self, preset, speed_target, cache_from_end, first_layer, last_layer, chart_for=None, **sliders):
         # chart_for only chooses what the chart draws: it never reaches the request.
         return (self.make_request(preset, speed_target, cache_from_end, first_layer, last_layer, **sliders),)
@@ -211,13 +220,16 @@ class FastVARSampler:
         from ..fastvar_core.pipeline import check_batch
 
         check_batch(batch_size)
-        same_family("the conditioning", model.family, positive.family, "use the text encoder of the model's family")
+        conds = {"positive": positive} | ({"negative": negative} if negative is not None else {})
+        check_inputs("FastVAR Sampler", {"model": (model.family, "a model of {}")} | {
+            name: (c.family, "{} conditioning (from its text encoder, " + get_family(c.family).text_encoder_name + ")")
+            for name, c in conds.items()})
+        check_decode_vae(prompt, unique_id, model)
         family = get_family(model.family)
         schedule = pick_schedule(model, width, height, aspect_ratio, pixel_budget)
         cond = positive.value.repeat(batch_size) if batch_size > 1 else positive.value
         neg = None
         if negative is not None and negative.value is not None:
-            same_family("the negative conditioning", model.family, negative.family)
             neg = negative.value.repeat(batch_size) if batch_size > 1 else negative.value
         progress = compat.Progress(schedule.num_scales)
 
@@ -247,9 +259,12 @@ class FastVARSampler:
         h, w = schedule.image_size
         info = (f"{model.family} {w}x{h} ({schedule.num_scales} scales), pruning {result.pruning.name}, "
                 f"sampling {seconds:.2f}s, seed {seed}")
+        if plan.note:  # e.g. a speed target out of reach: say what was reached and why
+            compat.log.warning("FastVAR: %s", plan.note)
+            info += f"\n{plan.note}"
         # A Token Map added after this run was cached gets a latent without records: it runs it again, recording.
         rerun = None if record else functools.partial(run, SamplingHooks(record_kept=True))
-        return {"ui": {"fastvar_info": [info]}, "result": (Latent(model.family, result, info, rerun), info)}
+        return {"ui": {"fastvar_info": [info]}, "result": (Latent(model.family, result, info, rerun, model.module), info)}
 
 
 def feeds_token_map(prompt: dict | None, unique_id) -> bool:
@@ -275,7 +290,9 @@ class FastVARDecode:
         }}
 
     def decode(self, vae, latent, tiling):
-        same_family("the VAE", latent.family, vae.family, "use the VAE of the model that made the latent")
+        check_inputs("FastVAR Decode", {"latent": (latent.family, "a latent made by {}"), "vae": (vae.family, "a VAE of {}")})
+        if latent.model is not None:
+            families.check_pair(latent.family, latent.model, vae.module, "FastVAR Decode's input 'vae'")
         progress = compat.Progress(1)
 
         def callback(done, total):  # after every tile: progress, and Cancel stops between tiles
@@ -301,7 +318,7 @@ class FastVARTokenMap:
     def INPUT_TYPES(cls):
         return {"required": {
             "latent": (LATENT, {"tooltip": "From FastVAR Sampler (a run with pruning)."}),
-            "layer": ("INT", {"default": -1, "min": -1, "max": 128, "tooltip": "-1: grey level = share of pruned layers that kept the token; n: exactly what layer n kept."}),
+            "layer": _layer_widget("-1: grey level = share of pruned layers that kept the token; n: exactly what layer n kept."),
             "sublayer": (["all", "attention", "cross-attention", "ffn"], {"default": "all", "tooltip": "Which sub-layer's selection to show."}),
             "sample_index": ("INT", {"default": 0, "min": 0, "max": 63, "tooltip": "Which image of the batch."}),
         }}
@@ -317,6 +334,10 @@ class FastVARTokenMap:
         if not scales:
             raise ConfigError("this image was made without pruning, so there are no token maps to show: connect a "
                               "FastVAR Pruning node with a preset other than 'off' to the sampler and queue again")
+        first, stop = result.pruning.layers
+        if layer >= 0 and not result.pruning.prunes_layer(layer):
+            raise ConfigError(f"layer {layer} did not prune in this run (it pruned layers {first} to {stop - 1}): "
+                              f"set 'layer' to one of those, or -1 for all of them")
         h, w = result.schedule.image_size
         maps = []
         for s in scales:

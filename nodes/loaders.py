@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import weakref
 from pathlib import Path
 
@@ -86,8 +87,25 @@ def load_text_encoder_part(family: str, path, tokenizer, dtype: str) -> Part:
     return Part(family, enc, str(path), compat.patcher(enc, compat.TEXT_ENCODER))
 
 
+SHARD = re.compile(r"-\d{5}-of-\d{5}\.")  # model-00001-of-00002.safetensors: one piece of a folder's weights
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "spiece.model")
+
+
 def _choices(names: tuple[str, ...], want: str, keep=lambda name: True, kinds=None) -> list[str]:
     return [n for n in compat.list_entries(names, want, kinds) if keep(n)]
+
+
+def _whole_file(names: tuple[str, ...], name: str) -> bool:
+    """False for a shard or a file in a tokenizer folder: pieces of a folder, not a model of their own."""
+    if SHARD.search(name):
+        return False
+    folder = compat.resolve(names, name).parent
+    return not any((folder / f).is_file() for f in TOKENIZER_FILES)
+
+
+def _releases_once(folders: list[str]) -> list[str]:
+    """Release folders without their own sub-folders (``hart-0.7b-1024px/llm``): one entry per release."""
+    return [f for f in folders if not any(f.startswith(r + "/") for r in folders)]
 
 
 class LoadInfinityModel:
@@ -103,7 +121,8 @@ class LoadInfinityModel:
     def INPUT_TYPES(cls):
         folders = _choices(INFINITY_MODEL_DIRS, "dir", kinds=("sharded",))
         inside = tuple(d + "/" for d in _choices(INFINITY_MODEL_DIRS, "dir"))  # shards, T5 folders, ...
-        files = _choices(INFINITY_MODEL_DIRS, "file", lambda n: "vae" not in n.lower() and not n.startswith(inside))
+        files = _choices(INFINITY_MODEL_DIRS, "file", lambda n: "vae" not in n.lower() and not n.startswith(inside)
+                         and _whole_file(INFINITY_MODEL_DIRS, n))
         return {"required": {
             "model_name": (sorted(files + folders), {"tooltip": "File or sharded folder in models/infinity or models/diffusion_models."}),
             "dtype": (DTYPES, {"default": "auto", "tooltip": DTYPE_TOOLTIP}),
@@ -128,13 +147,20 @@ class LoadInfinityVAE:
     @classmethod
     def INPUT_TYPES(cls):
         inside = tuple(d + "/" for d in _choices(INFINITY_VAE_DIRS, "dir"))
-        files = _choices(("vae",), "file") + _choices(("infinity",), "file", lambda n: "vae" in n.lower())
+        files = (_choices(("vae",), "file", lambda n: _whole_file(("vae",), n))
+                 + _choices(("infinity",), "file", lambda n: "vae" in n.lower()))
         return {"required": {
             "vae_name": (sorted({f for f in files if not f.startswith(inside)}), {"tooltip": "VAE file in models/vae (or a file named *vae* in models/infinity)."}),
         }}
 
+    FAMILY = "infinity"
+
+    @classmethod
+    def vae_path(cls, vae_name) -> Path:
+        return compat.resolve(INFINITY_VAE_DIRS, vae_name)
+
     def load(self, vae_name):
-        return (load_vae_part("infinity", compat.resolve(INFINITY_VAE_DIRS, vae_name)),)
+        return (load_vae_part(self.FAMILY, self.vae_path(vae_name)),)
 
 
 class LoadT5TextEncoder:
@@ -149,7 +175,7 @@ class LoadT5TextEncoder:
     @classmethod
     def INPUT_TYPES(cls):
         folders = _choices(T5_DIRS, "dir", kinds=T5_KINDS)
-        files = _choices(("text_encoders",), "file", lambda n: "/" not in n)
+        files = _choices(("text_encoders",), "file", lambda n: "/" not in n and _whole_file(("text_encoders",), n))
         return {"required": {
             "text_encoder": (sorted(folders + files), {"tooltip": "flan-t5-xl folder (models/text_encoders or models/infinity), or an encoder-only .safetensors file in models/text_encoders."}),
             "tokenizer": (["same folder"] + folders, {"default": "same folder", "tooltip": "For a single encoder file: the folder holding tokenizer.json and config.json (e.g. the flan-t5-xl folder)."}),
@@ -172,7 +198,7 @@ class LoadHARTModel:
 
     @classmethod
     def INPUT_TYPES(cls):
-        folders = _choices(HART_DIRS, "dir", kinds=HART_MODEL_KINDS)
+        folders = _releases_once(_choices(HART_DIRS, "dir", kinds=HART_MODEL_KINDS))
         return {"required": {
             "model_folder": (folders, {"tooltip": "Release folder (holding llm/ and tokenizer/) or its llm/ folder, in models/hart."}),
             "dtype": (DTYPES, {"default": "auto", "tooltip": DTYPE_TOOLTIP}),
@@ -194,13 +220,19 @@ class LoadHARTVAE:
 
     @classmethod
     def INPUT_TYPES(cls):
-        folders = _choices(HART_DIRS, "dir", kinds=HART_VAE_KINDS)
+        folders = _releases_once(_choices(HART_DIRS, "dir", kinds=HART_VAE_KINDS))
         return {"required": {
             "vae_folder": (folders, {"tooltip": "The release folder or its tokenizer/ folder, in models/hart."}),
         }}
 
+    FAMILY = "hart"
+
+    @classmethod
+    def vae_path(cls, vae_folder) -> Path:
+        return compat.resolve(HART_DIRS, vae_folder)
+
     def load(self, vae_folder):
-        return (load_vae_part("hart", compat.resolve(HART_DIRS, vae_folder)),)
+        return (load_vae_part(self.FAMILY, self.vae_path(vae_folder)),)
 
 
 class LoadQwen2TextEncoder:

@@ -48,12 +48,19 @@ class Latent:
     result: object  # fastvar_core.sampling.SampleResult
     info: str = ""
     rerun: object = None  # () -> SampleResult recording kept tokens, when this run did not record them
+    model: object = None  # the transformer that made it, for Decode's VAE check
 
 
-def same_family(what: str, expected: str, found: str, hint: str = "") -> None:
-    """Raise IncompatibleModelsError when two connected parts belong to different families."""
-    if expected != found:
+def check_inputs(node: str, inputs: dict[str, tuple[str, str]]) -> None:
+    """IncompatibleModelsError naming the miswired inputs when the parts wired into ``node`` are of different
+    families. ``inputs``: input name -> (family, what it holds with ``{}`` for the family's label, e.g. "a {} model");
+    the first one is what the others must match."""
+    (ref, (family, what)), *others = inputs.items()
+    wrong = [(name, f, w) for name, (f, w) in others if f != family]
+    if wrong:
+        held = "; ".join(f"'{name}' holds {w.format(family_label(f))}" for name, f, w in wrong)
+        encoders = ", ".join(f"{get_family(f).label}: {get_family(f).text_encoder_name}" for f in family_names())
         raise IncompatibleModelsError(
-            f"{what} is for {family_label(found)}, but the model is {family_label(expected)}"
-            f"{': ' + hint if hint else ''}"
+            f"{node}: input '{ref}' holds {what.format(family_label(family))}, but {held}. Connect parts of one model family "
+            f"(each family's text encoder: {encoders}; its VAE: Load {family_label(family)} VAE)."
         )

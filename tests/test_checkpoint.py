@@ -118,3 +118,15 @@ def test_strict_key_check_names_missing_and_unexpected_tensors():
         check_state_keys([f"k{i}" for i in range(7)], ["k0", "extra"], "'m.pth' does not match X", name=str.upper)
     assert str(err.value) == ("'m.pth' does not match X: 6 missing tensors: 'K1', 'K2', 'K3', 'K4' (+2 more); "
                               "1 unexpected tensor: 'EXTRA'.")
+
+
+def test_read_shapes_gives_names_and_shapes_without_data(tmp_path):
+    from fastvar_core.checkpoint import flatten_tensors, read_shapes
+
+    tensors = {"decoder.conv_in.conv.weight": torch.ones(8, 4, 3, 3), "vae.scale": torch.zeros(2)}
+    save_file(tensors, str(tmp_path / "v.safetensors"))
+    torch.save({"vae": tensors}, tmp_path / "v2.pth")
+    for name, prefix in (("v.safetensors", ""), ("v2.pth", "vae.")):
+        shapes = flatten_tensors(read_shapes(tmp_path / name))
+        assert {k: (tuple(v.shape), v.device.type) for k, v in shapes.items()} == {
+            f"{prefix}decoder.conv_in.conv.weight": ((8, 4, 3, 3), "meta"), f"{prefix}vae.scale": ((2,), "meta")}

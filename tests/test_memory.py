@@ -206,3 +206,14 @@ def test_infinity_loader_builds_with_the_operations_compat_picks(monkeypatch):
     linears = [m for m in model.module.modules() if isinstance(m, torch.nn.Linear)]
     assert linears and all(isinstance(m, cast_ops.Linear) and m.weight.dtype == torch.float8_e4m3fn for m in linears)
     assert model.module.block_dtype == torch.float32
+
+
+def test_token_map_of_a_layer_that_did_not_prune_names_the_pruned_layers(toy):
+    generation = _mod("generation")
+    latent = _toy_run({"9": {"class_type": "FastVAR_TokenMap", "inputs": {"latent": ["5", 0]}}})
+    first, stop = latent.result.pruning.layers
+    with pytest.raises(Exception) as info:
+        generation.FastVARTokenMap().render(latent, stop, "all", 0)
+    assert str(info.value) == (f"layer {stop} did not prune in this run (it pruned layers {first} to {stop - 1}): "
+                               f"set 'layer' to one of those, or -1 for all of them")
+    assert generation.FastVARTokenMap().render(latent, stop - 1, "all", 0)[0].shape[0] >= 1

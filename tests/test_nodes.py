@@ -71,14 +71,50 @@ def _pruning_args(**over):
     return args
 
 
-def test_pruning_validate_inputs_reports_the_engine_message():
-    node = MAPPINGS["FastVAR_Pruning"]
-    assert node.VALIDATE_INPUTS(**_pruning_args(last_1_drop=100, last_2_drop=50)) is True
-    message = node.VALIDATE_INPUTS(**_pruning_args(last_5_drop=40, cache_from_end=4))
-    assert message == ("cache scale 4 from the end must come before the earliest pruned scale (5 from the end); "
-                       "allowed: cache_from_end > 5")
-    assert node.VALIDATE_INPUTS(**_pruning_args(first_layer=9, last_layer=3)) == (
+def _build_error(**args):
+    """The message building the Pruning node raises for these widget values (None: it builds)."""
+    try:
+        MAPPINGS["FastVAR_Pruning"]().build(chart_for="Infinity-2B 1024px", **args)
+    except Exception as exc:  # noqa: BLE001 (the pack's ConfigError, imported under the pack's name)
+        return str(exc)
+    return None
+
+
+def test_pruning_build_reports_the_engine_message():
+    assert _build_error(**_pruning_args(last_1_drop=100, last_2_drop=50)) is None
+    assert _build_error(**_pruning_args(last_5_drop=40, cache_from_end=4)) == (
+        "cache scale 4 from the end must come before the earliest pruned scale (5 from the end); "
+        "allowed: cache_from_end > 5")
+    assert _build_error(**_pruning_args(first_layer=9, last_layer=3)) == (
         "the first pruned layer (9) comes after the last pruned layer (3): choose a first layer at most the last one")
+
+
+def _comfy_errors(cls, inputs: dict) -> list[str]:
+    """The errors ComfyUI's prompt validation (execution.validate_inputs) plus the node's run file for these
+    widget values: a VALIDATE_INPUTS failure is filed once per input the function takes, a run error once."""
+    import inspect
+
+    errors = []
+    check = getattr(cls, "VALIDATE_INPUTS", None)
+    if check is not None:
+        spec = inspect.getfullargspec(check)
+        taken = {k: v for k, v in inputs.items() if k in spec.args or spec.varkw}
+        found = check(**taken)
+        if found is not True:
+            return [f"{name} - {found}" for name in taken]  # the prompt is refused: the node never runs
+    try:
+        getattr(cls(), cls.FUNCTION)(**inputs)
+    except Exception as exc:  # noqa: BLE001 (the pack's ConfigError, imported under the pack's name)
+        errors.append(str(exc))
+    return errors
+
+
+def test_an_invalid_custom_schedule_is_reported_once():
+    """Issue #15: the same error was shown 12 times, once per input of the Pruning node."""
+    args = {**_pruning_args(last_5_drop=40, cache_from_end=4), "chart_for": "Infinity-2B 1024px"}
+    assert _comfy_errors(MAPPINGS["FastVAR_Pruning"], args) == [
+        "cache scale 4 from the end must come before the earliest pruned scale (5 from the end); "
+        "allowed: cache_from_end > 5"]
 
 
 def _core(name: str):
@@ -99,32 +135,26 @@ def test_pruning_node_resolves_per_schedule():
     (dict(preset="fastest"), "pruning mode 'fastest' is unknown"),
 ])
 def test_an_invalid_request_gives_one_message_everywhere(fault, message):
-    """VALIDATE_INPUTS returns one message; building the node's output and the chart give that same message."""
-    node = MAPPINGS["FastVAR_Pruning"]
+    """Building the node's output and the chart give the same single message."""
     args = _pruning_args(**fault)
-    found = node.VALIDATE_INPUTS(**args)
+    found = _build_error(**args)
     assert isinstance(found, str) and found.startswith(message) and "\n" not in found
-    with pytest.raises(Exception) as err:
-        node().build(chart_for="Infinity-2B 1024px", **args)
-    assert str(err.value) == found
     routes = sys.modules[PACK.__name__ + ".nodes.routes"]
     assert routes.chart_from_query({k: str(v) for k, v in args.items()}) == {"error": found}
 
 
-def test_validate_inputs_and_build_share_one_request():
+def test_build_and_the_chart_share_one_request():
     node = MAPPINGS["FastVAR_Pruning"]
     args = _pruning_args(last_1_drop=50, last_2_drop=40)
-    assert node.VALIDATE_INPUTS(**args) is True
     assert node().build(chart_for="Infinity-2B 1024px", **args)[0] is node.make_request(
         args.pop("preset"), args.pop("speed_target"), args.pop("cache_from_end"), args.pop("first_layer"),
         args.pop("last_layer"), **args)
 
 
 def test_a_schedule_fault_is_reported_once_by_resolution(monkeypatch):
-    """A request valid on its own but not for the schedule: VALIDATE_INPUTS passes, resolution validates once."""
+    """A request valid on its own but not for the schedule: it builds, resolution validates once."""
     node = MAPPINGS["FastVAR_Pruning"]
     args = _pruning_args(last_1_drop=50, cache_from_end=12)
-    assert node.VALIDATE_INPUTS(**args) is True
     (request,) = node().build(chart_for="Infinity-2B 1024px", **args)
     config_cls = _core("pruning.config").PruningConfig
     calls = []
@@ -218,8 +248,8 @@ def test_folder_listing_and_resolution(tmp_path):
 
 def test_family_mismatch_is_a_clear_error():
     objects = sys.modules[PACK.__name__ + ".nodes.objects"]
-    with pytest.raises(Exception, match="the VAE is for HART, but the model is Infinity"):
-        objects.same_family("the VAE", "infinity", "hart")
+    with pytest.raises(Exception, match="Decode: input 'latent' holds a latent made by Infinity, but 'vae' holds a VAE of HART"):
+        objects.check_inputs("Decode", {"latent": ("infinity", "a latent made by {}"), "vae": ("hart", "a VAE of {}")})
 
 
 def test_hart_sampler_sizes():
@@ -302,7 +332,6 @@ def test_chart_selector_is_optional_display_only():
     choices, options = types_["optional"]["chart_for"]
     assert choices[0] == options["default"] == "the connected sampler" and "Infinity-8B 1024px" in choices
     args = _pruning_args(preset="paper")
-    assert node.VALIDATE_INPUTS(chart_for="HART-0.7B 2K", **args) is True
     (with_old,) = node().build(chart_for="Infinity-8B 1024px", **args)
     (without,) = node().build(**args)
     assert with_old is without
@@ -455,3 +484,13 @@ def test_aspect_choice_gives_the_size_it_runs_and_no_sampler_falls_back():
     assert routes.size_from_query({"aspect_ratio": "1:1"}) == {"error": "no model loader connected"}
     chart = routes.chart_from_query({"preset": "paper"})  # no sampler connected: the first released model
     assert chart["model"] == "Infinity-2B 1024px (no sampler connected)"
+
+
+@pytest.mark.parametrize("node_id, name", [("FastVAR_Pruning", "first_layer"), ("FastVAR_Pruning", "last_layer"),
+                                           ("FastVAR_TokenMap", "layer")])
+def test_layer_widgets_span_the_released_models(node_id, name):
+    """Issue #15: the layer widgets went to 128 and clamped silently; they span the deepest release (Infinity-8B,
+    40 layers) and say each model's range."""
+    options = MAPPINGS[node_id].INPUT_TYPES()["required"][name][1]
+    assert (options["min"], options["max"], options["default"]) == (-1, 39, -1)
+    assert "Layers of each model: Infinity-2B 0-31, Infinity-8B 0-39, HART-0.7B 0-23" in options["tooltip"]

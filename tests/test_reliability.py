@@ -327,7 +327,7 @@ def test_pruning_naming_scales_the_schedule_lacks(inf_pipe, hart_pipe, tmp_path)
     path.write_text("{not json")
     with pytest.raises(ConfigError, match=f"pruning file '{re.escape(str(path))}': pruning config is not valid JSON"):
         inf_pipe.sample(cond, schedule, pruning=path)
-    with pytest.raises(ConfigError, match=r"pruning.layers = \[0, 9\) is outside the model's layers"):
+    with pytest.raises(ConfigError, match=r"pruning.layers: pruned layers 0 to 8 do not fit this model's layers"):
         inf_pipe.sample(cond, schedule, pruning=PruningConfig({4: 0.5}, cache_scale=2, layers=(0, 9)))
     with pytest.raises(ConfigError, match="cannot skip scales"):
         hart_pipe.sample(hart_conditioning(), hart_schedule((1, 2, 3, 4)),
@@ -729,7 +729,7 @@ INFINITY_INVALID = {  # field -> (override, regex of the expected error)
     "pruning_ratio": ({"pruning": PruningConfig({1: 1.5}, cache_scale=0, layers=(0, 2))},
                       r"^pruning.drop_ratios\[1\] = 1.5 is outside \[0, 1\]"),
     "pruning_layers": ({"pruning": PruningConfig({1: 0.5}, cache_scale=0, layers=(1, 3))},
-                       r"^pruning.layers = \[1, 3\) is outside"),
+                       r"^pruning.layers: pruned layers 1 to 2 do not fit this model's layers 0 to 1"),
 }
 HART_INVALID = {
     "cfg": ({"cfg": math.inf}, r"^cfg = inf is not a finite number"),

@@ -240,7 +240,7 @@ def test_t5_errors(tmp_path):
         load_t5_encoder(QWEN_DIR)
     with pytest.raises(CheckpointError, match="not a T5 encoder: expected keys"):
         load_t5_encoder(QWEN_DIR / "model-00001-of-00002.safetensors", tokenizer_path=T5_DIR)
-    with pytest.raises(CheckpointError, match="no tokenizer_path"):
+    with pytest.raises(CheckpointError, match="no tokenizer beside it: choose as its tokenizer the folder holding"):
         load_t5_encoder(T5_FILE)
     with pytest.raises(CheckpointError, match="'qwen2' model"):  # config.json taken from the tokenizer folder
         load_t5_encoder(T5_FILE, tokenizer_path=QWEN_DIR)

@@ -66,9 +66,19 @@ class InfinityFamily(Family):
         return load_t5_encoder(path, tokenizer, device=device, **({} if dtype is None else {"dtype": dtype}))
 
     def check_pair(self, model, vae):
+        self.check_vae_config(model, vae.config)
+
+    def read_vae_config(self, path):
+        from ..checkpoint import read_shapes
+        from .vae import BSQVAEConfig, extract_vae_state
+
+        source = f"'{path}'"
+        return BSQVAEConfig.from_state_dict(extract_vae_state(read_shapes(path), source), source)
+
+    def check_vae_config(self, model, config):
         from .loader import check_vae_matches
 
-        check_vae_matches(model, vae)
+        check_vae_matches(model, config)
 
     def text_width(self, model):
         return model.config.text_channels

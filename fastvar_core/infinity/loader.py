@@ -189,12 +189,14 @@ def load_infinity_model(path: str | os.PathLike, device: str | torch.device = "c
 
 
 def check_vae_matches(model: InfinityTransformer, vae) -> None:
-    """Raise IncompatibleModelsError when the VAE's bits per position do not fit the transformer's tokens.
+    """Raise IncompatibleModelsError when the VAE's bits per position do not fit the transformer's tokens;
+    ``vae``: the VAE or its BSQVAEConfig (read from the file before loading it).
 
     2B-style models predict d = d_v bits per token; the 8B predicts d = 4*d_v with 2x2 patchify (docs/infinity.md §1.3).
     """
     c = model.config
-    d_v = int(vae.config.codebook_dim)
+    vae = getattr(vae, "config", vae)
+    d_v = int(vae.codebook_dim)
     if c.vae_bits == d_v:
         return
     hint = ""
@@ -205,7 +207,7 @@ def check_vae_matches(model: InfinityTransformer, vae) -> None:
     raise IncompatibleModelsError(
         f"VAE and transformer do not belong together: the transformer ({c.name}) predicts {c.bits} bits per token"
         f"{' = 4 x ' + str(c.vae_bits) + ' with 2x2 patchify' if c.patchify else ''}, so it needs a {c.vae_bits}-bit VAE, "
-        f"but the VAE has {d_v}-bit codes (patch {vae.config.patch_size}). Pairs: Infinity-2B + infinity_vae_d32reg "
+        f"but the VAE has {d_v}-bit codes (patch {vae.patch_size}). Pairs: Infinity-2B + infinity_vae_d32reg "
         f"(32 bits), Infinity-8B + infinity_vae_d56_f8_14_patchify (14 bits x 4).{hint}"
     )
 

@@ -393,8 +393,9 @@ def load_t5_encoder(
         if tokenizer_path is None:
             if not any((path.parent / n).is_file() for n in ("tokenizer.json", "spiece.model")):
                 raise CheckpointError(
-                    f"'{path}' is a single weight file and no tokenizer_path was given: pass the folder holding "
-                    f"flan-t5-xl's 'tokenizer.json' (or 'spiece.model') and 'tokenizer_config.json'."
+                    f"'{path}' is a single weight file with no tokenizer beside it: choose as its tokenizer the "
+                    f"folder holding flan-t5-xl's 'tokenizer.json' (or 'spiece.model') and 'tokenizer_config.json' "
+                    f"(e.g. the flan-t5-xl folder)."
                 )
             tokenizer_path = path.parent
         tok_folder = Path(tokenizer_path)

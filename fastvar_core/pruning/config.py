@@ -35,6 +35,7 @@ class PruningConfig:
     name: str = "custom"
     cfg_cutoff: int | None = None
     kv_drop_ratios: dict[int, float] = field(default_factory=dict)
+    note: str = ""  # for the user: how the plan falls short of what was asked (a speed target out of reach)
 
     def __post_init__(self) -> None:
         self.drop_ratios = {int(k): float(v) for k, v in self.drop_ratios.items()}
@@ -108,9 +109,13 @@ class PruningConfig:
                 f"every scale feeds the next one; use drop ratios < 1"
             )
         start, stop = self.layers
+        if start > stop:
+            raise ConfigError(f"pruning.layers: the first pruned layer ({start}) comes after the last ({stop - 1}); "
+                              f"choose a first layer at most the last one (layers = [first, last + 1])")
         if not 0 <= start <= stop <= depth:
             raise ConfigError(
-                f"pruning.layers = [{start}, {stop}) is outside the model's layers; allowed: 0 <= start <= stop <= {depth}"
+                f"pruning.layers: pruned layers {start} to {stop - 1} do not fit this model's layers 0 to {depth - 1}; "
+                f"choose a first and a last layer inside them (layers = [first, last + 1])"
             )
         if self.cfg_cutoff is not None and not 1 <= self.cfg_cutoff < num_scales:
             raise ConfigError(
