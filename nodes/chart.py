@@ -56,7 +56,7 @@ def plan_chart(title: str, family, model_config, schedule, request) -> dict:
     h, w = schedule.image_size
     return {
         "model": title, "family": fam.label, "width": w, "height": h, "config": config.to_dict(), "scales": scales,
-        "speedup": speedup, "speedup_text": SPEEDUP_WORDING.format(speedup),
+        "speedup": speedup, "speedup_text": SPEEDUP_WORDING.format(speedup), "note": config.note,
         "kv_saving": 1 - pruned.kv_cache_bytes / base.kv_cache_bytes,
         # What the plan does per scale counted from the end, in the Pruning node's widget units.
         "uses": {"drop_from_end": {n - s: round(r * 100) for s, r in config.drop_ratios.items()},

@@ -382,6 +382,15 @@ def test_chart_reports_what_the_preset_uses_per_scale():
     assert custom["ignored"] == ["speed_target"]
 
 
+def test_chart_says_when_the_speed_target_is_out_of_reach():
+    """Issue #15 item 6: the chart, like the sampler's info, says what an unreachable speed target reached."""
+    routes = sys.modules[PACK.__name__ + ".nodes.routes"]
+    short = routes.chart_from_query({"preset": "speed target", "speed_target": "9.5", "chart_for": "HART-0.7B 1024px"})
+    assert short["note"].startswith(f"speed target 9.5x is out of reach: reached {short['speedup']:.2f}x")
+    reached = routes.chart_from_query({"preset": "speed target", "speed_target": "3", "chart_for": "Infinity-2B 1024px"})
+    assert reached["note"] == "" and reached["speedup"] >= 3
+
+
 def test_ui_facts_come_from_the_families():
     """The frontend greys tau and the negative prompt and offers the pixel budgets from each loader's Family."""
     routes = sys.modules[PACK.__name__ + ".nodes.routes"]

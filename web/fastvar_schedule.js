@@ -100,6 +100,11 @@ function draw(canvas, data) {
   const left = 6, right = width - 6;
   ctx.fillStyle = "#ddd";
   let y = wrapText(ctx, `${data.model}: ${data.speedup_text}`, left, 12, right - left, 13);
+  if (data.note) {
+    ctx.fillStyle = "#e6b450";  // a speed target out of reach: what it reached and why
+    y = wrapText(ctx, data.note, left, y + 13, right - left, 13);
+    ctx.fillStyle = "#ddd";
+  }
   const top = legend(ctx, left, y + 14, right) + 6;
   const bottom = CHART_HEIGHT - 16;
   const n = data.scales.length;
