@@ -161,9 +161,13 @@ def _gib(n: int) -> str:
     return f"{n / GIB:.2f}"
 
 
-def summary(weights: int, peak: int) -> str:
-    """The one line the sampler node and the report share."""
-    return f"memory: weights {weights / GIB:.2f} GiB resident + predicted peak {peak / GIB:.2f} GiB"
+def summary(weights: int, working: int) -> str:
+    """The one line the sampler node and the report share: resident weights plus the predicted working peak."""
+    return f"memory: weights {_amount(weights)} resident + predicted peak {_amount(working)}"
+
+
+def _amount(n: int) -> str:
+    return f"{n / GIB:.2f} GiB" if n >= GIB // 10 else f"{n / 2**20:.1f} MiB"
 
 
 def format_report(report: Report, weight_dtype: str = "default") -> str:
@@ -184,8 +188,8 @@ def format_report(report: Report, weight_dtype: str = "default") -> str:
     lines += ["", "weight_dtype changes only the transformer's Linear weights; the VAE is kept in float32. "
               "Working memory: sampling KV cache and activations (both CFG rows), the text encoder's activations "
               "for one prompt, the VAE decode (tiled above 1024 px).",
-              f"weight_dtype {weight_dtype}, parts taking turns: "
-              + summary(report.weights(weight_dtype), report.peak_in_turns(weight_dtype))]
+              f"weight_dtype {weight_dtype}, all parts resident: "
+              + summary(report.weights(weight_dtype), max(p.working for p in report.parts))]
     return "\n".join(lines)
 
 

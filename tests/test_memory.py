@@ -331,10 +331,34 @@ def test_memory_cli_refuses_an_unknown_model(capsys):
 
 def test_memory_cli_prints_the_parts_and_the_summary(capsys):
     from fastvar_core import cli
+    from fastvar_core.memory import build_report
 
     assert cli.main(["memory", "--model", "hart-0.7b", "--size", "2K", "--weight-dtype", "fp8_e4m3fn"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("HART-0.7B at 2048x2048, batch 1, pruning off, compute bfloat16, attention flash")
     for part in ("| transformer |", "| text encoder |", "| VAE |", "| total weights |"):
         assert part in out
-    assert "weight_dtype fp8_e4m3fn, parts taking turns: memory: weights 3.8" in out
+    report = build_report("hart-0.7b", "2K")
+    working = report.part("transformer").working  # sampling at 2K is the largest stage
+    assert working > max(report.part(p).working for p in ("text encoder", "VAE"))
+    assert (f"weight_dtype fp8_e4m3fn, all parts resident: memory: weights {report.weights('fp8_e4m3fn') / GIB:.2f} "
+            f"GiB resident + predicted peak {working / GIB:.2f} GiB") in out
+
+
+def test_sampler_info_states_the_weights_and_the_predicted_peak(toy, monkeypatch):
+    from fastvar_core.cost import MemoryEstimate
+
+    generation = _mod("generation")
+    measured, planned = [], []
+    monkeypatch.setattr(generation, "tensor_bytes", lambda m: measured.append(type(m).__name__) or 3 * GIB // 2)
+    monkeypatch.setattr(generation.families, "sampling_memory",
+                        lambda *a, **k: planned.append(k["batch"]) or MemoryEstimate(2 * GIB, GIB // 4))
+    latent = _toy_run({})
+    assert measured == ["ToyModel"] and planned == [1]  # the sampled parts' bytes; the estimate for the run
+    assert latent.info.splitlines()[-1] == "memory: weights 1.50 GiB resident + predicted peak 2.25 GiB"
+
+
+def test_summary_shows_small_amounts_in_mib():
+    from fastvar_core.memory import summary
+
+    assert summary(3 * 2**20, GIB) == "memory: weights 3.0 MiB resident + predicted peak 1.00 GiB"
