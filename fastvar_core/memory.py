@@ -205,7 +205,7 @@ def fits_table(gpus: list[float], *, batch: int = 1, pruning: str = "off", dtype
     for g in gpus:
         if not g > 0:
             raise ConfigError(f"--fits takes GPU memory sizes in GB greater than 0, got {g!r}")
-    header = ("| model | size | weight_dtype | weights | peak (turns) | " + " | ".join(f"{g:g} GB" for g in gpus)
+    header = ("| model | size | weight_dtype | all weights | largest stage | " + " | ".join(f"{g:g} GB" for g in gpus)
               + " |")
     lines = [header, "|---" * (5 + len(gpus)) + "|"]
     for model in models:

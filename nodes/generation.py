@@ -191,7 +191,8 @@ class FastVARSampler:
 
         parts = [model] + ([model.companion] if model.companion is not None else [])
         plan = families.resolve_pruning(family, pruning, schedule, model.module.config, cond)  # resolved once
-        need = families.sampling_memory(family, model.module, cond, schedule, plan=plan, batch=batch_size)
+        need = families.sampling_memory(family, model.module, cond, schedule, plan=plan, batch=batch_size,
+                                        score_matrices=model.attention == "math")  # fused kernels hold no scores
         weights = sum(tensor_bytes(p.module) for p in parts)
 
         def run(hooks, callback=None):

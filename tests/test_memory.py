@@ -120,9 +120,11 @@ def test_hart_nodes_load_each_part_through_compat_with_its_kind_and_estimate(cal
     schedule = latent.result.schedule
     cond = positive.value.repeat(2)
     plan = families.resolve_pruning("hart", spec, schedule, model.module.config, cond)
-    expected = families.sampling_memory("hart", model.module, cond, schedule, plan=plan, batch=2).total
+    # The loader's attention "auto" is a fused kernel: no score matrices in the estimate.
+    expected = families.sampling_memory("hart", model.module, cond, schedule, plan=plan, batch=2,
+                                        score_matrices=False).total
     assert patchers == [model.patcher, vae.patcher] and memory == expected > 0
-    unpruned = families.sampling_memory("hart", model.module, cond, schedule, batch=2).total
+    unpruned = families.sampling_memory("hart", model.module, cond, schedule, batch=2, score_matrices=False).total
     assert memory < unpruned
 
     generation.FastVARDecode().decode(vae, latent, "auto")
@@ -352,9 +354,11 @@ def test_sampler_info_states_the_weights_and_the_predicted_peak(toy, monkeypatch
     measured, planned = [], []
     monkeypatch.setattr(generation, "tensor_bytes", lambda m: measured.append(type(m).__name__) or 3 * GIB // 2)
     monkeypatch.setattr(generation.families, "sampling_memory",
-                        lambda *a, **k: planned.append(k["batch"]) or MemoryEstimate(2 * GIB, GIB // 4))
+                        lambda *a, **k: planned.append((k["batch"], k["score_matrices"]))
+                        or MemoryEstimate(2 * GIB, GIB // 4))
     latent = _toy_run({})
-    assert measured == ["ToyModel"] and planned == [1]  # the sampled parts' bytes; the estimate for the run
+    # The sampled parts' bytes; the estimate for the run, without score matrices for the default (fused) attention.
+    assert measured == ["ToyModel"] and planned == [(1, False)]
     assert latent.info.splitlines()[-1] == "memory: weights 1.50 GiB resident + predicted peak 2.25 GiB"
 
 
