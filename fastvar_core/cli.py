@@ -105,8 +105,21 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_memory(args: argparse.Namespace) -> int:
+    from .memory import fits_table, format_report, build_report
+
+    options = dict(batch=args.batch, pruning=args.pruning, dtype=args.dtype, attention=args.attention)
+    if args.fits:
+        print(fits_table(args.fits, **options, **({"weight_dtypes": [args.weight_dtype]} if args.weight_dtype else {})))
+    else:
+        print(format_report(build_report(args.model, args.size, **options), args.weight_dtype or "default"))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .families import family_names
+    from .memory import released_names
+    from .ops import WEIGHT_DTYPES
     from .pipeline import PRESETS
 
     parser = argparse.ArgumentParser(prog="python -m fastvar_core", description=__doc__)
@@ -137,6 +150,24 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     gen.add_argument("--out", default="fastvar.png")
     gen.set_defaults(func=cmd_generate)
+
+    mem = sub.add_parser("memory", help="weight bytes and predicted peak memory of a released model (no weights needed)")
+    mem.add_argument("--model", default="infinity-2b",
+                     help=f"released model: {', '.join(n.lower() for n in released_names())} (default: infinity-2b)")
+    mem.add_argument("--size", default="1024", help="1024 (a square side), 2K, or WIDTHxHEIGHT (default: 1024)")
+    mem.add_argument("--batch", type=int, default=1)
+    mem.add_argument("--pruning", default="off", help=f"{', '.join(PRESETS)} or a JSON file (default: off)")
+    mem.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="bfloat16",
+                     help="compute dtype of the transformer and text encoder (default: bfloat16, as on a GPU)")
+    mem.add_argument("--weight-dtype", choices=list(WEIGHT_DTYPES),
+                     help="storage of the transformer's weights for the summary line (default: default) or the only "
+                          "one in the --fits table (default: default and fp8_e4m3fn)")
+    mem.add_argument("--attention", choices=["flash", "math"], default="flash",
+                     help="flash: fused kernels hold no attention scores (GPU default); math: one score matrix per "
+                          "head (upper bound)")
+    mem.add_argument("--fits", type=float, nargs="+", metavar="GB",
+                     help="print a 'what fits' table for these GPU sizes (e.g. 8 12 16 24) instead")
+    mem.set_defaults(func=cmd_memory)
 
     conv = sub.add_parser("convert", help="convert an official pickle checkpoint to safetensors (verified)")
     conv.add_argument("src")

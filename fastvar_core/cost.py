@@ -150,7 +150,7 @@ class MemoryEstimate:
 
 
 def sampling_memory(arch: ArchSpec, scales: list[tuple[int, int]], config: PruningConfig | None = None, *,
-                    batch: int = 1, guided: bool = True) -> MemoryEstimate:
+                    batch: int = 1, guided: bool = True, score_matrices: bool = True) -> MemoryEstimate:
     """KV cache plus peak activations of sampling ``batch`` images over ``scales`` with ``config``.
 
     Rows are ``batch`` (x2 with ``guided``: the unconditional CFG rows, also after a ``cfg_cutoff``, so the
@@ -158,6 +158,7 @@ def sampling_memory(arch: ArchSpec, scales: list[tuple[int, int]], config: Pruni
     over the keys held so far (one score matrix per head, as the math kernel materialises), the logits
     (float32) over ``head_outputs`` and the last scale's extra work (HART's diffusion head) are counted;
     the largest scale gives the peak. The KV term is :func:`estimate`'s ``kv_cache_bytes`` for every row.
+    ``score_matrices=False``: a fused kernel (flash, memory-efficient SDPA) that never holds the scores.
     """
     config = config or PruningConfig(name="off")
     report = estimate(arch, scales, config)
@@ -171,7 +172,8 @@ def sampling_memory(arch: ArchSpec, scales: list[tuple[int, int]], config: Pruni
             continue
         k = max(cost.forwarded)
         keys = held + k
-        per_row = b * (LIVE_HIDDEN * n * c + (arch.ffn_matrices - 1) * k * arch.ffn_hidden + arch.heads * k * keys)
+        scores = arch.heads * k * keys if score_matrices else 0
+        per_row = b * (LIVE_HIDDEN * n * c + (arch.ffn_matrices - 1) * k * arch.ffn_hidden + scores)
         per_row += 4 * cost.tokens * arch.head_outputs
         if cost.scale == len(scales) - 1:
             per_row += 4 * cost.tokens * arch.last_scale_values_per_token

@@ -140,6 +140,15 @@ class Family(ABC):
         replaces the decoder's base width."""
         raise ConfigError(f"{self.label} cannot build a random-weight VAE")
 
+    def random_text_encoder(self):
+        """The release's text encoder (transformers model and this family's encoding, no tokenizer) with default
+        initialisation in float32; built under ``torch.device("meta")`` it holds no memory (the memory report)."""
+        raise ConfigError(f"{self.label} cannot build a random-weight text encoder")
+
+    def vae_upscale(self, vae) -> int:
+        """Image pixels per latent cell along each side of ``vae``'s decoder."""
+        raise ConfigError(f"{self.label} does not say how its VAE scales a latent")
+
     def random_conditioning(self, config, batch: int, tokens: int, generator: torch.Generator):
         """Random text features of ``tokens`` tokens per prompt, in this family's conditioning layout."""
         raise ConfigError(f"{self.label} cannot make a random conditioning")
@@ -288,12 +297,13 @@ def _features(cond) -> torch.Tensor:
 
 
 def sampling_memory(family: str | Family, model, cond, schedule: ScaleSchedule, *, plan: PruningConfig | None = None,
-                    batch: int = 1) -> MemoryEstimate:
+                    batch: int = 1, score_matrices: bool = True) -> MemoryEstimate:
     """Working memory of :func:`sample` beside the weights: KV cache and peak activations of ``batch`` images
-    (both CFG rows) running ``plan``, the pruning already resolved by :func:`resolve_pruning` (cost.sampling_memory)."""
+    (both CFG rows) running ``plan``, the pruning already resolved by :func:`resolve_pruning` (cost.sampling_memory;
+    ``score_matrices``: attention scores held, as the math kernel does)."""
     fam = get_family(family)
     arch = replace(fam.arch_spec(model.config, cond), dtype_bytes=fam.compute_dtype(model).itemsize)
-    return cost.sampling_memory(arch, list(schedule.scales), plan, batch=batch)
+    return cost.sampling_memory(arch, list(schedule.scales), plan, batch=batch, score_matrices=score_matrices)
 
 
 def sample(family: str | Family, model, cond, schedule: ScaleSchedule, *, vae=None, negative=None,

@@ -19,6 +19,12 @@ import torch.nn.functional as F
 from . import linear as fast
 
 
+# How a transformer's Linear weights may be stored, by the names of ComfyUI's Load Diffusion Model node
+# ("default": in the compute dtype; "_fast" also multiplies in fp8 where the host supports it).
+WEIGHT_DTYPES = {"default": None, "fp8_e4m3fn": torch.float8_e4m3fn, "fp8_e4m3fn_fast": torch.float8_e4m3fn,
+                 "fp8_e5m2": torch.float8_e5m2}
+
+
 class TorchOps:
     """The default namespace: torch.nn's layers (weights stored in the compute dtype and device)."""
 

@@ -11,6 +11,8 @@ import torch.nn.functional as F
 from ..fastvar_core import families
 from ..fastvar_core.errors import ConfigError
 from ..fastvar_core.families import get_family
+from ..fastvar_core.memory import summary as memory_summary
+from ..fastvar_core.memory import tensor_bytes
 from ..fastvar_core.pruning_request import MODES, SPEED_TARGET_RANGE, PruningRequest
 from ..fastvar_core.sampling import SamplingHooks
 
@@ -239,7 +241,9 @@ class FastVARSampler:
 
         parts = [model] + ([model.companion] if model.companion is not None else [])
         plan = families.resolve_pruning(family, pruning, schedule, model.module.config, cond)  # resolved once
-        need = families.sampling_memory(family, model.module, cond, schedule, plan=plan, batch=batch_size)
+        need = families.sampling_memory(family, model.module, cond, schedule, plan=plan, batch=batch_size,
+                                        score_matrices=model.attention == "math")  # fused kernels hold no scores
+        weights = sum(tensor_bytes(p.module) for p in parts)
 
         def run(hooks, callback=None):
             device = compat.load_models([p.patcher for p in parts], need.total)
@@ -258,7 +262,7 @@ class FastVARSampler:
         seconds = time.perf_counter() - start
         h, w = schedule.image_size
         info = (f"{model.family} {w}x{h} ({schedule.num_scales} scales), pruning {result.pruning.name}, "
-                f"sampling {seconds:.2f}s, seed {seed}")
+                f"sampling {seconds:.2f}s, seed {seed}\n{memory_summary(weights, need.total)}")
         if plan.note:  # e.g. a speed target out of reach: say what was reached and why
             compat.log.warning("FastVAR: %s", plan.note)
             info += f"\n{plan.note}"

@@ -10,7 +10,7 @@ import torch
 
 from ..fastvar_core import families
 from ..fastvar_core.families import get_family
-from ..fastvar_core.ops import TorchOps, store_weights
+from ..fastvar_core.ops import WEIGHT_DTYPES, TorchOps, store_weights
 
 from . import compat
 from .objects import MODEL, TEXT_ENCODER, VAE, Part
@@ -28,9 +28,6 @@ HART_VAE_KINDS = ("hart_release", "hart_autoencoder_with_disc")
 DTYPES = ["auto", "float32", "bfloat16", "float16"]
 ATTENTION = ["auto", "sdpa", "flash", "math"]
 
-# Storage of the transformer's linear weights, as in the core Load Diffusion Model node; "default": the dtype.
-WEIGHT_DTYPES = {"default": None, "fp8_e4m3fn": torch.float8_e4m3fn, "fp8_e4m3fn_fast": torch.float8_e4m3fn,
-                 "fp8_e5m2": torch.float8_e5m2}
 
 DTYPE_TOOLTIP = "Precision the model computes in. auto: bfloat16 on GPUs that support it, float32 on the CPU."
 WEIGHT_DTYPE_TOOLTIP = ("How the transformer's weights are stored. default: in the compute precision. fp8: half the "

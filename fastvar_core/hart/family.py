@@ -96,6 +96,14 @@ class HARTFamily(Family):
             vae_config = replace(vae_config, ch=base_width)
         return HARTVAE(vae_config).eval().requires_grad_(False)
 
+    def random_text_encoder(self):
+        from .text import random_qwen_encoder
+
+        return random_qwen_encoder()
+
+    def vae_upscale(self, vae):
+        return vae.config.downsample
+
     def random_conditioning(self, config, batch, tokens, generator):
         from .text import HARTTextConditioning
 

@@ -23,6 +23,9 @@ from ..errors import CheckpointError, ConfigError
 from ..hf_utils import HFTextEncoder, check_prompts, dtype_kwargs, quiet_transformers
 
 HART_MAX_TOKENS = 300  # --max_token_length of every HART entry point (docs/hart.md §3.1)
+# The released text model's shape (its qwen2 config, docs/hart.md §1.5): random-weight builds only.
+QWEN2_1_5B = dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+                  num_key_value_heads=2, vocab_size=151936, rms_norm_eps=1e-6, tie_word_embeddings=True)
 
 # HART's `llm_system_prompt`, verbatim (docs/hart.md §3.2 step 4): 705 characters, ending in "User Prompt:\n".
 HART_SYSTEM_PROMPT = (
@@ -259,3 +262,11 @@ def load_qwen_encoder(
             f"{model.config.vocab_size} embeddings: they do not belong together."
         )
     return QwenTextEncoder(model.to(device), tokenizer, source=str(folder))
+
+
+def random_qwen_encoder() -> QwenTextEncoder:
+    """HART's bare Qwen2 decoder with default initialisation and no tokenizer (build under a meta device for shapes)."""
+    from transformers import Qwen2Config, Qwen2Model
+
+    with quiet_transformers():
+        return QwenTextEncoder(Qwen2Model(Qwen2Config(**QWEN2_1_5B)), None, "random Qwen2-1.5B")

@@ -137,6 +137,14 @@ class InfinityFamily(Family):
                                        has_encoder=False))
         return vae.eval().requires_grad_(False)
 
+    def random_text_encoder(self):
+        from .text import random_t5_encoder
+
+        return random_t5_encoder()
+
+    def vae_upscale(self, vae):
+        return vae.config.patch_size
+
     def random_conditioning(self, config, batch, tokens, generator):
         from .text import InfinityTextConditioning
 

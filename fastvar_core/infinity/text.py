@@ -28,6 +28,9 @@ from ..errors import CheckpointError, ConfigError
 from ..hf_utils import HFTextEncoder, check_prompts, dtype_kwargs, quiet_transformers
 
 T5_MAX_LENGTH = 512  # tokenizer limit used by Infinity for training and inference (docs/infinity.md §5)
+# The released encoder's shape (google/flan-t5-xl's config, docs/infinity.md §5): random-weight builds only.
+FLAN_T5_XL = dict(d_model=2048, d_kv=64, d_ff=5120, num_layers=24, num_heads=32, vocab_size=32128,
+                  feed_forward_proj="gated-gelu", is_encoder_decoder=False)
 
 _WEIGHT_FILES = (
     "model.safetensors",
@@ -403,3 +406,11 @@ def load_t5_encoder(
         model = _build_t5_from_file(path, tok_folder, dtype)
     tokenizer = _load_t5_tokenizer(tok_folder, model.config.vocab_size)
     return T5TextEncoder(model.to(device), tokenizer, source=str(path))
+
+
+def random_t5_encoder() -> T5TextEncoder:
+    """flan-t5-xl's encoder with default initialisation and no tokenizer (build under a meta device for shapes)."""
+    from transformers import T5Config, T5EncoderModel
+
+    with quiet_transformers():
+        return T5TextEncoder(T5EncoderModel(T5Config(**FLAN_T5_XL)), None, "random flan-t5-xl")
