@@ -5,6 +5,7 @@ Only a smoke run of a few seconds: real benchmarks never run inside the tests.
 
 from __future__ import annotations
 
+import io
 import json
 from dataclasses import replace
 
@@ -18,7 +19,7 @@ from fastvar_core.infinity.config import INFINITY_2B
 from fastvar_core.pruning import make_preset
 from fastvar_core.sampling import SamplingHooks
 from fastvar_core.schedules import hart_schedule, infinity_schedule
-from tools.bench import chart, main
+from tools.bench import chart, main, print_table
 from tools.randomized import SHAPES, build_transformer
 
 REQUIRED = {"model": str, "resolution": str, "pruning": str, "median_s": float, "decode_s": float, "speedup": float,
@@ -49,6 +50,26 @@ def test_json_has_one_result_per_model_resolution_and_config(report):
         share = r["overhead_share"]
         assert (share is None) == (r["pruning"] == "off") and (share is None or 0 < share < 1)
     assert data["machine"]["cpu_count"] >= 1 and "torch" in data["machine"]
+
+
+def test_end_to_end_total_is_the_sum_of_its_parts_and_its_speedup_is_against_the_baseline(report):
+    data, _ = report
+    for r in data["results"]:
+        base = next(b for b in data["results"] if b["model"] == r["model"] and b["pruning"] == "off")
+        assert r["text_s"] is None  # random conditioning: no text encoder ran
+        assert r["total_s"] == pytest.approx(r["median_s"] + r["decode_s"])
+        assert r["e2e_speedup"] == pytest.approx(base["total_s"] / r["total_s"])
+        assert r["run_peak_bytes"] == max(r["peak_bytes"], r["decode_peak_bytes"])
+    out = io.StringIO()
+    print_table(data["results"], out)
+    table = out.getvalue()
+    header = next(line for line in table.splitlines() if line.startswith("pruning"))
+    assert header.split() == ["pruning", "tokens", "TFLOP", "ideal", "text", "s", "sample", "s", "speedup", "of",
+                              "ideal", "overhead", "decode", "s", "total", "s", "e2e", "peak", "GiB", "vs", "off",
+                              "run", "peak"]
+    first = next(line for line in table.splitlines() if line.startswith("off"))
+    off = next(r for r in data["results"] if r["pruning"] == "off")
+    assert f"{off['total_s']:.2f}" in first.split() and first.split()[4] == "-"
 
 
 def test_speedups_are_relative_to_the_baseline_and_ideal_matches_the_cost_model(report):

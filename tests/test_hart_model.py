@@ -442,3 +442,38 @@ def test_schedules_longer_than_the_checkpoint(model, config_json):
     table = HARTTransformer(replace(model.config, use_timestep_embed=False))
     with pytest.raises(ConfigError, match="level embedding for 14 scales, the schedule needs 16"):
         table.level_embedding(16)
+
+
+@pytest.mark.parametrize("more_smooth", [True, False])
+@pytest.mark.parametrize("cfg_cutoff", [None, 4])
+def test_head_and_diffusion_in_chunks_match_one_piece(model, vae, more_smooth, cfg_cutoff, monkeypatch):
+    """The head (logits, draw, smoothing) and the diffusion head split into chunks of a few tokens give the
+    tokens and latent of one piece: the random numbers are drawn in the same order (batch of two, guided and
+    past a CFG cut-off, with and without smoothing)."""
+    import fastvar_core.hart.diffusion as diffusion
+    import fastvar_core.hart.sampler as sampler
+
+    p = load_file(str(PARITY / "hart" / "prompts.safetensors"))
+    cond2 = HARTTextConditioning(p["context_tensor"][:1].repeat(2, 1, 1), p["context_mask"][:1].repeat(2, 1),
+                                 p["context_position_ids"][:1].repeat(2, 1))
+    sched = hart_schedule((1, 2, 3, 4, 6))
+    pruning = PruningConfig(name="cut", cfg_cutoff=cfg_cutoff)
+
+    # flatter logits than the random-weight model's, so that draws and smoothing depend on the random numbers
+    logits = model.logits
+    monkeypatch.setattr(model, "logits", lambda *args: logits(*args) * 1e-2)
+
+    def run(hooks=None):
+        return sample_hart(model, cond2, sched, vae=vae, seed=7, pruning=pruning, more_smooth=more_smooth, hooks=hooks)
+
+    monkeypatch.setattr(diffusion, "DIFFUSION_CHUNK_ROWS", 1 << 20)
+    whole = run(SamplingHooks())  # with hooks the head runs in one piece (the parity tests' path)
+    monkeypatch.setattr(sampler, "HEAD_CHUNK_VALUES", 5 * 2 * model.config.vocab_size)  # 5 tokens a chunk
+    monkeypatch.setattr(diffusion, "DIFFUSION_CHUNK_ROWS", 7)
+    chunked = run()
+    for si in range(sched.num_scales):
+        assert torch.equal(chunked.tokens[si], whole.tokens[si]), si
+    assert not torch.equal(whole.tokens[4][0], whole.tokens[4][1])  # the two rows draw differently
+    # GEMMs of another row count round differently and the Gumbel smoothing (tau ~ 0.005) amplifies that:
+    # the parity rule's tolerance for sampled latents of these sizes (tests/parity_rule.py)
+    torch.testing.assert_close(chunked.latent, whole.latent, rtol=0, atol=2e-4)

@@ -8,7 +8,9 @@ shared machine hit all of them alike; medians are reported. Per scale and in tot
 FLOPs (cost model), wall time; per run: peak memory (CUDA max-allocated; on the CPU the peak resident
 set size, heap trimmed before each run), the measured speedup next to the cost model's FLOP-ratio
 ideal, and the share of the pruned sub-layers' time spent selecting and restoring tokens. The decoder
-runs once per model and resolution (its work does not depend on pruning). Writes JSON and a PNG chart.
+runs once per model and resolution (its work does not depend on pruning). End to end per config: text
+encoding (none with random conditioning), sampling and decode seconds, their total and its speedup next to
+the sampler's, and the run's peak (sampling or decode). Writes JSON and a PNG chart.
 """
 
 from __future__ import annotations
@@ -106,6 +108,7 @@ class Case:
     cond: object
     device: torch.device
     batch: int
+    text_s: float | None = None  # text encoding; None: random conditioning, no text encoder ran
 
     @property
     def family(self) -> str:
@@ -268,6 +271,7 @@ def measure_case(case: Case, presets: list[str], repeats: int, warmup: int, seed
         r["efficiency"] = r["speedup"] / r["ideal_speedup"] if base else None
         r["baseline_peak_bytes"] = base["peak_bytes"] if base else None
         r["peak_reduction"] = 1 - r["peak_bytes"] / base["peak_bytes"] if base else None
+        r["e2e_speedup"] = base["total_s"] / r["total_s"] if base else None
     return results
 
 
@@ -299,7 +303,10 @@ def _summarise(case, name, config, runs, cost, base_cost, decode_s, decode_peak,
                   "text_channels": shape.text_width, "ffn_hidden": case.model.config.ffn_hidden},
         "batch": case.batch, "repeats": len(runs), "times_s": times, "median_s": statistics.median(times),
         "foreign_cpu": [r["foreign_cpu"] for r in runs],
-        "decode_s": decode_s, "decode_peak_bytes": decode_peak,
+        "decode_s": decode_s, "decode_peak_bytes": decode_peak, "text_s": case.text_s,
+        # end to end: text encoding + sampling (median) + decode, and the peak of all of it
+        "total_s": (case.text_s or 0.0) + statistics.median(times) + decode_s,
+        "run_peak_bytes": max(int(statistics.median(peaks)), decode_peak),
         "ideal_speedup": base_cost.total_flops / cost.total_flops,
         "flops": cost.total_flops * case.batch, "baseline_flops": base_cost.total_flops * case.batch,
         "tokens_forwarded": sum(s["tokens_forwarded"] for s in per_scale),
@@ -401,16 +408,22 @@ def print_table(results: list[dict], out=sys.stdout) -> None:
         print(f"\n{name} (width {s['width']}, {s['heads']} heads, depth {s['depth']}, text {s['text_channels']}) "
               f"at {res} ({r0['image_size'][1]}x{r0['image_size'][0]}), batch {r0['batch']}, median of "
               f"{r0['repeats']}:", file=out)
-        print(f"{'pruning':8} {'tokens':>8} {'TFLOP':>8} {'ideal':>7} {'sample s':>9} {'speedup':>8} {'of ideal':>8} "
-              f"{'overhead':>8} {'decode s':>8} {'peak GiB':>8} {'vs off':>7}", file=out)
+        print(f"{'pruning':8} {'tokens':>8} {'TFLOP':>8} {'ideal':>7} {'text s':>7} {'sample s':>9} {'speedup':>8} "
+              f"{'of ideal':>8} {'overhead':>8} {'decode s':>8} {'total s':>8} {'e2e':>7} {'peak GiB':>8} {'vs off':>7} "
+              f"{'run peak':>8}", file=out)
         for r in rows:
             sp = "-" if r["speedup"] is None else f"{r['speedup']:.2f}x"
+            e2e = "-" if r["e2e_speedup"] is None else f"{r['e2e_speedup']:.2f}x"
             eff = "-" if r["efficiency"] is None else f"{r['efficiency']:.0%}"
             ov = "-" if r["overhead_share"] is None else f"{r['overhead_share']:.1%}"
             red = "-" if r["peak_reduction"] is None else f"{-r['peak_reduction']:+.0%}"
+            text = "-" if r["text_s"] is None else f"{r['text_s']:.2f}"
             print(f"{r['pruning']:8} {r['tokens_forwarded']:>8.0f} {r['flops'] / 1e12:>8.2f} {r['ideal_speedup']:>6.2f}x "
-                  f"{r['median_s']:>9.2f} {sp:>8} {eff:>8} {ov:>8} {r['decode_s']:>8.2f} {_gib(r['peak_bytes']):>8} "
-                  f"{red:>7}", file=out)
+                  f"{text:>7} {r['median_s']:>9.2f} {sp:>8} {eff:>8} {ov:>8} {r['decode_s']:>8.2f} {r['total_s']:>8.2f} "
+                  f"{e2e:>7} {_gib(r['peak_bytes']):>8} {red:>7} {_gib(r['run_peak_bytes']):>8}", file=out)
+        if r0["text_s"] is None:
+            print("text s '-': random conditioning, no text encoder ran (total = sampling + decode); "
+                  "peak GiB: sampling, run peak: sampling or decode", file=out)
         print("per scale: seconds, tokens forwarded per layer and CFG row, CFG rows, peak GiB", file=out)
         print("  " + f"{'scale':>5} {'size':>9} " + " ".join(f"{r['pruning']:>24}" for r in rows), file=out)
         for i, sc in enumerate(r0["scales"]):

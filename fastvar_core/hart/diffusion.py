@@ -19,6 +19,7 @@ from .config import TIMESTEP_FEATURES
 
 VAE_SCALE = 0.6  # the head models latent residuals divided by this (docs/hart.md §2.7)
 TRAIN_STEPS = 1000
+DIFFUSION_CHUNK_ROWS = 4096  # tokens denoised at once (bounds the head's activations at 2K)
 
 
 def timestep_features(t: torch.Tensor, dim: int = TIMESTEP_FEATURES, max_period: float = 10000.0) -> torch.Tensor:
@@ -204,30 +205,37 @@ class ResidualDiffusion(nn.Module):
             gdev = generator.device if generator is not None else torch.device("cpu")
             return torch.randn(rows, self.channels, generator=generator, device=gdev).to(dev, torch.float32)
 
-        x = randn(n) if guided else randn(n2)  # guided: the conditional half only (both halves are equal)
-        c_emb = self.net.cond_embed(cond.to(dtype))  # (2N, W), constant over the steps
+        # Every draw first, in the official order; only the first n rows of each are used (the unguided
+        # official path also denoises the unconditional rows, then drops them: they are skipped here).
         sch = self.schedule
-        for step in reversed(range(sch.num_steps)):
-            t = torch.full((1,), sch.timesteps[step], device=dev, dtype=torch.long)
-            t_emb = self.net.time_embed(t, dtype)  # (1, W)
-            x_in = torch.cat([x, x]) if guided else x
-            out = self.net(x_in.to(dtype), t_emb, c_emb).float()  # (2N, 2 Cvae)
-            eps, var_v = out[:, : self.channels], out[:, self.channels:]
-            if guided:
-                eps_c, eps_u = eps[:n], eps[n:]
-                eps = eps_c * (1 + guidance) - guidance * eps_u
-                var_v = var_v[:n]
-            k = sch.step_constants(step)
-            frac = (var_v + 1) / 2
-            log_var = frac * k["max_log"] + (1 - frac) * k["min_log"]
-            x0 = (k["sqrt_recip_ac"] * x - k["sqrt_recipm1_ac"] * eps).clamp(-1, 1)
-            mean = k["coef_x0"] * x0 + k["coef_xt"] * x
-            if conditional_only:
-                x = mean + torch.exp(0.5 * log_var) * randn(n) * temperature if step > 0 else mean
-                continue
-            noise = randn(n2)[: x.shape[0]]  # the official loop draws for all 2N rows
-            x = mean + torch.exp(0.5 * log_var) * noise * temperature if step > 0 else mean
-        return x[:n] * VAE_SCALE
+        steps = list(reversed(range(sch.num_steps)))
+        x_init = randn(n) if guided else randn(n2)[:n]
+        noises = [randn(n) if step > 0 else None for step in steps] if conditional_only else [randn(n2)[:n] for _ in steps]
+        t_embs = [self.net.time_embed(torch.full((1,), sch.timesteps[step], device=dev, dtype=torch.long), dtype)
+                  for step in steps]  # (1, W) each
+        consts = [sch.step_constants(step) for step in steps]
+
+        result = torch.empty(n, self.channels, device=dev, dtype=torch.float32)
+        for a in range(0, n, DIFFUSION_CHUNK_ROWS):  # rows are independent: denoise in chunks
+            e = min(a + DIFFUSION_CHUNK_ROWS, n)
+            c = torch.cat([cond[a:e], cond[n + a:n + e]]) if guided else cond[a:e]
+            c_emb = self.net.cond_embed(c.to(dtype))  # constant over the steps
+            x = x_init[a:e]
+            for step, t_emb, k, noise in zip(steps, t_embs, consts, noises):
+                x_in = torch.cat([x, x]) if guided else x
+                out = self.net(x_in.to(dtype), t_emb, c_emb).float()
+                eps, var_v = out[:, : self.channels], out[:, self.channels:]
+                if guided:
+                    eps_c, eps_u = eps[: e - a], eps[e - a:]
+                    eps = eps_c * (1 + guidance) - guidance * eps_u
+                    var_v = var_v[: e - a]
+                frac = (var_v + 1) / 2
+                log_var = frac * k["max_log"] + (1 - frac) * k["min_log"]
+                x0 = (k["sqrt_recip_ac"] * x - k["sqrt_recipm1_ac"] * eps).clamp(-1, 1)
+                mean = k["coef_x0"] * x0 + k["coef_xt"] * x
+                x = mean + torch.exp(0.5 * log_var) * noise[a:e] * temperature if step > 0 else mean
+            result[a:e] = x * VAE_SCALE
+        return result
 
 
 def diffusion_values_per_token(config) -> int:

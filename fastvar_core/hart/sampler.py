@@ -69,6 +69,73 @@ def smooth_embedding(logits: torch.Tensor, ratio: float, codebook: torch.Tensor,
     return weights @ codebook.to(weights.dtype).unsqueeze(0)
 
 
+HEAD_CHUNK_VALUES = 1 << 24  # float32 logits per chunk of the head (64 MiB): bounds the head's peak at 2K
+
+
+def head_tokens(model: HARTTransformer, x: torch.Tensor, head_scale: torch.Tensor, head_shift: torch.Tensor, *,
+                B: int, guided: bool, t: float, si: int, top_k: int, top_p: float, smooth_ratio: float | None,
+                codebook: torch.Tensor, vae, generator: torch.Generator,
+                hooks: SamplingHooks | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One scale's head: hidden states x (rows, l, C) -> tokens (B, l) and their embeddings (B, l, Cvae) float32.
+
+    Guided logits, top-k/top-p, the draw and the Gumbel smoothing (``smooth_ratio`` None: plain codebook
+    embedding) run in chunks of tokens, so the (B, l, V) logits never exist at once. The random numbers
+    stay those of one pass: the draw (``torch.multinomial`` takes one exponential per logit on a CPU
+    generator) and the smoothing each continue their own sequence, the smoothing's started where the whole
+    draw would end. Runs in one piece with hooks (they observe whole scales), at scale 0 and on a
+    non-CPU generator (whose sequence depends on how it is split).
+    """
+    device = x.device
+    length = 1 if si == 0 else x.shape[1]  # scale 0: the 1x1 token is predicted from the last text position
+    V = model.config.vocab_size
+    whole = hooks is not None or si == 0 or generator.device.type != "cpu"
+    step = length if whole else max(1, HEAD_CHUNK_VALUES // (V * (2 if guided else 1)))
+    parts = [(None, slice(None))] if whole else [(b, slice(a, a + step)) for b in range(B) for a in range(0, length, step)]
+
+    forced = forced_tokens(hooks, si, (B, length))
+    smooth_gen = generator
+    if smooth_ratio is not None and forced is None and len(parts) > 1:
+        smooth_gen = torch.Generator(device=generator.device)
+        smooth_gen.set_state(generator.get_state())
+        for b, span in parts:  # skip the draw's exponentials
+            torch.empty(x[b, span].shape[0], V, device=generator.device).exponential_(generator=smooth_gen)
+
+    idx = torch.empty(B, length, dtype=torch.long, device=device)
+    h = torch.empty(B, length, codebook.shape[-1], dtype=torch.float32, device=device)
+    for b, span in parts:
+        if b is None:
+            rows, scale, shift = x, head_scale, head_shift
+        else:
+            pick = [b, B + b] if guided else [b]
+            rows, scale, shift = x[pick, span], head_scale[pick], head_shift[pick]
+        logits = model.logits(rows, scale, shift)  # (rows, n, V) float32
+        if guided:
+            n = logits.shape[0] // 2
+            logits = (1 + t) * logits[:n] - t * logits[n:]
+        if si == 0:
+            logits = logits[:, -1:]
+        out = slice(None) if b is None else slice(b, b + 1)
+        if hooks is not None and hooks.on_logits is not None:
+            hooks.on_logits(si, logits)
+        if forced is not None:
+            idx[:] = forced.to(device)  # no draw: the teacher's codes, embedded without smoothing
+            h[:] = vae.embed(idx.to(codebook.device)).to(device, torch.float32)
+            break
+        check_logits(logits, si, model.dtype)
+        filter_logits_(logits, top_k, top_p)
+        drawn = draw_tokens(logits, generator, si, hooks)
+        idx[out, span] = drawn
+        if smooth_ratio is not None:
+            part_h = smooth_embedding(logits, smooth_ratio, codebook, smooth_gen)
+        else:
+            part_h = vae.embed(drawn.to(codebook.device))
+        h[out, span] = part_h.to(device, torch.float32)
+        del logits
+    if smooth_gen is not generator:
+        generator.set_state(smooth_gen.get_state())
+    return idx, h
+
+
 def latent_preview(f_hat: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
     """Cheap RGB view of a latent (B, Cvae, h, w) -> (B, h, w, 3) in [0, 1], no VAE decode.
 
@@ -131,7 +198,6 @@ def sample_hart(
     generator = torch.Generator(device=device)
     generator.manual_seed(int(seed))
     diff_gen = hooks.diffusion_generator if hooks is not None and hooks.diffusion_generator is not None else generator
-    on_logits = hooks.on_logits if hooks is not None else None
     on_trace = hooks.on_trace if hooks is not None else None
 
     run = pruning_run_for(pruning, schedule.scales, cfg_model.depth, hooks)
@@ -167,30 +233,15 @@ def sample_hart(
                 else:
                     cos, sin = rope_image(image_positions((ph, pw), grid, offset[:rows]), cfg_model.head_dim)
                 x = model.forward_blocks(x, cos, sin, cache, run)  # (rows, l, C)
-                logits = model.logits(x, head_scale[:rows], head_shift[:rows])  # (rows, l, V) float32
                 t = cfg * ratio
-                if guided:
-                    logits = (1 + t) * logits[:B] - t * logits[B:]
-                if si == 0:
-                    logits = logits[:, -1:]  # the 1x1 token is predicted from the last text position
-
-                if on_logits is not None:
-                    on_logits(si, logits)
-                idx = forced_tokens(hooks, si, (B, ph * pw))
-                forced = idx is not None
-                if forced:
-                    idx = idx.to(device)  # no draw: the teacher's codes, embedded without smoothing
-                else:
-                    check_logits(logits, si, model.dtype)
-                    filter_logits_(logits, official_top_k(si) if top_k is None else top_k, top_p)
-                    idx = draw_tokens(logits, generator, si, hooks)
+                if last:  # nothing attends to the caches any more: free them before the head's peak
+                    cache.clear()
+                    run.close()
+                idx, h = head_tokens(model, x, head_scale[:rows], head_shift[:rows], B=B, guided=guided, t=t, si=si,
+                                     top_k=official_top_k(si) if top_k is None else top_k, top_p=top_p,
+                                     smooth_ratio=ratio if more_smooth else None, codebook=codebook, vae=vae,
+                                     generator=generator, hooks=hooks)
                 tokens[si] = idx.cpu()
-
-                if more_smooth and not forced:
-                    h = smooth_embedding(logits, ratio, codebook, generator)  # (B, l, Cvae)
-                else:
-                    h = vae.embed(idx.to(codebook.device))
-                h = h.to(device, torch.float32)
 
                 if not last:
                     h_map = h.transpose(1, 2).reshape(B, -1, ph, pw)
@@ -203,8 +254,14 @@ def sample_hart(
                         x = torch.cat([x, x])  # (2B, h'w', C)
                 else:
                     # residual diffusion conditioned on hidden + embedding of the hard codes (docs/hart.md §3.5 step 5)
-                    discrete = model.word_embed(vae.embed(idx.to(codebook.device)).to(device, dtype))
-                    z = model.decoder_norm(x + discrete.repeat(rows // B, 1, 1))  # (rows, l, C)
+                    discrete = model.word_embed(vae.embed(idx.to(codebook.device)).to(device, dtype))  # (B, l, C)
+                    z = x  # (rows, l, C): x + discrete, normed, in place and in chunks of tokens
+                    step = max(1, HEAD_CHUNK_VALUES // (rows * z.shape[-1]))
+                    for a in range(0, z.shape[1], step):
+                        part = z[:, a:a + step]
+                        part.unflatten(0, (rows // B, B)).add_(discrete[:, a:a + step])
+                        part.copy_(model.decoder_norm(part))
+                    del discrete
                     if guided:
                         resid = model.diffloss.sample(z.flatten(0, 1), t, diff_gen)
                     else:
