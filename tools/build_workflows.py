@@ -136,12 +136,12 @@ class Graph:
         node = self.nodes[node_id - 1]
         return node["pos"][0] + node["size"][0]
 
-    def group(self, title: str, members: list[int], bottom: float | None = None) -> None:
+    def group(self, title: str, members: list[int]) -> None:
         """A group around `members`; all groups start at y = 0 so their title bars line up."""
         nodes = [self.nodes[i - 1] for i in members]
         left = min(n["pos"][0] for n in nodes) - 20
         right = max(n["pos"][0] + n["size"][0] for n in nodes) + 20
-        low = bottom if bottom is not None else max(n["pos"][1] + n["size"][1] for n in nodes) + 20
+        low = max(n["pos"][1] + n["size"][1] for n in nodes) + 20
         self.groups.append({"id": len(self.groups) + 1, "title": title, "bounding": [left, 0, right - left, low],
                             "color": GROUP_COLORS[title], "font_size": 24, "flags": {}})
 
@@ -283,11 +283,10 @@ def compare_graph(mappings, *, model, vae, width, height, preset):
     out_base = g.add("SaveImage", (x6, lane - 14), {"filename_prefix": "Compare_baseline"}, width=W_IMAGE,
                      extra_height=IMAGE_H - min_height(mappings, "SaveImage"))
     g.link(d_base, "image", out_base, "images")
-    low = max(g.bottom(i) for i in (base, out_base, r_neg)) + 20
-    g.group("Load", [v, m, t], bottom=low)
-    g.group("Prompt", [e], bottom=low)
-    g.group("FastVAR", [p, fast, base], bottom=low)
-    g.group("Output", [d_fast, out_fast, d_base, out_base], bottom=low)
+    g.group("Load", [v, m, t])
+    g.group("Prompt", [e])
+    g.group("FastVAR", [p, fast, base])
+    g.group("Output", [d_fast, out_fast, d_base, out_base])
     return g
 
 
