@@ -173,6 +173,9 @@ def test_workflow_nodes_are_tall_enough_and_do_not_overlap(path):
     for node in nodes:
         assert node["size"][1] >= _min_body_height(node), (
             f"{path.name}: {node['type']} is {node['size'][1]} px tall, its rows need {_min_body_height(node)}")
+        title = node.get("title") or PACK.NODE_DISPLAY_NAME_MAPPINGS.get(node["type"], node["type"])
+        if node["type"] != "Reroute":  # title text at 14 px x 0.6 per character plus 30 + 10 px of padding
+            assert node["size"][0] >= max(40 + 8.4 * len(title), 210), f"{path.name}: {title} is too narrow"
     for a, b in itertools.combinations(nodes, 2):
         assert not _overlap(_rect(a), _rect(b), margin=10), f"{path.name}: {a['type']} overlaps {b['type']}"
 
