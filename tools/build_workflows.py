@@ -35,7 +35,7 @@ def is_widget(spec) -> bool:
 # at least this size, so a smaller stored size makes the node spill onto its neighbour.
 TITLE, SLOT, WIDGET, MULTILINE = 30, 20, 24, 54  # a widget row is 20 px + 4 px spacing; a multiline box 50 + 4
 DOM_EXTRA = {"FastVAR_Pruning": 190}  # the schedule chart (web/fastvar_schedule.js: 180 px + 6, + 4 spacing)
-RUN_INFO = 80  # room under the sampler's widgets for the run info text shown after a run
+RUN_INFO = 320  # room under the sampler's widgets for the per-scale preview and run info shown during and after a run
 GAP = 100  # between columns: 20 px of group padding on each side and room for the links to bend
 GROUP_COLORS = {"Load": "#3f789e", "Prompt": "#8A8", "FastVAR": "#b06634", "Output": "#88A"}
 
