@@ -252,7 +252,7 @@ def compare_graph(mappings, *, model, vae, width, height, preset):
     e = g.add("FastVAR_TextEncode", (x2, 280), {"prompt": PROMPT}, width=W_PROMPT)
     g.link(t, "text_encoder", e, "text_encoder")
     settings = {"width": width, "height": height, "cfg": 3.0, "tau": 0.5, "seed": 42}
-    p = g.add("FastVAR_Pruning", (x3, 370), {"preset": preset, "chart_for": "Infinity-2B 1024px"}, width=W_PRUNE)
+    p = g.add("FastVAR_Pruning", (x3, 370), {"preset": preset}, width=W_PRUNE)
     fast = g.add("FastVAR_Sampler", (x4, 200), settings, title="FastVAR Sampler (FastVAR)", width=W_SAMPLER,
                  extra_height=RUN_INFO)
     g.link(m, "model", fast, "model")
@@ -300,11 +300,10 @@ VAE_56 = ("infinity_vae_d56_f8_14_patchify.pth", HF_INFINITY + "infinity_vae_d56
 
 
 def infinity_graph(mappings, *, model, vae, width, height, budget, preset, tau=0.5, prefix, what):
-    chart = "Infinity-2B 2K" if budget.startswith("2K") else "Infinity-2B 1024px"
     return single_graph(mappings, INFINITY, model=model, vae=vae, text_encoder="flan-t5-xl",
                         sampler={"width": width, "height": height, "pixel_budget": budget, "cfg": 3.0, "tau": tau,
                                  "seed": 42},
-                        pruning={"preset": preset, "chart_for": chart}, negative=True, prefix=prefix, what=what)
+                        pruning={"preset": preset}, negative=True, prefix=prefix, what=what)
 
 
 def build() -> dict[str, dict]:
@@ -327,7 +326,7 @@ def build() -> dict[str, dict]:
         "hart_1024_fastvar.json": single_graph(
             mappings, HART, model="hart-0.7b-1024px", vae="hart-0.7b-1024px", text_encoder="Qwen2-VL-1.5B-Instruct",
             sampler={"width": 1024, "height": 1024, "cfg": 4.5, "top_p": 0.0, "seed": 42},
-            pruning={"preset": "paper", "chart_for": "HART-0.7B 1024px"}, negative=False, prefix="FastVAR_HART",
+            pruning={"preset": "paper"}, negative=False, prefix="FastVAR_HART",
             what="HART-0.7B, 1024x1024, with FastVAR's paper setting.").to_json([]),
         "infinity_2b_baseline_vs_fastvar.json": compare_graph(
             mappings, model="infinity_2b_reg.pth", vae="infinity_vae_d32reg.pth", width=1024, height=1024,
