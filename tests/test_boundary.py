@@ -56,5 +56,5 @@ import fastvar_core.cli
 usage = fastvar_core.cli.build_parser().format_usage()
 print(json.dumps({"usage": usage, "loaded": sorted(sys.modules)}))
 """)
-    assert "{generate,convert}" in found["usage"]  # demo, bench and e2e-models are tools/ entry points
+    assert "{generate,memory,convert}" in found["usage"]  # demo, bench and e2e-models are tools/ entry points
     assert [m for m in found["loaded"] if is_tooling(m) or m.startswith(DRAWING)] == []

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -34,7 +35,9 @@ def is_widget(spec) -> bool:
 # top-left corner of its body; the title bar (TITLE px) sits above it. The frontend enlarges a loaded node to
 # at least this size, so a smaller stored size makes the node spill onto its neighbour.
 TITLE, SLOT, WIDGET, MULTILINE = 30, 20, 24, 54  # a widget row is 20 px + 4 px spacing; a multiline box 50 + 4
-DOM_EXTRA = {"FastVAR_Pruning": 190}  # the schedule chart (web/fastvar_schedule.js: 180 px + 6, + 4 spacing)
+# The schedule chart: web/fastvar_schedule.js's CHART_HEIGHT + 6, + 4 spacing.
+CHART_HEIGHT = int(re.search(r"CHART_HEIGHT = (\d+)", (ROOT / "web" / "fastvar_schedule.js").read_text())[1])
+DOM_EXTRA = {"FastVAR_Pruning": CHART_HEIGHT + 6 + 4}
 RUN_INFO = 320  # room under the sampler's widgets for the per-scale preview and run info shown during and after a run
 GAP = 100  # between columns: 20 px of group padding on each side and room for the links to bend
 GROUP_COLORS = {"Load": "#3f789e", "Prompt": "#8A8", "FastVAR": "#b06634", "Output": "#88A"}
