@@ -341,3 +341,14 @@ def test_bench_with_cuda_on_a_machine_without_it_fails_before_building_anything(
     monkeypatch.setattr(bench, "build_cases", lambda *a: pytest.fail("built models before checking the device"))
     assert main(["--quick", "--device", "cuda"]) != 0
     assert "--device cuda: no CUDA device is available" in capsys.readouterr().err
+
+
+def test_a_text_encoder_too_big_for_free_memory_is_refused_with_the_flag_to_pass(monkeypatch):
+    from fastvar_core.errors import ConfigError
+    from tools import bench
+
+    monkeypatch.setattr(bench, "_available_bytes", lambda: 2**30)  # 1 GiB free; flan-t5-xl's 24 layers: ~4.5 GiB
+    with pytest.raises(ConfigError, match=r"random flan-t5-xl text encoder at 24 layers needs about 4\.\d GiB .* "
+                                          r"only 1\.0 GiB are free on cpu: pass --text-depth N"):
+        bench._check_text_fits(SHAPES["infinity-2b"], None, bench.torch.device("cpu"), bench.torch.float32)
+    bench._check_text_fits(SHAPES["infinity-2b"], 1, bench.torch.device("cpu"), bench.torch.float32)  # ~0.4 GiB

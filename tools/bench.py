@@ -377,6 +377,21 @@ def _available_bytes() -> int | None:
     return None
 
 
+def _check_text_fits(shape: ModelShape, depth: int | None, device: torch.device, dtype: torch.dtype) -> None:
+    """Refuse a text encoder whose weights alone would not fit in the memory left beside the transformer."""
+    with torch.device("meta"):  # counts the parameters without allocating them
+        encoder = get_family(shape.family).random_text_encoder(depth)
+    need = sum(p.numel() for p in encoder.parameters()) * torch.finfo(dtype).bits // 8
+    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else _available_bytes()
+    if free is not None and need > 0.8 * free:
+        layers = encoder.model.config.num_hidden_layers
+        raise ConfigError(
+            f"the {encoder.source} text encoder at {layers} layers needs about {need / 2**30:.1f} GiB of weights, "
+            f"but only {free / 2**30:.1f} GiB are free on {device}: pass --text-depth N "
+            f"(e.g. --text-depth {max(1, int(layers * 0.6 * free / need))})"
+        )
+
+
 def _check_fits(shape: ModelShape, device: torch.device, dtype: torch.dtype) -> None:
     """Refuse a model whose weights alone would not fit in the machine's free memory."""
     c, d = shape.width, shape.depth
@@ -436,6 +451,7 @@ def build_cases(args: argparse.Namespace, device: torch.device, dtype: torch.dty
         cond = random_conditioning(shape, batch=args.batch, device=device)
         log(f"{shape.name}: width {shape.width}, {shape.heads} heads, depth {shape.depth}, text width "
             f"{shape.text_width}, ffn {model.config.ffn_hidden}, {dtype}, {device}")
+        _check_text_fits(shape, args.text_depth, device, dtype)
         with torch.inference_mode():
             text = time_text_encoder(shape, args, device, dtype, log)
         schedules = {res: s for res in RESOLUTIONS if (s := bench_schedule(shape.family, model, res)) is not None}
