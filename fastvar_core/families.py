@@ -140,9 +140,10 @@ class Family(ABC):
         replaces the decoder's base width."""
         raise ConfigError(f"{self.label} cannot build a random-weight VAE")
 
-    def random_text_encoder(self):
+    def random_text_encoder(self, depth: int | None = None):
         """The release's text encoder (transformers model and this family's encoding, no tokenizer) with default
-        initialisation in float32; built under ``torch.device("meta")`` it holds no memory (the memory report)."""
+        initialisation in float32, ``depth`` layers (None: the release's); built under ``torch.device("meta")``
+        it holds no memory (the memory report)."""
         raise ConfigError(f"{self.label} cannot build a random-weight text encoder")
 
     def vae_upscale(self, vae) -> int:

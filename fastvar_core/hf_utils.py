@@ -83,3 +83,16 @@ class HFTextEncoder(nn.Module):
     @property
     def dtype(self) -> torch.dtype:
         return self.model.get_input_embeddings().weight.dtype
+
+    def token_columns(self, prompt_tokens: int) -> int:
+        """Token columns per prompt the model runs in ``encode`` for prompts of ``prompt_tokens`` tokens."""
+        return prompt_tokens
+
+    @torch.no_grad()
+    def encode_random(self, prompts: int, prompt_tokens: int, generator: torch.Generator) -> torch.Tensor:
+        """The model's forward of ``encode`` on random token ids (``prompts`` prompts of ``prompt_tokens`` tokens):
+        its time and memory without a tokenizer. Returns the last hidden state."""
+        shape = (prompts, self.token_columns(prompt_tokens))
+        ids = torch.randint(0, self.model.config.vocab_size, shape, generator=generator).to(self.device)
+        mask = torch.ones(shape, dtype=torch.long, device=self.device)
+        return self.model(input_ids=ids, attention_mask=mask).last_hidden_state

@@ -5,6 +5,7 @@ Only a smoke run of a few seconds: real benchmarks never run inside the tests.
 
 from __future__ import annotations
 
+import argparse
 import io
 import json
 from dataclasses import replace
@@ -56,20 +57,23 @@ def test_end_to_end_total_is_the_sum_of_its_parts_and_its_speedup_is_against_the
     data, _ = report
     for r in data["results"]:
         base = next(b for b in data["results"] if b["model"] == r["model"] and b["pruning"] == "off")
-        assert r["text_s"] is None  # random conditioning: no text encoder ran
-        assert r["total_s"] == pytest.approx(r["median_s"] + r["decode_s"])
+        assert isinstance(r["text_s"], float) and r["text_s"] > 0 and r["text_layers"] == 1  # --quick: one layer
+        assert r["text_s"] == base["text_s"]  # one prompt encoded per model, whatever the pruning
+        assert r["total_s"] == pytest.approx(r["text_s"] + r["median_s"] + r["decode_s"])
         assert r["e2e_speedup"] == pytest.approx(base["total_s"] / r["total_s"])
-        assert r["run_peak_bytes"] == max(r["peak_bytes"], r["decode_peak_bytes"])
+        assert r["run_peak_bytes"] == max(r["text_peak_bytes"], r["peak_bytes"], r["decode_peak_bytes"])
+    assert data["machine"]["device"] == "cpu" and data["machine"]["dtype"] == "float32"
     out = io.StringIO()
-    print_table(data["results"], out)
+    print_table(data["results"], out, machine=data["machine"])
     table = out.getvalue()
+    assert table.splitlines()[0] == f"machine: {data['machine']['cpu']}, device cpu, float32"
     header = next(line for line in table.splitlines() if line.startswith("pruning"))
     assert header.split() == ["pruning", "tokens", "TFLOP", "ideal", "text", "s", "sample", "s", "speedup", "of",
                               "ideal", "overhead", "decode", "s", "total", "s", "e2e", "peak", "GiB", "vs", "off",
                               "run", "peak"]
     first = next(line for line in table.splitlines() if line.startswith("off"))
     off = next(r for r in data["results"] if r["pruning"] == "off")
-    assert f"{off['total_s']:.2f}" in first.split() and first.split()[4] == "-"
+    assert f"{off['total_s']:.2f}" in first.split() and first.split()[4] == f"{off['text_s']:.2f}"
 
 
 def test_speedups_are_relative_to_the_baseline_and_ideal_matches_the_cost_model(report):
@@ -295,3 +299,56 @@ def test_bench_restores_threads_and_onednn(monkeypatch, tmp_path):
     assert main(["--quick", "--threads", str(threads + 1), "--no-onednn", *TINY, "--json", str(tmp_path / "b.json")]) == 0
     assert seen == [(threads + 1, False)]
     assert (torch.get_num_threads(), linear._enabled) == (threads, True)
+
+
+def test_device_auto_picks_cuda_only_when_available_and_cuda_without_it_says_what_to_do(monkeypatch):
+    from fastvar_core.errors import ConfigError
+    from tools import bench
+
+    monkeypatch.setattr(bench.torch.cuda, "is_available", lambda: False)
+    assert bench.pick_device("auto") == bench.torch.device("cpu")
+    assert bench.pick_device("cpu") == bench.torch.device("cpu")
+    with pytest.raises(ConfigError, match=r"--device cuda: no CUDA device is available .*pass --device cpu"):
+        bench.pick_device("cuda")
+    with pytest.raises(ConfigError, match=r"--device must be cpu, cuda or auto, found 'gpu'"):
+        bench.pick_device("gpu")
+    monkeypatch.setattr(bench.torch.cuda, "is_available", lambda: True)
+    assert bench.pick_device("auto") == bench.torch.device("cuda")
+    assert bench.pick_device("cuda") == bench.torch.device("cuda")
+
+
+def test_cuda_defaults_to_bfloat16_and_the_cpu_to_float32(monkeypatch):
+    from tools import bench
+
+    def resolved(*argv):
+        parser = argparse.ArgumentParser()
+        bench.add_arguments(parser)
+        return bench._resolve_args(parser.parse_args(["--quick", *argv]))
+
+    monkeypatch.setattr(bench.torch.cuda, "is_available", lambda: True)
+    args = resolved("--device", "cuda")
+    assert (args.device, args.dtype) == ("cuda", "bfloat16")
+    assert resolved("--device", "cuda", "--dtype", "float32").dtype == "float32"
+    monkeypatch.setattr(bench.torch.cuda, "is_available", lambda: False)
+    args = resolved()
+    assert (args.device, args.dtype, args.text_depth) == ("cpu", "float32", 1)
+
+
+def test_bench_with_cuda_on_a_machine_without_it_fails_before_building_anything(monkeypatch, capsys):
+    from tools import bench
+
+    monkeypatch.setattr(bench.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(bench, "build_cases", lambda *a: pytest.fail("built models before checking the device"))
+    assert main(["--quick", "--device", "cuda"]) != 0
+    assert "--device cuda: no CUDA device is available" in capsys.readouterr().err
+
+
+def test_a_text_encoder_too_big_for_free_memory_is_refused_with_the_flag_to_pass(monkeypatch):
+    from fastvar_core.errors import ConfigError
+    from tools import bench
+
+    monkeypatch.setattr(bench, "_available_bytes", lambda: 2**30)  # 1 GiB free; flan-t5-xl's 24 layers: ~4.5 GiB
+    with pytest.raises(ConfigError, match=r"random flan-t5-xl text encoder at 24 layers needs about 4\.\d GiB .* "
+                                          r"only 1\.0 GiB are free on cpu: pass --text-depth N"):
+        bench._check_text_fits(SHAPES["infinity-2b"], None, bench.torch.device("cpu"), bench.torch.float32)
+    bench._check_text_fits(SHAPES["infinity-2b"], 1, bench.torch.device("cpu"), bench.torch.float32)  # ~0.4 GiB

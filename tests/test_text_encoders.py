@@ -416,3 +416,21 @@ def test_qwen_bfloat16():
     cond = enc.encode([PROMPT], use_system_prompt=False)
     assert cond.context.dtype == torch.float32
     _close(cond.context[0, 0, :5], QWEN_REF["padded300_hidden_states_last_token0_first5"], atol=1e-1)
+
+
+@pytest.mark.parametrize("name", ["t5_folder", "qwen"])
+def test_encode_random_runs_the_columns_encode_runs(name, request):
+    """The bench times encode_random in place of encode: the model must see as many token columns."""
+    encoder = request.getfixturevalue(name)
+    seen = []
+    hook = encoder.model.register_forward_pre_hook(lambda m, a, kw: seen.append(tuple(kw["input_ids"].shape)),
+                                                   with_kwargs=True)
+    try:
+        prompt = "a red fox sitting in fresh snow at sunrise"
+        n = len(encoder.tokenizer([prompt]).input_ids[0])
+        encoder.encode([prompt, prompt])
+        hidden = encoder.encode_random(2, n, torch.Generator().manual_seed(0))
+    finally:
+        hook.remove()
+    assert seen[0] == seen[1] == (2, encoder.token_columns(n))
+    assert hidden.shape == (2, encoder.token_columns(n), encoder.width)

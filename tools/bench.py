@@ -8,9 +8,15 @@ shared machine hit all of them alike; medians are reported. Per scale and in tot
 FLOPs (cost model), wall time; per run: peak memory (CUDA max-allocated; on the CPU the peak resident
 set size, heap trimmed before each run), the measured speedup next to the cost model's FLOP-ratio
 ideal, and the share of the pruned sub-layers' time spent selecting and restoring tokens. The decoder
-runs once per model and resolution (its work does not depend on pruning). End to end per config: text
-encoding (none with random conditioning), sampling and decode seconds, their total and its speedup next to
-the sampler's, and the run's peak (sampling or decode). Writes JSON and a PNG chart.
+runs once per model and resolution (its work does not depend on pruning). The release's text encoder
+(random weights; ``--text-depth`` reduces its layers) encodes one prompt of the typical length once per
+model (median of the rounds); the sampler itself runs on random conditioning of that length. End to end per
+config: text encoding, sampling and decode seconds, their total and its speedup next to the sampler's, and
+the run's peak (text encoding, sampling or decode).
+
+Runs on the CPU (default) or ``--device cuda`` (bfloat16 by default there; CUDA wall time with the device
+synchronised around every timed region, peak = max-allocated memory, reset per run). The JSON and the table
+name the machine, device and dtype. Writes JSON and a PNG chart.
 """
 
 from __future__ import annotations
@@ -41,7 +47,8 @@ from fastvar_core.schedules import ScaleSchedule
 
 from . import command
 from .measure import PeakMemory, current_rss
-from .randomized import SHAPES, ModelShape, build_transformer, build_vae, random_conditioning
+from .randomized import (PROMPT_TOKENS, SHAPES, ModelShape, build_text_encoder, build_transformer, build_vae,
+                         random_conditioning)
 
 # Resolution names and the pixel budget of each. A family without that size class runs none there, except
 # at 256 px: the head of its 1024 px schedule up to 16x16 tokens (HART; the cost curve's small end).
@@ -49,7 +56,7 @@ BUDGETS = {"256": "0.06M", "512": "0.25M", "768": "0.60M", "1024": "1M", "2K": "
 HEAD_SIDES = {"256": 16}
 RESOLUTIONS = tuple(BUDGETS)
 QUICK = {"models": "infinity-2b,hart-0.7b", "resolutions": "256", "width": 256, "heads": 2, "depth": 4,
-         "text_channels": 256, "repeats": 3, "warmup": 1}
+         "text_channels": 256, "text_depth": 1, "repeats": 3, "warmup": 1}
 
 
 def bench_schedule(family: str, model, resolution: str) -> ScaleSchedule | None:
@@ -108,7 +115,9 @@ class Case:
     cond: object
     device: torch.device
     batch: int
-    text_s: float | None = None  # text encoding; None: random conditioning, no text encoder ran
+    text_s: float  # encoding one prompt with the family's text encoder (median)
+    text_peak_bytes: int  # peak memory while encoding
+    text_layers: int  # the text encoder's depth (the release's unless --text-depth)
 
     @property
     def family(self) -> str:
@@ -304,9 +313,10 @@ def _summarise(case, name, config, runs, cost, base_cost, decode_s, decode_peak,
         "batch": case.batch, "repeats": len(runs), "times_s": times, "median_s": statistics.median(times),
         "foreign_cpu": [r["foreign_cpu"] for r in runs],
         "decode_s": decode_s, "decode_peak_bytes": decode_peak, "text_s": case.text_s,
+        "text_peak_bytes": case.text_peak_bytes, "text_layers": case.text_layers,
         # end to end: text encoding + sampling (median) + decode, and the peak of all of it
-        "total_s": (case.text_s or 0.0) + statistics.median(times) + decode_s,
-        "run_peak_bytes": max(int(statistics.median(peaks)), decode_peak),
+        "total_s": case.text_s + statistics.median(times) + decode_s,
+        "run_peak_bytes": max(case.text_peak_bytes, int(statistics.median(peaks)), decode_peak),
         "ideal_speedup": base_cost.total_flops / cost.total_flops,
         "flops": cost.total_flops * case.batch, "baseline_flops": base_cost.total_flops * case.batch,
         "tokens_forwarded": sum(s["tokens_forwarded"] for s in per_scale),
@@ -319,6 +329,25 @@ def _summarise(case, name, config, runs, cost, base_cost, decode_s, decode_peak,
 
 
 # ------------------------------------------------------------------------------------------------ set-up
+
+
+def pick_device(name: str) -> torch.device:
+    """``--device``: cpu, cuda (an error without a CUDA device) or auto (cuda when available)."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        build = "a CPU-only build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}"
+        raise ConfigError(f"--device cuda: no CUDA device is available (torch {torch.__version__}, {build}); "
+                          "install a CUDA build of PyTorch on a machine with an NVIDIA GPU, or pass --device cpu "
+                          "(--device auto picks cuda when there is one)")
+    if name not in ("cpu", "cuda"):
+        raise ConfigError(f"--device must be cpu, cuda or auto, found {name!r}")
+    return torch.device(name)
+
+
+def machine_name(info: dict) -> str:
+    """The machine the numbers come from: the GPU on CUDA, else the CPU model name."""
+    return info.get("gpu") or info["cpu"]
 
 
 def machine_info(device: torch.device, onednn: bool) -> dict:
@@ -348,6 +377,21 @@ def _available_bytes() -> int | None:
     return None
 
 
+def _check_text_fits(shape: ModelShape, depth: int | None, device: torch.device, dtype: torch.dtype) -> None:
+    """Refuse a text encoder whose weights alone would not fit in the memory left beside the transformer."""
+    with torch.device("meta"):  # counts the parameters without allocating them
+        encoder = get_family(shape.family).random_text_encoder(depth)
+    need = sum(p.numel() for p in encoder.parameters()) * torch.finfo(dtype).bits // 8
+    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else _available_bytes()
+    if free is not None and need > 0.8 * free:
+        layers = encoder.model.config.num_hidden_layers
+        raise ConfigError(
+            f"the {encoder.source} text encoder at {layers} layers needs about {need / 2**30:.1f} GiB of weights, "
+            f"but only {free / 2**30:.1f} GiB are free on {device}: pass --text-depth N "
+            f"(e.g. --text-depth {max(1, int(layers * 0.6 * free / need))})"
+        )
+
+
 def _check_fits(shape: ModelShape, device: torch.device, dtype: torch.dtype) -> None:
     """Refuse a model whose weights alone would not fit in the machine's free memory."""
     c, d = shape.width, shape.depth
@@ -360,6 +404,32 @@ def _check_fits(shape: ModelShape, device: torch.device, dtype: torch.dtype) -> 
             f"{shape.name} at depth {d} (width {c}) needs about {need / 2**30:.1f} GiB of weights, but only "
             f"{free / 2**30:.1f} GiB are free on {device}: pass --depth N (e.g. --depth {max(1, int(d * 0.6 * free / need))})"
         )
+
+
+def time_text_encoder(shape: ModelShape, args: argparse.Namespace, device: torch.device, dtype: torch.dtype,
+                      log) -> tuple[float, int, int]:
+    """(median seconds, peak bytes, layers) of encoding ``args.batch`` prompts of PROMPT_TOKENS tokens with a random-weight
+    text encoder of the release (``args.text_depth`` layers), after ``args.warmup`` untimed runs."""
+    encoder = build_text_encoder(shape, args.text_depth, device=device, dtype=dtype)
+    layers = encoder.model.config.num_hidden_layers
+    g = torch.Generator().manual_seed(args.seed)
+    for _ in range(args.warmup):
+        encoder.encode_random(args.batch, PROMPT_TOKENS, g)
+    times, peaks = [], []
+    for _ in range(args.repeats):
+        release_memory(device)
+        with PeakMemory(device) as mem:
+            _sync(device)
+            t0 = time.perf_counter()
+            encoder.encode_random(args.batch, PROMPT_TOKENS, g)
+            _sync(device)
+            times.append(time.perf_counter() - t0)
+        peaks.append(mem.peak_bytes)
+    log(f"  text encoder {encoder.source}, {layers} layers, {encoder.token_columns(PROMPT_TOKENS)} token columns: "
+        f"{statistics.median(times):.2f} s, peak {statistics.median(peaks) / 2**30:.2f} GiB")
+    del encoder
+    release_memory(device)
+    return statistics.median(times), int(statistics.median(peaks)), layers
 
 
 def build_cases(args: argparse.Namespace, device: torch.device, dtype: torch.dtype, log):
@@ -381,12 +451,16 @@ def build_cases(args: argparse.Namespace, device: torch.device, dtype: torch.dty
         cond = random_conditioning(shape, batch=args.batch, device=device)
         log(f"{shape.name}: width {shape.width}, {shape.heads} heads, depth {shape.depth}, text width "
             f"{shape.text_width}, ffn {model.config.ffn_hidden}, {dtype}, {device}")
+        _check_text_fits(shape, args.text_depth, device, dtype)
+        with torch.inference_mode():
+            text = time_text_encoder(shape, args, device, dtype, log)
         schedules = {res: s for res in RESOLUTIONS if (s := bench_schedule(shape.family, model, res)) is not None}
         for resolution in args.resolutions:
             if resolution not in schedules:
                 log(f"  {resolution}: no {shape.family} schedule at this size, skipped")
                 continue
-            yield Case(key, shape, resolution, schedules[resolution], schedules, model, vae, cond, device, args.batch)
+            yield Case(key, shape, resolution, schedules[resolution], schedules, model, vae, cond, device, args.batch,
+                       *text)
         del model, vae
         release_memory(device)
 
@@ -398,7 +472,10 @@ def _gib(n) -> str:
     return "-" if n is None else f"{n / 2**30:.2f}"
 
 
-def print_table(results: list[dict], out=sys.stdout) -> None:
+def print_table(results: list[dict], out=sys.stdout, machine: dict | None = None) -> None:
+    """The results per model and resolution; ``machine`` (the JSON's) heads it with machine, device and dtype."""
+    if machine:
+        print(f"machine: {machine_name(machine)}, device {machine['device']}, {machine['dtype']}", file=out)
     cases = {}
     for r in results:
         cases.setdefault((r["model_name"], r["resolution"]), []).append(r)
@@ -417,13 +494,13 @@ def print_table(results: list[dict], out=sys.stdout) -> None:
             eff = "-" if r["efficiency"] is None else f"{r['efficiency']:.0%}"
             ov = "-" if r["overhead_share"] is None else f"{r['overhead_share']:.1%}"
             red = "-" if r["peak_reduction"] is None else f"{-r['peak_reduction']:+.0%}"
-            text = "-" if r["text_s"] is None else f"{r['text_s']:.2f}"
+            text = f"{r['text_s']:.2f}"
             print(f"{r['pruning']:8} {r['tokens_forwarded']:>8.0f} {r['flops'] / 1e12:>8.2f} {r['ideal_speedup']:>6.2f}x "
                   f"{text:>7} {r['median_s']:>9.2f} {sp:>8} {eff:>8} {ov:>8} {r['decode_s']:>8.2f} {r['total_s']:>8.2f} "
                   f"{e2e:>7} {_gib(r['peak_bytes']):>8} {red:>7} {_gib(r['run_peak_bytes']):>8}", file=out)
-        if r0["text_s"] is None:
-            print("text s '-': random conditioning, no text encoder ran (total = sampling + decode); "
-                  "peak GiB: sampling, run peak: sampling or decode", file=out)
+        print(f"text s: the release's text encoder at {r0['text_layers']} layers, random weights, one prompt of "
+              f"{PROMPT_TOKENS} tokens; total = text + sampling + decode; peak GiB: sampling, run peak: text, "
+              "sampling or decode", file=out)
         print("per scale: seconds, tokens forwarded per layer and CFG row, CFG rows, peak GiB", file=out)
         print("  " + f"{'scale':>5} {'size':>9} " + " ".join(f"{r['pruning']:>24}" for r in rows), file=out)
         for i, sc in enumerate(r0["scales"]):
@@ -507,6 +584,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--width", type=int, help="transformer width (default: the released one)")
     parser.add_argument("--heads", type=int, help="attention heads (default: the released number)")
     parser.add_argument("--text-channels", type=int, help="text feature width (default: the released one)")
+    parser.add_argument("--text-depth", type=int, help="text encoder layers (default: the released number; its time "
+                        "grows about linearly with them)")
     parser.add_argument("--vae-base", type=int, help="VAE decoder base width (default: the released one)")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--repeats", type=int, help="measured rounds; the median is reported (default 3)")
@@ -516,8 +595,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="run again (up to N times, each after waiting for a quiet machine) a run during which "
                         "other processes took over 5%% of the CPU")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or auto (cuda when available); default cpu")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"],
+                        help="compute dtype (default: bfloat16 on cuda, float32 on the cpu)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--no-onednn", action="store_true",
                         help="CPU float32 dense layers on PyTorch's default kernel (MKL) instead of oneDNN")
@@ -541,11 +621,15 @@ def _resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     for p in args.presets or []:
         if p not in PRESET_NAMES + ACCELERATED_PRESETS:
             raise ConfigError(f"--pruning: {p!r} is unknown; allowed: {list(PRESET_NAMES + ACCELERATED_PRESETS)}")
-    for name in ("depth", "width", "heads", "text_channels", "vae_base"):
+    for name in ("depth", "width", "heads", "text_channels", "text_depth", "vae_base"):
         setattr(args, name, pick(name, None))
     args.repeats, args.warmup = pick("repeats", 3), pick("warmup", 1)
     if args.repeats < 1 or args.warmup < 0 or args.batch < 1:
         raise ConfigError(f"--repeats ({args.repeats}) and --batch ({args.batch}) must be >= 1, --warmup >= 0")
+    if args.text_depth is not None and args.text_depth < 1:
+        raise ConfigError(f"--text-depth must be >= 1, found {args.text_depth}")
+    args.device = str(pick_device(args.device))
+    args.dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
     return args
 
 
@@ -563,7 +647,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _measure(args: argparse.Namespace) -> int:
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = torch.device(args.device)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
 
     def log(msg: str) -> None:
@@ -572,9 +656,10 @@ def _measure(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     results, arch_of = [], {}
     info = machine_info(device, not args.no_onednn)
+    info.update(dtype=args.dtype, name=machine_name(info))
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-    log(f"bench on {info['cpu']} ({info['cpu_count']} cores, {info['torch_threads']} torch threads), {device}, "
-        f"load average {load:.2f}")
+    log(f"bench on {machine_name(info)} ({info['cpu']}, {info['cpu_count']} cores, {info['torch_threads']} torch "
+        f"threads), {device}, {args.dtype}, load average {load:.2f}")
     if device.type == "cpu" and load > 0.5:
         log("the CPU is busy with other work: wall times will be noisy (threads wait for each other), use medians")
     for case in build_cases(args, device, dtype, log):
@@ -583,7 +668,7 @@ def _measure(args: argparse.Namespace) -> int:
         with torch.inference_mode():
             results += measure_case(case, presets, args.repeats, args.warmup, args.seed, log, args.quiet_retries)
         arch_of[(case.key, case.family)] = (case.arch(), case.schedules)
-    print_table(results)
+    print_table(results, machine=info)
     curves = cost_curves(results, arch_of)
     report = {"machine": info, "elapsed_s": time.perf_counter() - started,
               "load_average_end": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,

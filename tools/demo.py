@@ -25,8 +25,9 @@ from fastvar_core.pruning_request import PruningRequest
 from fastvar_core.sampling import SamplingHooks
 
 from . import command
+from .bench import machine_info
 from .measure import PeakMemory
-from .randomized import SHAPES, build_transformer, build_vae, random_conditioning
+from .randomized import PROMPT_TOKENS, SHAPES, build_text_encoder, build_transformer, build_vae, random_conditioning
 
 PACK_ROOT = Path(__file__).resolve().parents[1]
 
@@ -67,6 +68,15 @@ def run_random(args: argparse.Namespace) -> int:
         schedule = family.schedule_for_size(model, args.size, args.size, None)
     except ConfigError:  # no size class near --size: the family's default square one
         schedule = family.schedule_for_size(model, None, None, None)
+    if args.text_depth < 1:
+        raise ConfigError(f"--text-depth must be >= 1, found {args.text_depth}")
+    encoder = build_text_encoder(shape, args.text_depth)
+    with torch.inference_mode(), PeakMemory() as text_mem:
+        encoder.encode_random(1, PROMPT_TOKENS, torch.Generator().manual_seed(args.seed))  # warm-up
+        t0 = time.perf_counter()
+        encoder.encode_random(1, PROMPT_TOKENS, torch.Generator().manual_seed(args.seed))
+        text_s = time.perf_counter() - t0
+    del encoder
     arch = family.arch_spec(model.config, cond)
     base_flops = estimate(arch, list(schedule.scales)).total_flops
     out = Path(args.out)
@@ -89,15 +99,18 @@ def run_random(args: argparse.Namespace) -> int:
         forwarded = sum(sum(s.forwarded) / shape.depth for s in report.scales)
         rows.append((name, len(result.executed_scales), forwarded, base_flops / report.total_flops, t1 - t0, t2 - t1,
                      mem.peak_bytes))
-    print(f"\n{shape.name} shapes, {schedule.image_size[1]}x{schedule.image_size[0]}, CPU threads "
-          f"{torch.get_num_threads()}:")
+    print(f"\n{shape.name} shapes, {schedule.image_size[1]}x{schedule.image_size[0]}, machine: "
+          f"{machine_info(torch.device('cpu'), True)['cpu']}, CPU threads {torch.get_num_threads()}, float32:")
     print(f"{'pruning':8} {'scales':>6} {'tokens/layer':>12} {'FLOP ratio':>10} {'text s':>7} {'sampling s':>10} "
           f"{'speedup':>8} {'decode s':>8} {'total s':>8} {'e2e':>7} {'peak RSS':>9}")
-    base_time, base_total = rows[0][4], rows[0][4] + rows[0][5]
+    base_time, base_total = rows[0][4], text_s + rows[0][4] + rows[0][5]
     for name, scales, tokens, ideal, ts, td, peak in rows:
-        print(f"{name:8} {scales:>6} {tokens:>12.0f} {ideal:>9.2f}x {'-':>7} {ts:>10.2f} {base_time / ts:>7.2f}x {td:>8.2f} "
-              f"{ts + td:>8.2f} {base_total / (ts + td):>6.2f}x {peak / 2**30:>7.2f}Gi")
-    print("text s '-': random conditioning, no text encoder ran (total = sampling + decode, e2e: its speedup)")
+        total = text_s + ts + td
+        print(f"{name:8} {scales:>6} {tokens:>12.0f} {ideal:>9.2f}x {text_s:>7.2f} {ts:>10.2f} {base_time / ts:>7.2f}x "
+              f"{td:>8.2f} {total:>8.2f} {base_total / total:>6.2f}x {max(peak, text_mem.peak_bytes) / 2**30:>7.2f}Gi")
+    print(f"text s: the release's text encoder at {args.text_depth} layers, random weights, one prompt of "
+          f"{PROMPT_TOKENS} tokens (total = text + sampling + decode, e2e: its speedup; peak RSS: text, sampling or "
+          "decode)")
     print(f"\nimages and kept-token maps written to {out}/")
     return 0
 
@@ -122,6 +135,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt", default="a red fox sitting in fresh snow at sunrise, highly detailed")
     parser.add_argument("--model", choices=sorted(SHAPES), default="infinity-2b", help="random-weight shape")
     parser.add_argument("--depth", type=int, default=4, help="layers of the random-weight model (presets prune 3..)")
+    parser.add_argument("--text-depth", type=int, default=4, help="layers of the random-weight text encoder")
     parser.add_argument("--size", type=int, choices=[256, 512, 768, 1024], default=512,
                         help="image size (a family without a size class near it makes its default: HART 1024 px)")
     parser.add_argument("--seed", type=int, default=1)

@@ -73,7 +73,17 @@ def build_vae(shape: ModelShape, seed: int = 1, device="cpu") -> torch.nn.Module
     return get_family(shape.family).random_vae(shape.config, shape.vae_base).to(device)
 
 
-def random_conditioning(shape: ModelShape, batch: int = 1, tokens: int = 24, seed: int = 2, device="cpu"):
+PROMPT_TOKENS = 24  # a typical prompt's length (one sentence), for the random conditioning and the text encoder
+
+
+def build_text_encoder(shape: ModelShape, depth: int | None = None, seed: int = 3, device="cpu",
+                       dtype=torch.float32) -> torch.nn.Module:
+    """A random-weight text encoder of the family's release (``depth`` layers; None: the release's)."""
+    torch.manual_seed(seed)
+    return get_family(shape.family).random_text_encoder(depth).to(device=device, dtype=dtype)
+
+
+def random_conditioning(shape: ModelShape, batch: int = 1, tokens: int = PROMPT_TOKENS, seed: int = 2, device="cpu"):
     """Text features standing in for the text encoder's output (no encoder weights needed)."""
     g = torch.Generator().manual_seed(seed)
     return get_family(shape.family).random_conditioning(shape.config, batch, tokens, g).to(device)

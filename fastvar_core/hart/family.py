@@ -96,10 +96,10 @@ class HARTFamily(Family):
             vae_config = replace(vae_config, ch=base_width)
         return HARTVAE(vae_config).eval().requires_grad_(False)
 
-    def random_text_encoder(self):
+    def random_text_encoder(self, depth=None):
         from .text import random_qwen_encoder
 
-        return random_qwen_encoder()
+        return random_qwen_encoder(depth)
 
     def vae_upscale(self, vae):
         return vae.config.downsample

@@ -213,6 +213,16 @@ class QwenTextEncoder(HFTextEncoder):
         context = hidden[:, s:].float()  # (B, T, C_ctx)
         return HARTTextConditioning(context, mask, position_ids, prompts)
 
+    def token_columns(self, prompt_tokens: int) -> int:
+        # Every prompt is padded to HART_MAX_TOKENS behind the system prompt, which is cut at the same limit
+        # (docs/hart.md §3.2). Without a tokenizer the system prompt's length is estimated at 4 characters a token
+        # (byte-level BPE on English text).
+        if self.tokenizer is not None:
+            system = len(self.tokenizer([HART_SYSTEM_PROMPT]).input_ids[0])
+        else:
+            system = len(HART_SYSTEM_PROMPT) // 4
+        return min(system, HART_MAX_TOKENS) + HART_MAX_TOKENS
+
     def extra_repr(self) -> str:
         return f"source={self.source!r}, width={self.width}"
 
@@ -264,9 +274,11 @@ def load_qwen_encoder(
     return QwenTextEncoder(model.to(device), tokenizer, source=str(folder))
 
 
-def random_qwen_encoder() -> QwenTextEncoder:
-    """HART's bare Qwen2 decoder with default initialisation and no tokenizer (build under a meta device for shapes)."""
+def random_qwen_encoder(depth: int | None = None) -> QwenTextEncoder:
+    """HART's bare Qwen2 decoder with default initialisation and no tokenizer (build under a meta device for shapes);
+    ``depth`` layers (None: the release's 28)."""
     from transformers import Qwen2Config, Qwen2Model
 
+    config = QWEN2_1_5B if depth is None else {**QWEN2_1_5B, "num_hidden_layers": depth}
     with quiet_transformers():
-        return QwenTextEncoder(Qwen2Model(Qwen2Config(**QWEN2_1_5B)), None, "random Qwen2-1.5B")
+        return QwenTextEncoder(Qwen2Model(Qwen2Config(**config)), None, "random Qwen2-1.5B")

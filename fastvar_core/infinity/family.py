@@ -137,10 +137,10 @@ class InfinityFamily(Family):
                                        has_encoder=False))
         return vae.eval().requires_grad_(False)
 
-    def random_text_encoder(self):
+    def random_text_encoder(self, depth=None):
         from .text import random_t5_encoder
 
-        return random_t5_encoder()
+        return random_t5_encoder(depth)
 
     def vae_upscale(self, vae):
         return vae.config.patch_size

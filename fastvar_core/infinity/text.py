@@ -408,9 +408,11 @@ def load_t5_encoder(
     return T5TextEncoder(model.to(device), tokenizer, source=str(path))
 
 
-def random_t5_encoder() -> T5TextEncoder:
-    """flan-t5-xl's encoder with default initialisation and no tokenizer (build under a meta device for shapes)."""
+def random_t5_encoder(depth: int | None = None) -> T5TextEncoder:
+    """flan-t5-xl's encoder with default initialisation and no tokenizer (build under a meta device for shapes);
+    ``depth`` encoder layers (None: the release's 24)."""
     from transformers import T5Config, T5EncoderModel
 
+    config = FLAN_T5_XL if depth is None else {**FLAN_T5_XL, "num_layers": depth}
     with quiet_transformers():
-        return T5TextEncoder(T5EncoderModel(T5Config(**FLAN_T5_XL)), None, "random flan-t5-xl")
+        return T5TextEncoder(T5EncoderModel(T5Config(**config)), None, "random flan-t5-xl")
