@@ -235,12 +235,13 @@ def load_sharded_folder(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
     return state
 
 
-def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Read a file or a sharded folder into a flat state dict, preferring a ``.safetensors`` twin."""
+def load_state_dict(path: str | os.PathLike, mmap: bool = True) -> dict[str, torch.Tensor]:
+    """Read a file or a sharded folder into a flat state dict, preferring a ``.safetensors`` twin
+    (``mmap``: as :func:`load_file`)."""
     path = Path(path)
     if path.is_dir():
         return load_sharded_folder(path)
-    return dict(load_file(prefer_safetensors(path)))
+    return dict(load_file(prefer_safetensors(path), mmap=mmap))
 
 
 def read_shapes(path: str | os.PathLike) -> Mapping[str, object]:
