@@ -11,6 +11,10 @@ Two steps, each under ``flock /tmp/bigmem.lock`` (about 9 GB of RAM at the peak)
         (``nodes.loaders.load_model_part``, compute bfloat16, the given weight_dtype), brings it to the load
         device with ``load_models_gpu`` and prints the process's resident memory before and after, next to
         the bytes the memory report predicts for that weight_dtype.
+
+Without ComfyUI: ``write PATH DEPTH`` writes the 2B's widths with DEPTH blocks (a small file), and
+``peak PATH [weight_dtype]`` loads it through Family.load_model as the loader node does and prints the
+resident memory before and after and the load's peak.
 """
 
 from __future__ import annotations
