@@ -132,10 +132,9 @@ def resolve_globals(names: Sequence[str]) -> list[object]:
     return objects
 
 
-def _load_pickle(path: Path, allow_globals: Sequence[str] = ()) -> object:
+def _load_pickle(path: Path, allow_globals: Sequence[str] = (), mmap: bool = True) -> object:
     try:
-        # mmap keeps multi-GB official checkpoints out of RAM until a tensor is used.
-        mmap = zipfile.is_zipfile(path)
+        mmap = mmap and zipfile.is_zipfile(path)
         with torch.serialization.safe_globals(resolve_globals(allow_globals)):
             return torch.load(str(path), map_location="cpu", weights_only=True, mmap=mmap)
     except CheckpointError:
@@ -171,24 +170,27 @@ def _load_pickle(path: Path, allow_globals: Sequence[str] = ()) -> object:
         ) from None
 
 
-def load_file(path: str | os.PathLike, *, allow_globals: Sequence[str] = ()) -> Mapping[str, object]:
+def load_file(path: str | os.PathLike, *, allow_globals: Sequence[str] = (), mmap: bool = True) -> Mapping[str, object]:
     """Read one weight file into a (possibly nested) dict of tensors, on the CPU.
 
     ``.safetensors`` is read with safetensors; ``.pth/.pt/.bin/.ckpt`` with
     ``torch.load(weights_only=True)``. Any other suffix is sniffed by content. ``allow_globals``
     ('module.Name', e.g. 'argparse.Namespace') are the only extra objects a pickle may build; only the
-    convert command passes them, on the user's explicit request.
+    convert command passes them, on the user's explicit request. ``mmap``: a zip pickle's tensors are views
+    of one memory map of the file (nothing read until used, but the whole map stays resident while any view
+    lives); False reads each tensor into its own memory, so a loader that converts tensor by tensor frees
+    each source as it goes.
     """
     path = Path(path)
     _check_file(path)
     if path.suffix == SAFETENSORS_SUFFIX:
         return _load_safetensors(path)
     if path.suffix in PICKLE_SUFFIXES:
-        obj = _load_pickle(path, allow_globals)
+        obj = _load_pickle(path, allow_globals, mmap)
     else:
         with open(path, "rb") as f:
             head = f.read(8)
-        obj = _load_pickle(path, allow_globals) if head[:2] in (b"PK", b"\x80\x02") else _load_safetensors(path)
+        obj = _load_pickle(path, allow_globals, mmap) if head[:2] in (b"PK", b"\x80\x02") else _load_safetensors(path)
     if not isinstance(obj, Mapping):
         raise CheckpointError(
             f"{_describe(path)} holds a {type(obj).__name__}, but a dict of tensors (a state dict) was expected."
@@ -233,12 +235,13 @@ def load_sharded_folder(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
     return state
 
 
-def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Read a file or a sharded folder into a flat state dict, preferring a ``.safetensors`` twin."""
+def load_state_dict(path: str | os.PathLike, mmap: bool = True) -> dict[str, torch.Tensor]:
+    """Read a file or a sharded folder into a flat state dict, preferring a ``.safetensors`` twin
+    (``mmap``: as :func:`load_file`)."""
     path = Path(path)
     if path.is_dir():
         return load_sharded_folder(path)
-    return dict(load_file(prefer_safetensors(path)))
+    return dict(load_file(prefer_safetensors(path), mmap=mmap))
 
 
 def read_shapes(path: str | os.PathLike) -> Mapping[str, object]:

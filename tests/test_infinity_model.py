@@ -181,6 +181,22 @@ def test_block_dtype_keeps_sensitive_parts_fp32():
         assert p.dtype == torch.float32
 
 
+def test_dtype_at_load_is_the_float32_model_cast_afterwards(tmp_path, tiny_state, tiny_model):
+    # The loader converts tensor by tensor into the stored dtype; it must equal casting the float32 model,
+    # also for a file stored in bf16 (as the memory check writes the 2B) or fp16.
+    import copy
+
+    expected = copy.deepcopy(tiny_model).set_block_dtype(torch.bfloat16)
+    assert _same_weights(load_infinity_model(TINY, dtype=torch.bfloat16), expected)
+    for stored in (torch.bfloat16, torch.float16):
+        path = tmp_path / f"{stored}.pth"
+        torch.save({k: v.to(stored) if v.is_floating_point() else v for k, v in tiny_state.items()}, path)
+        full = load_infinity_model(path)
+        assert full.blocks[0].sa.mat_qkv.weight.dtype == torch.float32
+        assert torch.equal(full.head.weight, tiny_state["head.weight"].to(stored).float())
+        assert _same_weights(load_infinity_model(path, dtype=torch.bfloat16), full.set_block_dtype(torch.bfloat16))
+
+
 # ----------------------------------------------------------------------------------------------
 # loading: refused files
 

@@ -11,6 +11,10 @@ Two steps, each under ``flock /tmp/bigmem.lock`` (about 9 GB of RAM at the peak)
         (``nodes.loaders.load_model_part``, compute bfloat16, the given weight_dtype), brings it to the load
         device with ``load_models_gpu`` and prints the process's resident memory before and after, next to
         the bytes the memory report predicts for that weight_dtype.
+
+Without ComfyUI: ``write PATH DEPTH`` writes the 2B's widths with DEPTH blocks (a small file), and
+``peak PATH [weight_dtype]`` loads it through Family.load_model as the loader node does and prints the
+resident memory before and after and the load's peak.
 """
 
 from __future__ import annotations
@@ -33,15 +37,18 @@ def rss() -> dict[str, int]:
     return fields
 
 
-def write(path: str) -> None:
+def write(path: str, depth: str = "") -> None:
     import torch
 
     sys.path.insert(0, str(ROOT))
     from fastvar_core.families import get_family
 
     fam = get_family("infinity")
+    config = fam.released_configs()["Infinity-2B"]
+    if depth:  # the 2B's widths with fewer blocks: the load-peak check without a 4.4 GB file
+        config = fam.with_sizes(config, depth=int(depth))
     with torch.device("meta"):
-        model = fam.random_model(fam.released_configs()["Infinity-2B"])
+        model = fam.random_model(config)
     gen = torch.Generator().manual_seed(0)
     state = {}
     for key, t in model.state_dict().items():
@@ -83,6 +90,31 @@ def measure(path: str, weight_dtype: str) -> None:
           f"file +{(after['RssFile'] - before['RssFile']) / gib:.2f}), peak RSS {after['VmHWM'] / gib:.2f} GiB")
 
 
+def peak(path: str, weight_dtype: str = "default") -> None:
+    """Load ``path`` through Family.load_model (compute bfloat16, CPU) without ComfyUI, as the loader node
+    does (fp8: store_weights through CastOps), and print resident memory before and after and the peak."""
+    import torch
+
+    sys.path.insert(0, str(ROOT))
+    from fastvar_core.families import get_family
+    from fastvar_core.ops import WEIGHT_DTYPES, CastOps, store_weights
+
+    storage = WEIGHT_DTYPES[weight_dtype]
+    ops = CastOps if storage is not None else None
+    gc.collect()
+    before = rss()
+    model = get_family("infinity").load_model(path, device="cpu", dtype=torch.bfloat16, operations=ops)
+    if storage is not None:
+        store_weights(model, storage, ops)
+    gc.collect()
+    after = rss()
+    held = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+    gib = 2**30
+    print(f"weight_dtype {weight_dtype}: tensors held {held / gib:.3f} GiB, RSS {before['VmRSS'] / gib:.3f} -> "
+          f"{after['VmRSS'] / gib:.3f} GiB (+{(after['VmRSS'] - before['VmRSS']) / gib:.3f}), peak RSS "
+          f"{after['VmHWM'] / gib:.3f} GiB (+{(after['VmHWM'] - before['VmRSS']) / gib:.3f} over the start)")
+
+
 if __name__ == "__main__":
     command, *rest = sys.argv[1:]
-    {"write": write, "measure": measure}[command](*rest)
+    {"write": write, "measure": measure, "peak": peak}[command](*rest)

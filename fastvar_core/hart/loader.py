@@ -97,7 +97,7 @@ def _choose_weights(folder: Path, use_ema: bool) -> Path:
 def _read_state(weights: Path) -> dict[str, torch.Tensor]:
     if weights.name in SHARD_INDEXES:
         return load_sharded_folder(weights.parent)
-    return flatten_tensors(load_state_dict(weights))
+    return flatten_tensors(load_state_dict(weights, mmap=False))  # each tensor freed once converted
 
 
 def filter_hart_state_dict(state: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
@@ -138,7 +138,8 @@ def load_hart_model(
             raise CheckpointError(
                 f"{source}: tensor '{key}' has shape {list(state[key].shape)}, expected {list(ref.shape)}."
             )
-    state = {k: v.to(device=device, dtype=dtype) for k, v in state.items()}
+    # One tensor at a time, each source dropped once converted: no second copy of the whole model.
+    state = {k: state.pop(k).to(device=device, dtype=dtype) for k in list(state)}
     model.load_state_dict(state, strict=True, assign=True)
     log.info("HART: loaded %s (%s)", weights, config.describe())
     return model.to(device=device, dtype=dtype).eval().requires_grad_(False)

@@ -140,21 +140,33 @@ def filter_state_dict(state: Mapping[str, torch.Tensor], model: InfinityTransfor
     return out
 
 
-def build_infinity_model(obj: Mapping[str, object], source: str = "state dict",
-                         patchify: bool | None = None, operations=None) -> InfinityTransformer:
-    """Build a float32 CPU model from an already read checkpoint object (state dict or container).
+def build_infinity_model(obj: dict[str, object], source: str = "state dict", patchify: bool | None = None,
+                         operations=None, dtype: torch.dtype = torch.float32) -> InfinityTransformer:
+    """Build a CPU model from an already read checkpoint object (state dict or container), which it empties.
 
     ``operations``: the layer namespace (fastvar_core.ops); its layers are built on 'meta' and get the
-    checkpoint tensors with ``load_state_dict(assign=True)``.
+    checkpoint tensors with ``load_state_dict(assign=True)``. ``dtype``: the blocks' matrices (as
+    :meth:`InfinityTransformer.set_block_dtype`; everything else float32). Each tensor is converted to its
+    stored dtype on its own and taken out of ``obj``, so the load peaks near the file plus the weights
+    instead of holding a float32 copy of the whole model.
     """
     state = unwrap_container(obj, source)
     _identify(state, obj, source)
+    obj.clear()  # the container's references would keep every source tensor alive
     config = InfinityConfig.from_state_dict(state, source, patchify=patchify)
     with torch.device("meta"):
         model = InfinityTransformer(config, operations)
     filtered = filter_state_dict(state, model, source)
-    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in filtered.items()},
-                          strict=True, assign=True)
+    state.clear()
+    target = model.block_dtypes(dtype)
+    weights = {}
+    for key in list(filtered):
+        value = filtered.pop(key)
+        want = target.get(key, torch.float32)
+        if value.is_floating_point() and value.dtype != want:
+            value = value.float().to(want)  # via float32, as the model computed its dtypes before
+        weights[key] = value
+    model.load_state_dict(weights, strict=True, assign=True)
     return model.eval().requires_grad_(False)
 
 
@@ -180,11 +192,13 @@ def load_infinity_model(path: str | os.PathLike, device: str | torch.device = "c
     else:
         from ..checkpoint import load_file, prefer_safetensors
 
-        obj = load_file(prefer_safetensors(path))  # keep the container: it may hold 'trainer' or 'vae'
-    model = build_infinity_model(obj, source, patchify=patchify, operations=operations)
+        # Not memory-mapped: each tensor is freed once converted (build_infinity_model). Keep the container:
+        # it may hold 'trainer' or 'vae'.
+        obj = dict(load_file(prefer_safetensors(path), mmap=False))
+    model = build_infinity_model(obj, source, patchify=patchify, operations=operations, dtype=dtype)
     model.to(device=device)
     if dtype != torch.float32:
-        model.set_block_dtype(dtype)
+        model.set_block_dtype(dtype)  # the blocks' non-persistent buffers
     return model
 
 

@@ -268,6 +268,17 @@ class InfinityTransformer(nn.Module):
         """The blocks' compute dtype: that of their own bias vectors (namespace layers may store another)."""
         return self.blocks[0].sa.q_bias.dtype
 
+    def block_dtypes(self, dtype: torch.dtype) -> dict[str, torch.dtype]:
+        """The stored dtype of every block tensor (state-dict key) when the blocks run in ``dtype``; tensors
+        outside the blocks are float32."""
+        out = {}
+        for i, block in enumerate(self.blocks):
+            for name, _ in block.named_parameters():
+                out[f"blocks.{i}.{name}"] = torch.float32 if name in _FP32_BLOCK_PARAMS else dtype
+            for name, _ in block.named_buffers():
+                out[f"blocks.{i}.{name}"] = dtype
+        return out
+
     def set_block_dtype(self, dtype: torch.dtype) -> InfinityTransformer:
         """Run the blocks' matrices in ``dtype``; everything numerically sensitive stays float32."""
         for block in self.blocks:
