@@ -84,6 +84,12 @@ def test_decode_tile_from_a_memory_budget():
     assert families.decode_tile("infinity", SimpleNamespace(config=SimpleNamespace(patch_size=16)), latent) == 64
     assert families.decode_tile("infinity", vae, latent, "off", 0) is None
     assert families.decode_tile("infinity", vae, latent, "on", 0) == families.TILE
+    # HART decodes each tile with 8 context cells on its inner sides: a 68-cell tile costs 84 cells a side
+    hart_vae = SimpleNamespace(config=SimpleNamespace(ch=8, ch_mult=(1, 2), downsample=16))
+    square = torch.zeros(1, 32, 128, 128)
+    assert families.decode_memory("hart", hart_vae, square, 68) == per_cell * 84**2
+    assert families.decode_tile("hart", hart_vae, square, "auto", per_cell * 84**2) == 68
+    assert families.decode_tile("hart", hart_vae, square, "auto", per_cell * 84**2 - 1) == 48
 
 
 def test_a_third_family_runs_through_the_pipeline(toy):
