@@ -388,8 +388,8 @@ def decode(family: str | Family, vae, latent: torch.Tensor, tiling: str | int | 
     """(B, H, W, 3) float RGB in [0, 1] on the VAE's device.
 
     ``tiling``: "auto" tiles latents larger than the 1024 px one, or, given a ``budget`` of free bytes,
-    as :func:`fit_tile` chooses; "on" always, "off" (or None) never, an int is the tile size in latent cells. ``callback(done, total)`` runs after every decoded tile;
-    raising from it (e.g. a Cancel) stops the decode there.
+    as :func:`fit_tile` chooses; "on" always, "off" (or None) never, an int is the tile size in latent cells.
+    ``callback(done, total)`` runs after every decoded tile; raising from it (e.g. a Cancel) stops the decode there.
     """
     tile = decode_tile(family, vae, latent, tiling, budget)
     with torch.inference_mode():
