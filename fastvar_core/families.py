@@ -12,6 +12,7 @@ the ComfyUI nodes all go through them.
 
 from __future__ import annotations
 
+import math
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -30,6 +31,8 @@ from .schedules import ScaleSchedule
 
 NUMERIC_HINT = "the weights may be corrupt (download them again) or overflow in float16 (use bfloat16 or float32)"
 TILE = 64  # latent cells per decode tile; latents larger than one tile (2K) decode in tiles
+MIN_TILE = 32  # the smallest tile a memory budget can choose: below it per-tile GroupNorm statistics drift
+TILE_OVERLAP = 8  # latent cells neighbouring tiles share in both VAEs' tiled decodes
 TILINGS = ("auto", "on", "off")
 
 
@@ -334,9 +337,36 @@ def sample(family: str | Family, model, cond, schedule: ScaleSchedule, *, vae=No
     return result
 
 
-def decode_tile(family: str | Family, vae, latent: torch.Tensor, tiling: str | int | None = "auto") -> int | None:
-    """The tile size (latent cells; None: whole) a decode with this ``tiling`` uses (see :func:`decode`)."""
+def fit_tile(family: str | Family, vae, latent_shape: tuple[int, ...], budget: int) -> int | None:
+    """The tile size (latent cells; None: whole) whose predicted decode memory fits ``budget`` bytes.
+
+    The whole latent when it fits; else the fewest tiles per side whose tile fits, the tile being the
+    smallest that covers the latent in that many (the largest useful tile: a bigger one only adds overlap
+    work). When not even :data:`MIN_TILE` fits, :data:`MIN_TILE` (the decode then needs more than the budget).
+    """
+    fam = get_family(family)
+    if fam.decode_memory(vae, tuple(latent_shape), None) <= budget:
+        return None
+    side = max(latent_shape[-2:])
+    if side <= MIN_TILE:
+        return None  # nothing smaller to tile into
+    count = 2
+    while True:
+        tile = math.ceil((side + (count - 1) * TILE_OVERLAP) / count)
+        if tile <= MIN_TILE:
+            return MIN_TILE
+        if fam.decode_memory(vae, tuple(latent_shape), tile) <= budget:
+            return tile
+        count += 1
+
+
+def decode_tile(family: str | Family, vae, latent: torch.Tensor, tiling: str | int | None = "auto",
+                budget: int | None = None) -> int | None:
+    """The tile size (latent cells; None: whole) a decode with this ``tiling`` and ``budget`` uses
+    (see :func:`decode`)."""
     if tiling == "auto":
+        if budget is not None:
+            return fit_tile(family, vae, tuple(latent.shape), budget)
         return get_family(family).decode_tile(vae, latent)
     if tiling == "on":
         return TILE
@@ -347,20 +377,22 @@ def decode_tile(family: str | Family, vae, latent: torch.Tensor, tiling: str | i
     raise ConfigError(f"tiling must be one of {list(TILINGS)} or a positive tile size, got {tiling!r}")
 
 
-def decode_memory(family: str | Family, vae, latent: torch.Tensor, tiling: str | int | None = "auto") -> int:
+def decode_memory(family: str | Family, vae, latent: torch.Tensor, tiling: str | int | None = "auto",
+                  budget: int | None = None) -> int:
     """Activation bytes :func:`decode` needs beside the VAE's weights, at the tile size it will use."""
-    return get_family(family).decode_memory(vae, tuple(latent.shape), decode_tile(family, vae, latent, tiling))
+    tile = decode_tile(family, vae, latent, tiling, budget)
+    return get_family(family).decode_memory(vae, tuple(latent.shape), tile)
 
 
 def decode(family: str | Family, vae, latent: torch.Tensor, tiling: str | int | None = "auto",
-           callback: Callable[[int, int], None] | None = None) -> torch.Tensor:
+           callback: Callable[[int, int], None] | None = None, budget: int | None = None) -> torch.Tensor:
     """(B, H, W, 3) float RGB in [0, 1] on the VAE's device.
 
-    ``tiling``: "auto" tiles latents larger than the 1024 px one, "on" always, "off" (or None) never,
-    an int is the tile size in latent cells. ``callback(done, total)`` runs after every decoded tile;
-    raising from it (e.g. a Cancel) stops the decode there.
+    ``tiling``: "auto" tiles latents larger than the 1024 px one, or, given a ``budget`` of free bytes,
+    as :func:`fit_tile` chooses; "on" always, "off" (or None) never, an int is the tile size in latent cells.
+    ``callback(done, total)`` runs after every decoded tile; raising from it (e.g. a Cancel) stops the decode there.
     """
-    tile = decode_tile(family, vae, latent, tiling)
+    tile = decode_tile(family, vae, latent, tiling, budget)
     with torch.inference_mode():
         images = vae.to_image(latent, tile=tile, callback=callback).float()
     check_finite(images, "the decoded image", NUMERIC_HINT)

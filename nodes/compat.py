@@ -205,6 +205,11 @@ def load_models(patchers: list, memory_required: int, full: bool = False) -> tor
     return patchers[0].load_device
 
 
+def free_memory(device: torch.device) -> int | None:
+    """Bytes free on ``device`` by ComfyUI's count; None outside ComfyUI (the library's defaults apply)."""
+    return mm.get_free_memory(device) if mm is not None else None
+
+
 def _own_tensors_to(model: torch.nn.Module, device: torch.device) -> None:
     """After a partial load: the few tensors ComfyUI does not manage (a model's own biases, scales and
     anchors, outside its cast layers) follow to the load device, where the library computes."""

@@ -290,7 +290,7 @@ class FastVARDecode:
         return {"required": {
             "vae": (VAE, {"tooltip": "From Load Infinity VAE or Load HART VAE."}),
             "latent": (LATENT, {"tooltip": "From FastVAR Sampler."}),
-            "tiling": (["auto", "on", "off"], {"default": "auto", "tooltip": "auto: tiles above 1024 px (2K), which bounds memory at a small cost in accuracy."}),
+            "tiling": (["auto", "on", "off"], {"default": "auto", "tooltip": "auto: decodes whole when it fits in free memory, else in the largest tiles that fit (a small cost in accuracy)."}),
         }}
 
     def decode(self, vae, latent, tiling):
@@ -306,7 +306,9 @@ class FastVARDecode:
         compat.check_interrupt()
         need = families.decode_memory(latent.family, vae.module, latent.result.latent, tiling)
         device = compat.load_models([vae.patcher], need)
-        image = families.decode(latent.family, vae.module, latent.result.latent.to(device), tiling, callback=callback)
+        budget = compat.free_memory(device)  # "auto": the largest tile that fits what is free now
+        image = families.decode(latent.family, vae.module, latent.result.latent.to(device), tiling, callback=callback,
+                                budget=budget)
         return (image.to(compat.intermediate_device()),)
 
 

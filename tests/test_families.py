@@ -61,6 +61,37 @@ def test_decode_tiling_rule_is_written_once():
         families.decode("hart", None, torch.zeros(1, 32, 4, 4), "sometimes")
 
 
+def test_decode_tile_from_a_memory_budget():
+    # Infinity cost model for widths (8, 16), patch 16: 3 live maps x 4 bytes x 8 ch x (16 t)^2 = 24576 t^2 bytes.
+    vae = SimpleNamespace(config=SimpleNamespace(base_ch=8, ch_mult=(1, 2), patch_size=16))
+    latent = torch.zeros(1, 32, 128, 96)
+    per_cell = 24576
+
+    def tile(budget):
+        return families.decode_tile("infinity", vae, latent, "auto", budget)
+
+    assert tile(per_cell * 128 * 96) is None  # the whole latent fits: untiled
+    # 2 tiles per side of 128 with 8 shared cells: 68; 3: 48; 4: 38; 5: 32 = the minimum
+    assert tile(per_cell * 128 * 96 - 1) == 68 and tile(per_cell * 68**2) == 68
+    assert tile(per_cell * 68**2 - 1) == 48 and tile(per_cell * 48**2 - 1) == 38
+    assert tile(per_cell * 38**2 - 1) == families.MIN_TILE == 32 and tile(0) == 32  # impossible: the minimum
+    budgets = (3 * 10**8, 10**8, 5 * 10**7)
+    assert [tile(b) for b in budgets] == [68, 48, 38]  # a smaller budget, a smaller tile ...
+    for budget in budgets:  # ... whose predicted memory fits
+        assert families.decode_memory("infinity", vae, latent, "auto", budget) <= budget
+    assert families.decode_tile("infinity", vae, torch.zeros(1, 32, 30, 30), "auto", 0) is None  # below one tile
+    # no budget: the fixed rule; explicit tilings ignore the budget
+    assert families.decode_tile("infinity", SimpleNamespace(config=SimpleNamespace(patch_size=16)), latent) == 64
+    assert families.decode_tile("infinity", vae, latent, "off", 0) is None
+    assert families.decode_tile("infinity", vae, latent, "on", 0) == families.TILE
+    # HART decodes each tile with 8 context cells on its inner sides: a 68-cell tile costs 84 cells a side
+    hart_vae = SimpleNamespace(config=SimpleNamespace(ch=8, ch_mult=(1, 2), downsample=16))
+    square = torch.zeros(1, 32, 128, 128)
+    assert families.decode_memory("hart", hart_vae, square, 68) == per_cell * 84**2
+    assert families.decode_tile("hart", hart_vae, square, "auto", per_cell * 84**2) == 68
+    assert families.decode_tile("hart", hart_vae, square, "auto", per_cell * 84**2 - 1) == 48
+
+
 def test_a_third_family_runs_through_the_pipeline(toy):
     pipe = Pipeline.load("toy", "nowhere", "nowhere", "nowhere", device="cpu")
     assert pipe.spec is toy and pipe.depth == 2

@@ -267,6 +267,10 @@ def test_hart_sampler_sizes():
         pick(hart, 512, 512, "1:1", "0.25M (512px)")
 
 
+# Tiled against untiled decode, images in [0, 1] (docs/architecture.md, Decoding).
+TILED_MAX_DIFF, TILED_MEAN_DIFF = 0.1, 0.01  # measured 0.044 / 0.0056
+
+
 class Cancelled(Exception):
     """Stands in for ComfyUI's interrupt exception."""
 
@@ -310,9 +314,40 @@ def test_decode_reports_every_tile_and_cancel_stops_between_tiles(monkeypatch):
     assert seen == [(1, 9), (2, 9)]  # stopped after the second of nine tiles
 
 
+def test_decode_auto_tiles_to_fit_comfyuis_free_memory(monkeypatch):
+    """FastVAR Decode "auto": ComfyUI's free memory on the VAE's device picks the tile; outside ComfyUI the rule."""
+    from pathlib import Path
+
+    import torch
+    from conftest import PARITY
+
+    from fastvar_core.infinity.vae import load_infinity_vae
+
+    generation = sys.modules[PACK.__name__ + ".nodes.generation"]
+    objects = sys.modules[PACK.__name__ + ".nodes.objects"]
+    compat = sys.modules[PACK.__name__ + ".nodes.compat"]
+    vae_module = pack_copy(load_infinity_vae)(Path(PARITY / "infinity" / "checkpoints" / "infinity_vae_d32_tiny.pth"))
+    latent = torch.randint(0, 2, (1, 32, 40, 40)).float() * 2 - 1
+    vae = objects.Part("infinity", vae_module, "tiny", compat.patcher(vae_module, compat.VAE))
+    made = objects.Latent("infinity", types.SimpleNamespace(latent=latent))
+    seen, asked = [], []
+    monkeypatch.setattr(compat.Progress, "update", lambda self, step, preview=None, total=None: seen.append((step, total)))
+    monkeypatch.setattr(compat, "free_memory", lambda device: asked.append(device) or free)
+    images = []
+    for free, tiles in ((None, 1), (10**12, 1), (0, 4)):  # 0 bytes: 32-cell tiles, 2 x 2 over 40 cells
+        seen.clear()
+        (image,) = generation.FastVARDecode().decode(vae, made, "auto")
+        assert image.shape == (1, 640, 640, 3) and seen[-1] == (tiles, tiles)
+        images.append(image)
+    assert asked == [torch.device("cpu")] * 3
+    assert torch.equal(images[0], images[1])
+    diff = (images[2] - images[0]).abs()  # the tiled decode within the tolerance docs/architecture.md states
+    assert diff.max().item() <= TILED_MAX_DIFF and diff.mean().item() <= TILED_MEAN_DIFF
+
+
 def _with_tile(decode, tile):
-    def run(family, vae, latent, tiling, callback=None):
-        return decode(family, vae, latent, tile if tiling == "on" else tiling, callback=callback)
+    def run(family, vae, latent, tiling, callback=None, budget=None):
+        return decode(family, vae, latent, tile if tiling == "on" else tiling, callback=callback, budget=budget)
 
     return run
 

@@ -8,6 +8,12 @@ the same random weights as ours at the released widths (tools/randomized.py); th
 that the decoders do not use (torchvision, imageio, einops, the quantiser) are stubbed. Each round
 times the official decoder, then ours, on the same latent; the report gives the best of the rounds,
 the ratio and how far the two images differ.
+
+    python -m tools.decode_bench --tiled [--size 2048] [--vae-base 64] [--tile 64] [--plot out/bench/seams.png]
+
+times our tiled decode against our untiled decode of the same latent (the cost of tiling, goal <= 1.15x)
+and reports how far the tiled image is from the untiled one (max and mean |diff| on the [0, 1] scale);
+the plot shows a crop around the first seam crossing: untiled, tiled and the |diff| magnified.
 """
 
 from __future__ import annotations
@@ -18,13 +24,17 @@ import json
 import sys
 import time
 import types
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
+from fastvar_core import families
 from fastvar_core.errors import ConfigError
 
 from .randomized import SHAPES, build_vae
+
+SEAM_CROP = 96  # pixels each side of the first seam crossing in the plot
 
 
 def _stub(name: str, **attrs) -> None:
@@ -110,29 +120,113 @@ def compare(name: str, official, ours, z: torch.Tensor, rounds: int, log) -> dic
     return row
 
 
+def _latent(shape_name: str, vae, side: int) -> torch.Tensor:
+    if shape_name.startswith("infinity"):
+        return (torch.randint(0, 2, (1, vae.config.codebook_dim, side, side)) * 2 - 1).float()  # summed +-1 bits
+    return torch.randn(1, vae.config.z_channels, side, side)
+
+
+def tiled_vs_untiled(shape_name: str, vae, z: torch.Tensor, tile: int, rounds: int, log) -> tuple[dict, dict]:
+    """Best-of-``rounds`` seconds of the untiled and the tiled decode of ``z`` (alternating), and the images."""
+    family = SHAPES[shape_name].family
+    families.decode(family, vae, z[..., :8, :8], "off")  # warm-up
+    whole_s, tiled_s = [], []
+    for r in range(rounds):
+        start = time.perf_counter()
+        whole = families.decode(family, vae, z, "off")
+        whole_s.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        tiled = families.decode(family, vae, z, tile)
+        tiled_s.append(time.perf_counter() - start)
+        log(f"{shape_name} round {r + 1}: untiled {whole_s[-1]:.2f} s, tiled {tiled_s[-1]:.2f} s")
+    diff = (tiled - whole).abs()
+    row = {"decoder": f"{shape_name} VAE", "latent": list(z.shape), "image": list(whole.shape), "tile": tile,
+           "untiled_s": min(whole_s), "tiled_s": min(tiled_s), "time_ratio": min(tiled_s) / min(whole_s),
+           "max_abs_diff": diff.max().item(), "mean_abs_diff": diff.mean().item(),
+           "untiled_peak_bytes": families.decode_memory(family, vae, z, "off"),
+           "tiled_peak_bytes": families.decode_memory(family, vae, z, tile)}
+    log(f"{shape_name}: untiled {row['untiled_s']:.2f} s, tiled ({tile}-cell tiles) {row['tiled_s']:.2f} s -> "
+        f"{row['time_ratio']:.2f}x; |tiled - untiled| max {row['max_abs_diff']:.2e}, mean {row['mean_abs_diff']:.2e} "
+        f"(images in [0, 1]); predicted activations {row['untiled_peak_bytes'] / 2**30:.2f} -> "
+        f"{row['tiled_peak_bytes'] / 2**30:.2f} GiB")
+    return row, {"untiled": whole[0], "tiled": tiled[0]}
+
+
+def write_seam_plot(panels: list[tuple[str, dict, int]], path: Path) -> None:
+    """Per decoder: untiled, tiled and |diff| (x10) cropped around where the first seams cross."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(9, 3 * len(panels)))
+    axes = fig.subplots(len(panels), 3, squeeze=False)
+    for row, (name, images, seam) in zip(axes, panels):
+        crop = slice(max(seam - SEAM_CROP, 0), seam + SEAM_CROP)
+        untiled, tiled = images["untiled"][crop, crop], images["tiled"][crop, crop]
+        for ax, title, image in zip(row, ("untiled", "tiled", "|diff| x10"),
+                                    (untiled, tiled, ((tiled - untiled).abs() * 10).clamp(0, 1))):
+            ax.imshow(image.numpy())
+            ax.set_title(f"{name}: {title}", fontsize=8)
+            ax.axis("off")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+
+
+def _first_seam(size: int, tile: int, upscale: int) -> int:
+    """Pixel where the first two tiles' shares cross (the middle of their overlap)."""
+    count = -(-(size - families.TILE_OVERLAP) // (tile - families.TILE_OVERLAP))
+    second = round((size - tile) / (count - 1)) if count > 1 else 0
+    return upscale * (second + tile) // 2
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tools.decode_bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--official-infinity", type=Path, help="checkout of FoundationVision/Infinity")
     parser.add_argument("--official-hart", type=Path, help="checkout of mit-han-lab/hart")
-    parser.add_argument("--size", type=int, default=1024, help="image side in pixels (the latent is size/16)")
+    parser.add_argument("--tiled", action="store_true", help="our tiled decode against our untiled one")
+    parser.add_argument("--shapes", nargs="+", default=["infinity-2b", "hart-0.7b"], choices=sorted(SHAPES),
+                        help="--tiled: the VAE layouts")
+    parser.add_argument("--vae-base", type=int, help="--tiled: VAE decoder base width (default: the released one)")
+    parser.add_argument("--tile", type=int, help="--tiled: tile size in latent cells (default: the tile the Decode "
+                        "node picks when the untiled decode just does not fit)")
+    parser.add_argument("--plot", type=Path, default=Path("out/bench/seams.png"), help="--tiled: the seam crops")
+    parser.add_argument("--size", type=int, default=None, help="image side in pixels (the latent is size/16; "
+                        "default 1024, 2048 with --tiled)")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--json", type=Path, help="write the rows here")
     args = parser.parse_args(argv)
-    if args.official_infinity is None and args.official_hart is None:
-        parser.error("give --official-infinity and/or --official-hart")
+    if args.official_infinity is None and args.official_hart is None and not args.tiled:
+        parser.error("give --official-infinity and/or --official-hart, or --tiled")
+    if args.vae_base is not None and args.vae_base % 32:
+        parser.error(f"--vae-base {args.vae_base} must be a multiple of 32 (the VAE's GroupNorm groups)")
     torch.manual_seed(0)
-    side = args.size // 16
+    size = args.size or (2048 if args.tiled else 1024)
+    side = size // 16
     rows = []
     if args.official_infinity is not None:
         ours = build_vae(SHAPES["infinity-2b"])
-        z = (torch.randint(0, 2, (1, ours.config.codebook_dim, side, side)) * 2 - 1).float()  # summed +-1 bits
+        z = _latent("infinity-2b", ours, side)
         rows.append(compare("infinity-2b BSQ VAE", official_infinity_decoder(args.official_infinity, ours),
                             ours.decoder, z, args.rounds, print))
     if args.official_hart is not None:
         ours = build_vae(SHAPES["hart-0.7b"])
-        z = torch.randn(1, ours.config.z_channels, side, side)
+        z = _latent("hart-0.7b", ours, side)
         rows.append(compare("hart-0.7b VAE", official_hart_decoder(args.official_hart, ours), ours.decoder, z,
                             args.rounds, print))
+    if args.tiled:
+        panels = []
+        for name in args.shapes:
+            shape = SHAPES[name] if args.vae_base is None else replace(SHAPES[name], vae_base=args.vae_base)
+            vae = build_vae(shape)
+            z = _latent(name, vae, side)
+            tile = args.tile or families.fit_tile(shape.family, vae, tuple(z.shape),
+                                                  families.decode_memory(shape.family, vae, z, "off") - 1)
+            row, images = tiled_vs_untiled(name, vae, z, tile, args.rounds, print)
+            row["vae_base"] = args.vae_base or "released"
+            rows.append(row)
+            upscale = images["untiled"].shape[0] // side
+            panels.append((name, images, _first_seam(side, tile, upscale)))
+        write_seam_plot(panels, args.plot)
+        print(f"wrote {args.plot}")
     if args.json is not None:
         args.json.write_text(json.dumps({"threads": torch.get_num_threads(), "rows": rows}, indent=1))
     return 0

@@ -9,7 +9,7 @@ import torch
 
 from ..cost import ArchSpec, decode_memory
 from ..errors import ConfigError
-from ..families import Family, register
+from ..families import TILE_OVERLAP, Family, register
 from ..pruning import PresetTable
 from ..schedules import HART_BUDGETS, hart_schedule, hart_schedule_for_size
 from .config import HART_0_7B, llama_ffn_hidden
@@ -131,8 +131,10 @@ class HARTFamily(Family):
 
     def decode_memory(self, vae, latent_shape, tile):
         c = vae.config
-        hw = (tile, tile) if tile else tuple(latent_shape[-2:])
-        return decode_memory([c.ch * m for m in c.ch_mult], c.downsample, hw, batch=latent_shape[0])
+        h, w = latent_shape[-2:]
+        if tile:  # a tile decodes with TILE_OVERLAP cells of context on its inner sides (HARTVAE.decode_tiled)
+            h, w = min(h, tile + 2 * TILE_OVERLAP), min(w, tile + 2 * TILE_OVERLAP)
+        return decode_memory([c.ch * m for m in c.ch_mult], c.downsample, (h, w), batch=latent_shape[0])
 
     def chart_models(self):
         return {

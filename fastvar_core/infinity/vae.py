@@ -366,7 +366,7 @@ class InfinityVAE(nn.Module):
         out = z.new_zeros(B, 3, q * f * h, q * f * w, dtype=torch.float32)
         for i, (y0, y1, wy) in enumerate(rows):
             for j, (x0, x1, wx) in enumerate(cols):
-                pixels = self.decoder.fine(feats[:, :, y0:y1, x0:x1], levels).float()  # (B, 3, q*th, q*tw)
+                pixels = self.decoder.fine(decoder_layout(feats[:, :, y0:y1, x0:x1]), levels).float()  # (B, 3, q*th, q*tw)
                 out[:, :, q * y0 : q * y1, q * x0 : q * x1].add_(pixels.mul_(wy[:, None] * wx[None, :]))
                 if callback is not None:
                     callback(i * len(cols) + j + 1, len(rows) * len(cols))
