@@ -552,7 +552,9 @@ def test_node_decode_refuses_a_vae_of_another_model(node_parts, tmp_path):
     with pytest.raises(Exception) as err:
         PACK.NODE_CLASS_MAPPINGS["FastVAR_Decode"]().decode(vae, latent, "auto")
     assert is_fastvar_error(err.value)
-    assert "14-bit VAE, found (1, 32, 16, 16): the transformer and the VAE do not belong together" in str(err.value)
+    assert str(err.value).startswith(
+        "FastVAR Decode's input 'vae': VAE and transformer do not belong together: the transformer (custom) predicts "
+        "32 bits per token, so it needs a 32-bit VAE, but the VAE has 14-bit codes (patch 8).")
 
 
 def test_node_sampler_refuses_batch_size_zero(node_parts):
