@@ -237,24 +237,30 @@ function refreshCharts() {
   for (const n of app.graph?._nodes || app.graph?.nodes || []) n.fastvarRefreshChart?.();
 }
 
+// After a node of this type is created, every widget that `picks` redraws the charts when it changes.
+function redrawChartsOnChange(nodeType, picks) {
+  const onNodeCreated = nodeType.prototype.onNodeCreated;
+  nodeType.prototype.onNodeCreated = function (...args) {
+    const out = onNodeCreated?.apply(this, args);
+    for (const w of this.widgets || []) {
+      if (!picks(w)) continue;
+      const original = w.callback;
+      w.callback = function (...a) {
+        const r = original?.apply(this, a);
+        refreshCharts();
+        return r;
+      };
+    }
+    return out;
+  };
+}
+
 app.registerExtension({
   name: "fastvar.scheduleChart",
   async beforeRegisterNodeDef(nodeType, nodeData) {
     if ((nodeData.output || []).includes("FASTVAR_MODEL")) {
       // A model loader: choosing another file (e.g. 2B -> 8B) redraws the charts of the samplers it feeds.
-      const onNodeCreated = nodeType.prototype.onNodeCreated;
-      nodeType.prototype.onNodeCreated = function (...args) {
-        const out = onNodeCreated?.apply(this, args);
-        for (const w of this.widgets || []) {
-          const original = w.callback;
-          w.callback = function (...a) {
-            const r = original?.apply(this, a);
-            refreshCharts();
-            return r;
-          };
-        }
-        return out;
-      };
+      redrawChartsOnChange(nodeType, () => true);
       return;
     }
     if (nodeData.name === SAMPLER_ID) {
@@ -265,20 +271,7 @@ app.registerExtension({
         refreshCharts();
         return out;
       };
-      const onNodeCreated = nodeType.prototype.onNodeCreated;
-      nodeType.prototype.onNodeCreated = function (...args) {
-        const out = onNodeCreated?.apply(this, args);
-        for (const w of this.widgets || []) {
-          if (!SIZE_INPUTS.includes(w.name)) continue;
-          const original = w.callback;
-          w.callback = function (...a) {
-            const r = original?.apply(this, a);
-            refreshCharts();
-            return r;
-          };
-        }
-        return out;
-      };
+      redrawChartsOnChange(nodeType, (w) => SIZE_INPUTS.includes(w.name));
       return;
     }
     if (nodeData.name !== NODE_ID) return;
