@@ -21,6 +21,7 @@ SPEED_TARGET_RANGE = (1.0, 20.0)
 _TARGET_WEIGHTS = (1.0, 0.85, 0.7, 0.55, 0.4, 0.25)
 _TARGET_CAP = 0.9
 
+
 @dataclass(frozen=True)
 class PruningRequest:
     """A pruning request, checked when built (ConfigError). ``tail_drop_ratios[k]``: scale k+1 from the end.

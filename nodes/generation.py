@@ -19,7 +19,7 @@ from ..fastvar_core.sampling import SamplingHooks
 from . import compat
 from .chart import CHART_MODELS
 from .objects import CONDITIONING, LATENT, MODEL, PRUNING, TEXT_ENCODER, VAE, Conditioning, Latent, check_inputs
-from .wiring import check_decode_vae
+from .wiring import check_decode_vae, feeds_token_map
 
 MAX_SEED = 0xFFFFFFFFFFFFFFFF
 
@@ -269,13 +269,6 @@ class FastVARSampler:
         # A Token Map added after this run was cached gets a latent without records: it runs it again, recording.
         rerun = None if record else functools.partial(run, SamplingHooks(record_kept=True))
         return {"ui": {"fastvar_info": [info]}, "result": (Latent(model.family, result, info, rerun, model.module), info)}
-
-
-def feeds_token_map(prompt: dict | None, unique_id) -> bool:
-    """Whether a FastVAR Token Map node of the running prompt takes this sampler's latent."""
-    latent = [str(unique_id), 0]
-    return any(node.get("class_type") == "FastVAR_TokenMap" and node.get("inputs", {}).get("latent") == latent
-               for node in (prompt or {}).values())
 
 
 class FastVARDecode:

@@ -8,6 +8,18 @@ from ..fastvar_core import families
 from .objects import check_inputs
 
 
+def consumers(prompt: dict | None, unique_id, class_type: str) -> list[dict]:
+    """The inputs of every node of ``class_type`` in the running prompt whose ``latent`` is this node's output 0."""
+    latent = [str(unique_id), 0]
+    return [node.get("inputs", {}) for node in (prompt or {}).values()
+            if node.get("class_type") == class_type and node.get("inputs", {}).get("latent") == latent]
+
+
+def feeds_token_map(prompt: dict | None, unique_id) -> bool:
+    """Whether a FastVAR Token Map node of the running prompt takes this sampler's latent."""
+    return bool(consumers(prompt, unique_id, "FastVAR_TokenMap"))
+
+
 def decode_vaes(prompt: dict | None, unique_id) -> list[tuple[type, dict]]:
     """(VAE loader node class, its widget values) of every FastVAR Decode that decodes this node's output 0,
     when the Decode's VAE comes straight from one of the pack's VAE loaders."""
@@ -15,10 +27,7 @@ def decode_vaes(prompt: dict | None, unique_id) -> list[tuple[type, dict]]:
 
     prompt = prompt or {}
     found = []
-    for node in prompt.values():
-        inputs = node.get("inputs", {})
-        if node.get("class_type") != "FastVAR_Decode" or inputs.get("latent") != [str(unique_id), 0]:
-            continue
+    for inputs in consumers(prompt, unique_id, "FastVAR_Decode"):
         link = inputs.get("vae")
         loader = prompt.get(str(link[0])) if isinstance(link, list) and link else None
         cls = NODE_CLASS_MAPPINGS.get(loader.get("class_type")) if loader else None

@@ -171,11 +171,12 @@ def _toy_run(prompt, unique_id="5"):
 
 def test_kept_tokens_are_recorded_only_for_a_token_map_consumer(toy):
     generation = _mod("generation")
+    wiring = _mod("wiring")
     consumer = {"5": {"class_type": "FastVAR_Sampler", "inputs": {}},
                 "9": {"class_type": "FastVAR_TokenMap", "inputs": {"latent": ["5", 0], "layer": -1}}}
     other = {"9": {"class_type": "FastVAR_TokenMap", "inputs": {"latent": ["6", 0]}},
              "10": {"class_type": "FastVAR_Decode", "inputs": {"latent": ["5", 0]}}}
-    assert generation.feeds_token_map(consumer, "5") and not generation.feeds_token_map(other, "5")
+    assert wiring.feeds_token_map(consumer, "5") and not wiring.feeds_token_map(other, "5")
     recorded = _toy_run(consumer)
     assert recorded.result.kept and recorded.rerun is None
     silent = _toy_run(other)

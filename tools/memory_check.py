@@ -97,6 +97,7 @@ def peak(path: str, weight_dtype: str = "default") -> None:
 
     sys.path.insert(0, str(ROOT))
     from fastvar_core.families import get_family
+    from fastvar_core.memory import tensor_bytes
     from fastvar_core.ops import WEIGHT_DTYPES, CastOps, store_weights
 
     storage = WEIGHT_DTYPES[weight_dtype]
@@ -108,7 +109,7 @@ def peak(path: str, weight_dtype: str = "default") -> None:
         store_weights(model, storage, ops)
     gc.collect()
     after = rss()
-    held = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+    held = tensor_bytes(model)
     gib = 2**30
     print(f"weight_dtype {weight_dtype}: tensors held {held / gib:.3f} GiB, RSS {before['VmRSS'] / gib:.3f} -> "
           f"{after['VmRSS'] / gib:.3f} GiB (+{(after['VmRSS'] - before['VmRSS']) / gib:.3f}), peak RSS "
