@@ -352,3 +352,48 @@ def test_a_text_encoder_too_big_for_free_memory_is_refused_with_the_flag_to_pass
                                           r"only 1\.0 GiB are free on cpu: pass --text-depth N"):
         bench._check_text_fits(SHAPES["infinity-2b"], None, bench.torch.device("cpu"), bench.torch.float32)
     bench._check_text_fits(SHAPES["infinity-2b"], 1, bench.torch.device("cpu"), bench.torch.float32)  # ~0.4 GiB
+
+
+def test_sampler_bench_ours_only_writes_times_per_config_and_the_machine(tmp_path):
+    from tools import sampler_bench
+
+    out = tmp_path / "sampler.json"
+    assert sampler_bench.main(["--ours-only", "--quick", "--budget", "0.06M", "--rounds", "2", "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert [row["pruning"] for row in data["rows"]] == ["off", "paper"]
+    assert data["shape"] == {"width": 256, "heads": 4, "depth": 4, "text_width": 2048, "budget": "0.06M"}
+    assert data["machine"]["cpu"] and data["rounds"] == 2
+    for row in data["rows"]:
+        assert len(row["ours"]["rounds_s"]) == 2 and row["ours"]["best_s"] == min(row["ours"]["rounds_s"])
+        assert "official" not in row and "speedup_best" not in row
+
+
+def test_sampler_bench_needs_both_checkouts_or_ours_only(capsys):
+    from tools import sampler_bench
+
+    with pytest.raises(SystemExit):
+        sampler_bench.main(["--official-fastvar", "/nonexistent"])
+    assert "--official-infinity" in capsys.readouterr().err
+
+
+def test_sampler_bench_names_a_checkout_without_the_model_code(tmp_path):
+    from fastvar_core.errors import ConfigError
+    from tools import sampler_bench
+
+    with pytest.raises(ConfigError, match="has no infinity/models/infinity.py"):
+        sampler_bench.import_official(tmp_path, "fastvar")
+
+
+def test_sampler_bench_agreement_counts_differing_bits_per_scale():
+    import torch
+
+    from tools.sampler_bench import agreement
+
+    bits = [torch.zeros(1, 2, 2, 4, dtype=torch.long), torch.zeros(1, 4, 4, 4, dtype=torch.long)]
+    flipped = [bits[0].clone(), bits[1].clone()]
+    flipped[1][0, 0, 0, 0] = 1  # 1 of 64 bits
+    latent = torch.zeros(1, 4, 4, 4)
+    got = agreement({"bits": bits, "latent": latent}, {"bits": flipped, "latent": latent + 0.25})
+    assert got["bits_differing_share_per_scale"] == [0.0, 1 / 64]
+    assert got["latent_max_abs_diff"] == 0.25
+    assert got["executed_scales"] == [2, 2]
