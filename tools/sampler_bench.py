@@ -395,7 +395,6 @@ def main(argv: list[str] | None = None) -> int:
 def profile_main(args, size, ours, cond, schedule, configs) -> int:
     rows = []
     for name, config in configs.items():
-        run_ours(ours, cond, schedule, config)  # warm-up
         row = profile_ours(ours, cond, schedule, config)
         total = sum(row["self_cpu_s"].values())
         print(f"{name}: wall {row['wall_s']:.2f} s, profiled self CPU {total:.2f} s: " + ", ".join(
