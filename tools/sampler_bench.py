@@ -333,7 +333,6 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("give --official-fastvar and --official-infinity (checkouts), or --ours-only")
     if args.rounds < 1:
         parser.error("--rounds must be at least 1")
-    torch.set_num_threads(torch.get_num_threads())
     size = dict(QUICK if args.quick else FULL)
     if args.budget:
         size["budget"] = args.budget
