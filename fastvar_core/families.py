@@ -346,8 +346,8 @@ def _tile_count(size: int, tile: int) -> int:
 def _tile_lengths(size: int) -> list[int]:
     """Useful tile lengths along a side: the smallest that covers it in 1, 2, 3 ... tiles, down to MIN_TILE."""
     lengths, count = [size], 2
-    while size > MIN_TILE and (tile := math.ceil((size + (count - 1) * TILE_OVERLAP) / count)) >= MIN_TILE:
-        lengths.append(tile)
+    while lengths[-1] > MIN_TILE:
+        lengths.append(max(math.ceil((size + (count - 1) * TILE_OVERLAP) / count), MIN_TILE))
         count += 1
     return lengths
 

@@ -79,6 +79,8 @@ def test_decode_tile_from_a_memory_budget():
     # 48 x 96 (4608 cells) does not fit: 2 x 2 of 68 x 52 (14144) beat 4 strips of 38 x 96 (14592)
     assert tile(per_cell * 48 * 96 - 1) == (68, 52)
     assert tile(0) == (families.MIN_TILE, families.MIN_TILE) == (32, 32)  # impossible: the minimum
+    small = torch.zeros(1, 32, 40, 40)  # two tiles of a 40-cell side would be 24: the minimum 32, overlapping more
+    assert families.decode_tile("infinity", vae, small, "auto", per_cell * 40 * 40 - 1) == (32, 40)
     budgets = (3 * 10**8, 10**8, 5 * 10**7)
     tiles = [tile(b) for b in budgets]
     assert [t[0] * t[1] for t in tiles] == sorted(t[0] * t[1] for t in tiles)[::-1]  # a smaller budget, a smaller tile
