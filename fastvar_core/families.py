@@ -101,9 +101,10 @@ class Family(ABC):
         """The dtype the transformer computes in (its own parameters', whatever its layers store)."""
         return model.dtype
 
-    def decode_memory(self, vae: torch.nn.Module, latent_shape: tuple[int, ...], tile: int | None) -> int:
+    def decode_memory(self, vae: torch.nn.Module, latent_shape: tuple[int, ...],
+                      tile: int | tuple[int, int] | None) -> int:
         """Peak activation bytes of decoding a latent of ``latent_shape`` (B, C, h, w) with tiles of ``tile``
-        latent cells (None: whole); 0 when the family has no estimate."""
+        latent cells (square, or (rows, columns); None: whole); 0 when the family has no estimate."""
         return 0
 
     @abstractmethod
@@ -337,33 +338,51 @@ def sample(family: str | Family, model, cond, schedule: ScaleSchedule, *, vae=No
     return result
 
 
-def fit_tile(family: str | Family, vae, latent_shape: tuple[int, ...], budget: int) -> int | None:
-    """The tile size (latent cells; None: whole) whose predicted decode memory fits ``budget`` bytes.
+def _tile_count(size: int, tile: int) -> int:
+    """Tiles of ``tile`` cells sharing TILE_OVERLAP cells that cover ``size`` (as vae_layout.blend_spans lays them)."""
+    return 1 if tile >= size else math.ceil((size - TILE_OVERLAP) / (tile - TILE_OVERLAP))
 
-    The whole latent when it fits; else the fewest tiles per side whose tile fits, the tile being the
-    smallest that covers the latent in that many (the largest useful tile: a bigger one only adds overlap
-    work). When not even :data:`MIN_TILE` fits, :data:`MIN_TILE` (the decode then needs more than the budget).
+
+def _tile_lengths(size: int) -> list[int]:
+    """Useful tile lengths along a side: the smallest that covers it in 1, 2, 3 ... tiles, down to MIN_TILE."""
+    lengths, count = [size], 2
+    while lengths[-1] > MIN_TILE:
+        lengths.append(max(math.ceil((size + (count - 1) * TILE_OVERLAP) / count), MIN_TILE))
+        count += 1
+    return lengths
+
+
+def fit_tile(family: str | Family, vae, latent_shape: tuple[int, ...], budget: int) -> tuple[int, int] | None:
+    """The tile (rows, columns in latent cells; None: whole) whose predicted decode memory fits ``budget`` bytes.
+
+    The whole latent when it fits; else, of the layouts whose tile fits, the one that decodes the fewest
+    cells (tiles overlap by TILE_OVERLAP; on ties, the fewest tiles, then the widest): for a latent that just misses the
+    budget, two strips rather than 2 x 2 squares. Tile sides are at least :data:`MIN_TILE` (or the whole
+    side); when not even that fits, MIN_TILE x MIN_TILE (the decode then needs more than the budget).
     """
     fam = get_family(family)
-    if fam.decode_memory(vae, tuple(latent_shape), None) <= budget:
+    shape = tuple(latent_shape)
+    if fam.decode_memory(vae, shape, None) <= budget:
         return None
-    side = max(latent_shape[-2:])
-    if side <= MIN_TILE:
+    h, w = shape[-2:]
+    if max(h, w) <= MIN_TILE:
         return None  # nothing smaller to tile into
-    count = 2
-    while True:
-        tile = math.ceil((side + (count - 1) * TILE_OVERLAP) / count)
-        if tile <= MIN_TILE:
-            return MIN_TILE
-        if fam.decode_memory(vae, tuple(latent_shape), tile) <= budget:
-            return tile
-        count += 1
+    best = None
+    for th in _tile_lengths(h):
+        for tw in _tile_lengths(w):
+            if (th, tw) == (h, w) or fam.decode_memory(vae, shape, (th, tw)) > budget:
+                continue
+            count = _tile_count(h, th) * _tile_count(w, tw)
+            key = (count * th * tw, count, -tw)  # ties: the wider tile (whole rows are contiguous slices)
+            if best is None or key < best[0]:
+                best = (key, (th, tw))
+    return best[1] if best else (min(h, MIN_TILE), min(w, MIN_TILE))
 
 
 def decode_tile(family: str | Family, vae, latent: torch.Tensor, tiling: str | int | None = "auto",
-                budget: int | None = None) -> int | None:
-    """The tile size (latent cells; None: whole) a decode with this ``tiling`` and ``budget`` uses
-    (see :func:`decode`)."""
+                budget: int | None = None) -> int | tuple[int, int] | None:
+    """The tile (latent cells, square or (rows, columns); None: whole) a decode with this ``tiling`` and
+    ``budget`` uses (see :func:`decode`)."""
     if tiling == "auto":
         if budget is not None:
             return fit_tile(family, vae, tuple(latent.shape), budget)
@@ -374,7 +393,11 @@ def decode_tile(family: str | Family, vae, latent: torch.Tensor, tiling: str | i
         return None
     if isinstance(tiling, int) and not isinstance(tiling, bool) and tiling > 0:
         return tiling
-    raise ConfigError(f"tiling must be one of {list(TILINGS)} or a positive tile size, got {tiling!r}")
+    if (isinstance(tiling, tuple) and len(tiling) == 2
+            and all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in tiling)):
+        return tiling
+    raise ConfigError(f"tiling must be one of {list(TILINGS)}, a positive tile size or (rows, columns), "
+                      f"got {tiling!r}")
 
 
 def decode_memory(family: str | Family, vae, latent: torch.Tensor, tiling: str | int | None = "auto",
@@ -389,7 +412,8 @@ def decode(family: str | Family, vae, latent: torch.Tensor, tiling: str | int | 
     """(B, H, W, 3) float RGB in [0, 1] on the VAE's device.
 
     ``tiling``: "auto" tiles latents larger than the 1024 px one, or, given a ``budget`` of free bytes,
-    as :func:`fit_tile` chooses; "on" always, "off" (or None) never, an int is the tile size in latent cells.
+    as :func:`fit_tile` chooses; "on" always, "off" (or None) never, an int is the tile size in latent cells
+    ((rows, columns): a rectangular tile).
     ``callback(done, total)`` runs after every decoded tile; raising from it (e.g. a Cancel) stops the decode there.
     """
     tile = decode_tile(family, vae, latent, tiling, budget)

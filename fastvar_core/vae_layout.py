@@ -1,4 +1,4 @@
-"""What both VAE decoders share: the activations' memory layout, a GroupNorm exact in it, tile progress.
+"""What both VAE decoders share: the activations' memory layout, a GroupNorm exact in it, tiles and their progress.
 
 On the CPU both decoders run channels-last (B, H, W, C in memory): oneDNN convolves that layout
 directly, while an NCHW input is reordered to and from its blocked layout on every call, which made
@@ -14,6 +14,7 @@ float64 (outputs within ~1e-6 of a float64 reference), and applies them in one p
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -93,3 +94,36 @@ def group_norm(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None, bi
     scale, shift = scale.expand(B, num_groups, C // num_groups), shift.expand(B, num_groups, C // num_groups)
     out = torch.addcmul(shift.reshape(B, 1, C).float(), rows, scale.reshape(B, 1, C).float())  # (B, HW, C)
     return out.view(B, H, W, C).permute(0, 3, 1, 2)
+
+
+def tile_sides(tile: int | tuple[int, int]) -> tuple[int, int]:
+    """A decode tile as (rows, columns) in latent cells: an int is a square tile."""
+    return (tile, tile) if isinstance(tile, int) else (int(tile[0]), int(tile[1]))
+
+
+def blend_spans(size: int, tile: int, overlap: int, q: int, device) -> list[tuple[int, int, torch.Tensor]]:
+    """Tiles (start, end, per-pixel weight) along one axis of ``size`` feature positions.
+
+    Tiles of ``tile`` positions are spread evenly so neighbours share at least ``overlap`` positions.
+    Each tile's weight (``q`` output pixels per position) is 0 on the outer quarter of an inner
+    overlap, where the tile's own zero padding reaches, and ramps linearly to 1 over its middle half;
+    weights are normalised to sum to 1 per pixel, so the 2-D blend weight of a tile is the product of
+    its row and column weights.
+    """
+    if size <= tile:
+        return [(0, size, torch.ones(q * size, device=device))]
+    n = math.ceil((size - overlap) / (tile - overlap))
+    starts = [round(i * (size - tile) / (n - 1)) for i in range(n)]
+    dist = torch.arange(q * tile, device=device, dtype=torch.float32) + 0.5  # pixel distance from the start edge
+    o = q * overlap
+    ramp = ((dist - o / 4) / (o / 2)).clamp(0, 1) if o else torch.ones_like(dist)
+    spans, total = [], torch.zeros(q * size, device=device)
+    for s in starts:
+        weight = torch.ones_like(dist)
+        if s > 0:
+            weight = torch.minimum(weight, ramp)
+        if s + tile < size:
+            weight = torch.minimum(weight, ramp.flip(0))
+        total[q * s : q * (s + tile)] += weight
+        spans.append((s, s + tile, weight))
+    return [(s, e, weight / total[q * s : q * e]) for s, e, weight in spans]

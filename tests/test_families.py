@@ -71,12 +71,19 @@ def test_decode_tile_from_a_memory_budget():
         return families.decode_tile("infinity", vae, latent, "auto", budget)
 
     assert tile(per_cell * 128 * 96) is None  # the whole latent fits: untiled
-    # 2 tiles per side of 128 with 8 shared cells: 68; 3: 48; 4: 38; 5: 32 = the minimum
-    assert tile(per_cell * 128 * 96 - 1) == 68 and tile(per_cell * 68**2) == 68
-    assert tile(per_cell * 68**2 - 1) == 48 and tile(per_cell * 48**2 - 1) == 38
-    assert tile(per_cell * 38**2 - 1) == families.MIN_TILE == 32 and tile(0) == 32  # impossible: the minimum
+    # Side 128 in 1, 2, 3, 4, 5 tiles sharing 8 cells: 128, 68, 48, 38, 32 (the minimum); side 96: 96, 52, 38.
+    # Just too little: two 68 x 96 strips decode 13056 cells, 128 x 52 ones 13312, 2 x 2 tiles of 68 x 52 14144.
+    assert tile(per_cell * 128 * 96 - 1) == (68, 96) and tile(per_cell * 68 * 96) == (68, 96)
+    # 68 x 96 no longer fits: 3 strips of 48 x 96 (13824 cells) beat 2 x 2 tiles of 68 x 52 (14144)
+    assert tile(per_cell * 68 * 96 - 1) == (48, 96)
+    # 48 x 96 (4608 cells) does not fit: 2 x 2 of 68 x 52 (14144) beat 4 strips of 38 x 96 (14592)
+    assert tile(per_cell * 48 * 96 - 1) == (68, 52)
+    assert tile(0) == (families.MIN_TILE, families.MIN_TILE) == (32, 32)  # impossible: the minimum
+    small = torch.zeros(1, 32, 40, 40)  # two tiles of a 40-cell side would be 24: the minimum 32, overlapping more
+    assert families.decode_tile("infinity", vae, small, "auto", per_cell * 40 * 40 - 1) == (32, 40)
     budgets = (3 * 10**8, 10**8, 5 * 10**7)
-    assert [tile(b) for b in budgets] == [68, 48, 38]  # a smaller budget, a smaller tile ...
+    tiles = [tile(b) for b in budgets]
+    assert [t[0] * t[1] for t in tiles] == sorted(t[0] * t[1] for t in tiles)[::-1]  # a smaller budget, a smaller tile
     for budget in budgets:  # ... whose predicted memory fits
         assert families.decode_memory("infinity", vae, latent, "auto", budget) <= budget
     assert families.decode_tile("infinity", vae, torch.zeros(1, 32, 30, 30), "auto", 0) is None  # below one tile
@@ -84,12 +91,19 @@ def test_decode_tile_from_a_memory_budget():
     assert families.decode_tile("infinity", SimpleNamespace(config=SimpleNamespace(patch_size=16)), latent) == 64
     assert families.decode_tile("infinity", vae, latent, "off", 0) is None
     assert families.decode_tile("infinity", vae, latent, "on", 0) == families.TILE
-    # HART decodes each tile with 8 context cells on its inner sides: a 68-cell tile costs 84 cells a side
+    assert families.decode_tile("infinity", vae, latent, (40, 96), 0) == (40, 96)
+    # HART: the coarse part (the top width, 16, after one 2x up-sampling) runs on the whole latent, the rest per
+    # tile beside the coarse output (width 8 at 2x: 32 values a cell) and the float32 image (3 x 16 x 16 a cell).
     hart_vae = SimpleNamespace(config=SimpleNamespace(ch=8, ch_mult=(1, 2), downsample=16))
     square = torch.zeros(1, 32, 128, 128)
-    assert families.decode_memory("hart", hart_vae, square, 68) == per_cell * 84**2
-    assert families.decode_tile("hart", hart_vae, square, "auto", per_cell * 84**2) == 68
-    assert families.decode_tile("hart", hart_vae, square, "auto", per_cell * 84**2 - 1) == 48
+    held = (32 + 3 * 256) * 4 * 128 * 128
+    assert families.decode_memory("hart", hart_vae, square, 68) == per_cell * 68**2 + held
+    assert families.decode_memory("hart", hart_vae, square, (68, 128)) == per_cell * 68 * 128 + held
+    assert families.decode_memory("hart", hart_vae, square, None) == per_cell * 128**2
+    coarse = 3 * 4 * 16 * 4 * 128 * 128  # live maps x bytes x width x 2 x 2 x cells: above a 16 x 16 tile's
+    assert families.decode_memory("hart", hart_vae, square, 16) == coarse + held
+    assert families.decode_tile("hart", hart_vae, square, "auto", per_cell * 68 * 128 + held) == (68, 128)
+    assert families.decode_tile("hart", hart_vae, square, "auto", per_cell * 68 * 128 + held - 1) == (48, 128)
 
 
 def test_a_third_family_runs_through_the_pipeline(toy):

@@ -16,7 +16,8 @@ from conftest import PARITY
 from safetensors.torch import load_file, save_file
 
 from fastvar_core.errors import CheckpointError, InternalError
-from fastvar_core.hart.vae import HARTVAE, HARTVAEConfig, _tile_spans, load_hart_vae, phi_index, phi_ticks
+from fastvar_core.hart import vae as vae_module
+from fastvar_core.hart.vae import HARTVAE, HARTVAEConfig, load_hart_vae, phi_index, phi_ticks
 
 HART = PARITY / "hart"
 CKPT = HART / "checkpoint"
@@ -257,33 +258,53 @@ def test_decode_f_hat_final_image_pool16(vae, case):
     torch.testing.assert_close(F.avg_pool2d(image, 16), exp["image_pool16"], atol=1e-3, rtol=0)  # README atol 1e-3
 
 
-def test_tile_spans_cover_with_overlap():
-    assert _tile_spans(64, 64, 8) == [(0, 64)]
-    for n, tile, ov in [(64, 48, 8), (128, 64, 8), (100, 32, 8)]:
-        spans = _tile_spans(n, tile, ov)
-        assert spans[0][0] == 0 and spans[-1][1] == n
-        assert all(b - a == tile for a, b in spans)
-        assert all(a1 <= b0 - ov for (_, b0), (a1, _) in zip(spans, spans[1:]))  # neighbours share >= ov cells
+def test_tiled_decode_geometry_is_exact_with_shared_norm_statistics(vae, monkeypatch):
+    """With every GroupNorm using the whole image's statistics, tiling + blending must reproduce the one-pass
+    decode: this isolates the tile layout, the zero-padding reach and the blend weights from the
+    per-tile-statistics approximation (rectangular tiles, 2 x 4 of them, corners and edges blended)."""
+    _, inputs, _ = _case("vae_decode_b1")
+    f_hat = inputs["f_hat"][:, :, :24, :32]
+    stats: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    recording = True
+
+    def shared_norm(layer, x, operations=None):
+        groups = x.float().reshape(x.shape[0], layer.num_groups, -1)
+        if recording:
+            stats[id(layer)] = groups.mean(-1, keepdim=True), groups.var(-1, unbiased=False, keepdim=True)
+        mean, var = stats[id(layer)]
+        y = ((groups - mean) / torch.sqrt(var + layer.eps)).reshape(x.shape)
+        return y * layer.weight[:, None, None] + layer.bias[:, None, None]
+
+    monkeypatch.setattr(vae_module, "norm", shared_norm)
+    full = vae.decode(f_hat)
+    recording = False
+    seen = []
+    fine = vae.decoder.forward_fine
+    monkeypatch.setattr(vae.decoder, "forward_fine", lambda h: seen.append(tuple(h.shape[-2:])) or fine(h))
+    tiled = vae.decode(f_hat, tile=(16, 14), overlap=8)
+    assert len(seen) == 8 and set(seen) == {(32, 28)}  # 2 x 4 tiles, each 2x its latent cells (coarse positions)
+    assert (tiled - full).abs().max().item() <= 1e-4  # measured 1.8e-5
 
 
 def test_tiled_decode_bound_small(vae):
     # 16x16 latent (256 px) in 12-cell tiles: attention is exact (run on the whole latent); the deviation
-    # comes from per-tile GroupNorm statistics. Bound from a measurement on this random model
-    # (mean 0.016, max 0.14); small tiles are the worst case, see the 48-cell test below.
+    # comes from per-tile GroupNorm statistics (the test above). Bound from a measurement on this random model
+    # (mean 0.027, max 0.19); small tiles are the worst case, see the 48-cell test below.
     _, inputs, _ = _case("vae_decode_b1")
     f_hat = inputs["f_hat"][:, :, :16, :16]
     full = vae.to_image(f_hat)
-    tiled = vae.to_image(f_hat, tile=12, overlap=2)
+    tiled = vae.to_image(f_hat, tile=12, overlap=4)
     assert tiled.shape == full.shape == (1, 256, 256, 3)
     diff = (tiled - full).abs()
-    assert diff.mean() < 0.025 and diff.max() < 0.2
+    assert diff.mean() < 0.03 and diff.max() < 0.22
     assert torch.equal(vae.to_image(f_hat, tile=16), full)  # one tile covering everything = no tiling
 
 
 @pytest.mark.slow
 def test_tiled_decode_bound_vae_decode_b1(vae):
-    # Full 64x64 latent in 48-cell tiles vs the official image: measured mean 0.009, max 0.091.
+    # Full 64x64 latent in 48-cell tiles vs the official image: measured mean 0.017, max 0.171 (0.009 / 0.091
+    # when each tile also decoded 8 cells of context per inner side, 64-cell tiles' memory and time).
     _, inputs, exp = _case("vae_decode_b1")
     tiled = vae.to_image(inputs["f_hat"], tile=48, overlap=8).permute(0, 3, 1, 2)
     diff = (tiled - exp["image_u8"].float() / 255).abs()
-    assert diff.mean() < 0.015 and diff.max() < 0.15
+    assert diff.mean() < 0.022 and diff.max() < 0.2

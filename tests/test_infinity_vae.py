@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 import fastvar_core.infinity.vae as vae_module
 from fastvar_core.checkpoint import convert_to_safetensors
 from fastvar_core.errors import CheckpointError, ConfigError, IncompatibleModelsError
-from fastvar_core.infinity.vae import BSQVAEConfig, InfinityVAE, Upsample, _blend_spans, load_infinity_vae
+from fastvar_core.infinity.vae import BSQVAEConfig, InfinityVAE, Upsample, load_infinity_vae
 
 INF = PARITY / "infinity"
 VAE_PATH = INF / "checkpoints" / "infinity_vae_d32_tiny.pth"
@@ -281,19 +281,6 @@ def test_upsample_equals_nearest_then_conv():
     with torch.no_grad():
         ref = up.conv.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
         assert (up(x) - ref).abs().max().item() <= 1e-5
-
-
-@pytest.mark.parametrize("size,tile,overlap", [(48, 32, 8), (96, 32, 16), (100, 40, 10), (64, 64, 16)])
-def test_blend_weights_sum_to_one(size, tile, overlap):
-    spans = _blend_spans(size, tile, overlap, 4, "cpu")
-    total = torch.zeros(4 * size)
-    for i, (start, end, weight) in enumerate(spans):
-        assert end - start == min(tile, size) and weight.shape == (4 * (end - start),)
-        if i:
-            assert spans[i - 1][1] - start >= overlap  # neighbours share at least `overlap` positions
-        total[4 * start : 4 * end] += weight
-    assert spans[0][0] == 0 and spans[-1][1] == size
-    assert torch.allclose(total, torch.ones_like(total), atol=1e-6)
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from fastvar_core.infinity.vae import Upsample
-from fastvar_core.vae_layout import decoder_layout, group_norm
+from fastvar_core.vae_layout import blend_spans, decoder_layout, group_norm
 
 
 def _offset_map(seed: int, shape=(2, 64, 96, 80)) -> torch.Tensor:
@@ -49,3 +49,16 @@ def test_upsample_gives_the_same_map_in_both_layouts():
     reference = F.conv2d(F.interpolate(x, scale_factor=2, mode="nearest"), up.conv.conv.weight, up.conv.conv.bias,
                          padding=1)
     torch.testing.assert_close(cl, reference, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("size,tile,overlap", [(48, 32, 8), (96, 32, 16), (100, 40, 10), (64, 64, 16)])
+def test_blend_weights_sum_to_one(size, tile, overlap):
+    spans = blend_spans(size, tile, overlap, 4, "cpu")
+    total = torch.zeros(4 * size)
+    for i, (start, end, weight) in enumerate(spans):
+        assert end - start == min(tile, size) and weight.shape == (4 * (end - start),)
+        if i:
+            assert spans[i - 1][1] - start >= overlap  # neighbours share at least `overlap` positions
+        total[4 * start : 4 * end] += weight
+    assert spans[0][0] == 0 and spans[-1][1] == size
+    assert torch.allclose(total, torch.ones_like(total), atol=1e-6)

@@ -9,11 +9,12 @@ that the decoders do not use (torchvision, imageio, einops, the quantiser) are s
 times the official decoder, then ours, on the same latent; the report gives the best of the rounds,
 the ratio and how far the two images differ.
 
-    python -m tools.decode_bench --tiled [--size 2048] [--vae-base 64] [--tile 64] [--plot out/bench/seams.png]
+    python -m tools.decode_bench --tiled [--size 2048] [--vae-base 64] [--tile 64] [--plot out/bench/tiled.png]
 
 times our tiled decode against our untiled decode of the same latent (the cost of tiling, goal <= 1.15x)
 and reports how far the tiled image is from the untiled one (max and mean |diff| on the [0, 1] scale);
-the plot shows a crop around the first seam crossing: untiled, tiled and the |diff| magnified.
+the plot shows both timings, and per decoder a crop around the first seam crossing: untiled, tiled and
+the |diff| magnified.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import torch
 
 from fastvar_core import families
 from fastvar_core.errors import ConfigError
+from fastvar_core.vae_layout import tile_sides
 
 from .randomized import SHAPES, build_vae
 
@@ -152,19 +154,34 @@ def tiled_vs_untiled(shape_name: str, vae, z: torch.Tensor, tile: int, rounds: i
     return row, {"untiled": whole[0], "tiled": tiled[0]}
 
 
-def write_seam_plot(panels: list[tuple[str, dict, int]], path: Path) -> None:
-    """Per decoder: untiled, tiled and |diff| (x10) cropped around where the first seams cross."""
+def write_plot(rows: list[dict], panels: list[tuple[str, dict, tuple[int, int]]], path: Path) -> None:
+    """One figure: untiled and tiled seconds per decoder (ratio, 1.15x goal), then per decoder the untiled
+    image, the tiled one and their |diff| (x10) cropped around where the first seams cross."""
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(9, 3 * len(panels)))
-    axes = fig.subplots(len(panels), 3, squeeze=False)
-    for row, (name, images, seam) in zip(axes, panels):
-        crop = slice(max(seam - SEAM_CROP, 0), seam + SEAM_CROP)
-        untiled, tiled = images["untiled"][crop, crop], images["tiled"][crop, crop]
-        for ax, title, image in zip(row, ("untiled", "tiled", "|diff| x10"),
-                                    (untiled, tiled, ((tiled - untiled).abs() * 10).clamp(0, 1))):
+    fig = Figure(figsize=(9, 2.6 + 3 * len(panels)))
+    grid = fig.add_gridspec(1 + len(panels), 3, height_ratios=[0.8] + [1] * len(panels))
+    bars = fig.add_subplot(grid[0, :])
+    names = [row["decoder"] for row in rows]
+    y = range(len(rows))
+    bars.barh([i + 0.2 for i in y], [row["untiled_s"] for row in rows], height=0.4, label="untiled")
+    bars.barh([i - 0.2 for i in y], [row["tiled_s"] for row in rows], height=0.4, label="tiled")
+    for i, row in zip(y, rows):
+        bars.text(row["tiled_s"], i - 0.2, f" {row['time_ratio']:.2f}x (goal <= 1.15x), tile {row['tile']}",
+                  va="center", fontsize=8)
+    bars.set_yticks(list(y), names, fontsize=8)
+    bars.set_xlabel("decode seconds (best of the rounds)", fontsize=8)
+    bars.set_xlim(0, 1.7 * max(max(row["untiled_s"], row["tiled_s"]) for row in rows))
+    bars.legend(fontsize=8, loc="upper right")
+    for r, (name, images, (sy, sx)) in enumerate(panels, start=1):
+        rows_crop = slice(max(sy - SEAM_CROP, 0), sy + SEAM_CROP)
+        cols_crop = slice(max(sx - SEAM_CROP, 0), sx + SEAM_CROP)
+        untiled, tiled = images["untiled"][rows_crop, cols_crop], images["tiled"][rows_crop, cols_crop]
+        for c, (title, image) in enumerate(zip(("untiled", "tiled", "|diff| x10"),
+                                               (untiled, tiled, ((tiled - untiled).abs() * 10).clamp(0, 1)))):
+            ax = fig.add_subplot(grid[r, c])
             ax.imshow(image.numpy())
-            ax.set_title(f"{name}: {title}", fontsize=8)
+            ax.set_title(f"{name}: {title}, seam at ({sy}, {sx}) px", fontsize=8)
             ax.axis("off")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -172,9 +189,11 @@ def write_seam_plot(panels: list[tuple[str, dict, int]], path: Path) -> None:
 
 
 def _first_seam(size: int, tile: int, upscale: int) -> int:
-    """Pixel where the first two tiles' shares cross (the middle of their overlap)."""
+    """Pixel where the first two tiles' shares cross (the middle of their overlap); the middle for one tile."""
+    if tile >= size:
+        return upscale * size // 2
     count = -(-(size - families.TILE_OVERLAP) // (tile - families.TILE_OVERLAP))
-    second = round((size - tile) / (count - 1)) if count > 1 else 0
+    second = round((size - tile) / (count - 1))
     return upscale * (second + tile) // 2
 
 
@@ -188,7 +207,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--vae-base", type=int, help="--tiled: VAE decoder base width (default: the released one)")
     parser.add_argument("--tile", type=int, help="--tiled: tile size in latent cells (default: the tile the Decode "
                         "node picks when the untiled decode just does not fit)")
-    parser.add_argument("--plot", type=Path, default=Path("out/bench/seams.png"), help="--tiled: the seam crops")
+    parser.add_argument("--plot", type=Path, default=Path("out/bench/tiled-decode.png"),
+                        help="--tiled: timings and seam crops")
     parser.add_argument("--size", type=int, default=None, help="image side in pixels (the latent is size/16; "
                         "default 1024, 2048 with --tiled)")
     parser.add_argument("--rounds", type=int, default=2)
@@ -224,8 +244,9 @@ def main(argv: list[str] | None = None) -> int:
             row["vae_base"] = args.vae_base or "released"
             rows.append(row)
             upscale = images["untiled"].shape[0] // side
-            panels.append((name, images, _first_seam(side, tile, upscale)))
-        write_seam_plot(panels, args.plot)
+            th, tw = tile_sides(tile)
+            panels.append((name, images, (_first_seam(side, th, upscale), _first_seam(side, tw, upscale))))
+        write_plot([r for r in rows if "tiled_s" in r], panels, args.plot)
         print(f"wrote {args.plot}")
     if args.json is not None:
         args.json.write_text(json.dumps({"threads": torch.get_num_threads(), "rows": rows}, indent=1))

@@ -9,9 +9,10 @@ import torch
 
 from ..cost import ArchSpec, decode_memory
 from ..errors import ConfigError
-from ..families import TILE_OVERLAP, Family, register
+from ..families import Family, register
 from ..pruning import PresetTable
 from ..schedules import HART_BUDGETS, hart_schedule, hart_schedule_for_size
+from ..vae_layout import tile_sides
 from .config import HART_0_7B, llama_ffn_hidden
 from .diffusion import diffusion_flops_per_token, diffusion_values_per_token
 
@@ -131,10 +132,18 @@ class HARTFamily(Family):
 
     def decode_memory(self, vae, latent_shape, tile):
         c = vae.config
-        h, w = latent_shape[-2:]
-        if tile:  # a tile decodes with TILE_OVERLAP cells of context on its inner sides (HARTVAE.decode_tiled)
-            h, w = min(h, tile + 2 * TILE_OVERLAP), min(w, tile + 2 * TILE_OVERLAP)
-        return decode_memory([c.ch * m for m in c.ch_mult], c.downsample, (h, w), batch=latent_shape[0])
+        b, (h, w) = latent_shape[0], latent_shape[-2:]
+        widths = [c.ch * m for m in c.ch_mult]
+        th, tw = tile_sides(tile) if tile else (h, w)
+        if th >= h and tw >= w:
+            return decode_memory(widths, c.downsample, (h, w), batch=b)
+        # HARTVAE.decode_tiled: the coarse part (up to the first up-sampling's f x f map of the top width) runs on
+        # the whole latent, the rest on one tile at a time, beside the coarse output and the float32 image.
+        f = 2 if len(widths) > 1 else 1
+        coarse = decode_memory(widths[-1:], f, (h, w), batch=b)
+        fine = decode_memory(widths, c.downsample, (min(th, h), min(tw, w)), batch=b)
+        held = b * (widths[max(len(widths) - 2, 0)] * f * f + 3 * c.downsample**2) * h * w * 4
+        return max(coarse, fine) + held
 
     def chart_models(self):
         return {

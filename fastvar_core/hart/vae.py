@@ -9,7 +9,6 @@ Parameter names equal the checkpoint keys with the ``vae.`` prefix removed.
 from __future__ import annotations
 
 import json
-import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +20,7 @@ import torch.nn.functional as F
 from .. import ops as nnops
 from ..checkpoint import check_state_keys, flatten_tensors, load_sharded_folder, load_state_dict
 from ..errors import CheckpointError, ConfigError, InternalError
-from ..vae_layout import TileCallback, decoder_layout, norm, one_pass
+from ..vae_layout import TileCallback, blend_spans, decoder_layout, norm, one_pass, tile_sides
 
 MODEL_TYPE = "hart_autoencoder_with_disc"
 KEY_PREFIX = "vae."
@@ -294,15 +293,31 @@ class Decoder(nn.Module):
         """Every layer that runs at latent resolution, including all attention: (B, Cvae, h, w) -> (B, C_top, h, w)."""
         return self.up[-1].run_blocks(self.mid(self.conv_in(decoder_layout(z))))
 
-    def forward_high(self, h: torch.Tensor) -> torch.Tensor:
-        """The rest (local ops only: convs, GroupNorm, nearest up-sampling): (B, C_top, h, w) -> (B, 3, H, W)."""
-        h = self.up[-1].upsample(decoder_layout(h))
-        for lvl in reversed(range(len(self.up) - 1)):
+    @property
+    def coarse_factor(self) -> int:
+        """Upscaling of :meth:`forward_coarse`'s output over the latent (2; 1 for a one-level decoder)."""
+        return 2 if len(self.up) > 1 else 1
+
+    def forward_coarse(self, z: torch.Tensor) -> torch.Tensor:
+        """:meth:`forward_low`, the first up-sampling and the level after it (small maps, most of the
+        receptive field): (B, Cvae, h, w) -> (B, C, f*h, f*w), f = :attr:`coarse_factor`."""
+        h = self.forward_low(z)
+        if len(self.up) > 1:
+            h = self.up[-2].run_blocks(self.up[-1].upsample(h))
+        return h
+
+    def forward_fine(self, h: torch.Tensor) -> torch.Tensor:
+        """The rest (local ops only: convs, GroupNorm, nearest up-sampling; almost all the memory):
+        :meth:`forward_coarse`'s output -> (B, 3, H, W)."""
+        h = decoder_layout(h)
+        if len(self.up) > 1:
+            h = self.up[-2].upsample(h)
+        for lvl in reversed(range(len(self.up) - 2)):
             h = self.up[lvl].upsample(self.up[lvl].run_blocks(h))
         return self.conv_out(F.silu(norm(self.norm_out, h, self.ops), inplace=not torch.is_grad_enabled()))
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return self.forward_high(self.forward_low(z))
+        return self.forward_fine(self.forward_coarse(z))
 
 
 class QuantResi(nn.Module):
@@ -405,82 +420,60 @@ class HARTVAE(nn.Module):
     # ---- decoding (docs/hart.md §4.4)
 
     @torch.no_grad()
-    def decode(self, f_hat: torch.Tensor, tile: int | None = None, overlap: int = 8,
+    def decode(self, f_hat: torch.Tensor, tile: int | tuple[int, int] | None = None, overlap: int = 8,
                callback: TileCallback | None = None) -> torch.Tensor:
         """(B, Cvae, h, w) latent -> (B, 3, 16h, 16w) image in [-1, 1].
 
-        ``tile`` (latent cells) switches to :meth:`decode_tiled` when the latent is larger than one tile.
-        ``callback(done, total)`` runs after each tile (once for a one-pass decode); raising from it stops.
+        ``tile`` (latent cells, or (rows, columns)) switches to :meth:`decode_tiled` when the latent is
+        larger than one tile. ``callback(done, total)`` runs after each tile (once for a one-pass decode);
+        raising from it stops.
         """
-        if tile is not None and max(f_hat.shape[-2:]) > tile:
-            return self.decode_tiled(f_hat, tile, overlap, callback)
+        if tile is not None:
+            th, tw = tile_sides(tile)
+            if f_hat.shape[-2] > th or f_hat.shape[-1] > tw:
+                return self.decode_tiled(f_hat, (th, tw), overlap, callback)
         z = self.post_quant_conv(f_hat.to(self.device, self.dtype))
         return one_pass(self.decoder, z, callback).clamp_(-1, 1)
 
     @torch.no_grad()
-    def decode_tiled(self, f_hat: torch.Tensor, tile: int = 32, overlap: int = 8,
+    def decode_tiled(self, f_hat: torch.Tensor, tile: int | tuple[int, int] = 32, overlap: int = 8,
                      callback: TileCallback | None = None) -> torch.Tensor:
         """Memory-bounded approximation of :meth:`decode` for large latents.
 
-        All layers at latent resolution (conv_in, the mid block, the lowest level, i.e. every attention
-        layer) run on the whole latent, so attention stays exact. Only the up-sampling part (convs,
-        GroupNorm, nearest up-sampling; the memory hog) is run on overlapping latent tiles of
-        ``tile`` cells, each widened by ``overlap`` cells of context on inner sides, and the
-        tiles are blended with linear feathering across the overlap. The remaining error comes from
-        GroupNorm statistics being computed per tile instead of per image; it shrinks with larger tiles
-        (parity VAE, 64-cell latent: 48-cell tiles deviate by 0.009 mean / 0.09 max on the [0, 1] scale,
-        12-cell tiles of a 16-cell latent by 0.016 / 0.14). Use it only when the full decode does not fit,
-        e.g. ``tile=64, overlap=8`` for a 128x128 (2048 px) latent.
+        The decoder's low-resolution part (:meth:`Decoder.forward_coarse`: every attention layer and the
+        first level above the latent's resolution; small maps, but most of the receptive field) runs on
+        the whole latent, so attention stays exact. The rest (convs, GroupNorm, nearest up-sampling; the
+        memory hog) runs on tiles of ``tile`` latent cells (an int: square; or (rows, columns)), one at a
+        time, neighbours sharing ``overlap`` cells. A tile's blend weight is 0 on the outer quarter of a
+        shared overlap, where its own zero padding reaches (what remains of the receptive field there is
+        about 3 latent cells), and ramps linearly to 1 over the middle half (vae_layout.blend_spans), so
+        no cell is decoded beyond the tiles themselves. Given the whole image's GroupNorm statistics the
+        blend reproduces the one-pass decode closely; the remaining error comes from statistics computed
+        per tile, and shrinks with larger tiles.
         """
-        if overlap < 0 or tile <= 2 * overlap:
-            raise ConfigError(f"tile ({tile}) must exceed 2 * overlap ({overlap}) >= 0.")
-        low = self.decoder.forward_low(self.post_quant_conv(f_hat.to(self.device, self.dtype)))  # (B, C_top, h, w)
-        B, _, h, wd = low.shape
-        s = self.config.downsample
-        out = torch.zeros(B, 3, h * s, wd * s, device=low.device)  # float32 accumulators
-        weight = torch.zeros(1, 1, h * s, wd * s, device=low.device)
-        rows, cols = _tile_spans(h, tile, overlap), _tile_spans(wd, tile, overlap)
-        for i, (y0, y1) in enumerate(rows):
-            for j, (x0, x1) in enumerate(cols):
-                # decode with extra context, then keep only the tile
-                cy0, cy1 = max(0, y0 - overlap), min(h, y1 + overlap)
-                cx0, cx1 = max(0, x0 - overlap), min(wd, x1 + overlap)
-                img = self.decoder.forward_high(low[:, :, cy0:cy1, cx0:cx1])
-                img = img[:, :, (y0 - cy0) * s:(y1 - cy0) * s, (x0 - cx0) * s:(x1 - cx0) * s]
-                ramp = _feather(y0 > 0, y1 < h, (y1 - y0) * s, overlap * s, out)[:, None] * \
-                    _feather(x0 > 0, x1 < wd, (x1 - x0) * s, overlap * s, out)[None, :]
-                out[:, :, y0 * s:y1 * s, x0 * s:x1 * s] += img.float() * ramp
-                weight[:, :, y0 * s:y1 * s, x0 * s:x1 * s] += ramp
+        th, tw = tile_sides(tile)
+        if overlap < 0 or min(th, tw) <= overlap:
+            raise ConfigError(f"tile ({tile}) must exceed the overlap ({overlap} latent cells) >= 0.")
+        coarse = self.decoder.forward_coarse(self.post_quant_conv(f_hat.to(self.device, self.dtype)))  # (B, C, fh, fw)
+        B, _, fh, fw = coarse.shape
+        f = self.decoder.coarse_factor
+        q = self.config.downsample // f  # output pixels per coarse position
+        rows = blend_spans(fh, f * th, f * overlap, q, coarse.device)
+        cols = blend_spans(fw, f * tw, f * overlap, q, coarse.device)
+        out = torch.zeros(B, 3, q * fh, q * fw, device=coarse.device)  # float32 accumulator
+        for i, (y0, y1, wy) in enumerate(rows):
+            for j, (x0, x1, wx) in enumerate(cols):
+                pixels = self.decoder.forward_fine(coarse[:, :, y0:y1, x0:x1]).float()  # (B, 3, q*th', q*tw')
+                out[:, :, q * y0:q * y1, q * x0:q * x1].add_(pixels.mul_(wy[:, None] * wx[None, :]))
                 if callback is not None:
                     callback(i * len(cols) + j + 1, len(rows) * len(cols))
-        return (out / weight).clamp_(-1, 1).to(low.dtype)
+        return out.clamp_(-1, 1).to(coarse.dtype)
 
-    def to_image(self, f_hat: torch.Tensor, tile: int | None = None, overlap: int = 8,
+    def to_image(self, f_hat: torch.Tensor, tile: int | tuple[int, int] | None = None, overlap: int = 8,
                  callback: TileCallback | None = None) -> torch.Tensor:
         """Latent -> (B, H, W, 3) float32 RGB in [0, 1] (ComfyUI IMAGE layout)."""
         img = self.decode(f_hat, tile, overlap, callback)
         return ((img.float() + 1) / 2).permute(0, 2, 3, 1).contiguous()
-
-
-def _tile_spans(n: int, tile: int, overlap: int) -> list[tuple[int, int]]:
-    """Start/end of tiles of length ``tile`` covering 0..n, neighbours sharing ``overlap`` cells."""
-    if n <= tile:
-        return [(0, n)]
-    stride = tile - overlap
-    count = math.ceil((n - overlap) / stride)
-    starts = [min(i * stride, n - tile) for i in range(count)]
-    return [(a, a + tile) for a in starts]
-
-
-def _feather(ramp_in: bool, ramp_out: bool, n: int, width: int, like: torch.Tensor) -> torch.Tensor:
-    """1-D blending weights of length n: linear ramps of ``width`` pixels on sides shared with a neighbour."""
-    pos = torch.arange(n, device=like.device, dtype=like.dtype) + 0.5
-    w = torch.ones(n, device=like.device, dtype=like.dtype)
-    if width > 0 and ramp_in:
-        w = torch.minimum(w, pos / width)
-    if width > 0 and ramp_out:
-        w = torch.minimum(w, (n - pos) / width)
-    return w
 
 
 # --------------------------------------------------------------------------------------------

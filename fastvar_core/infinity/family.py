@@ -12,6 +12,7 @@ from ..errors import ConfigError
 from ..families import Family, register
 from ..pruning import PresetTable
 from ..schedules import INFINITY_BUDGETS, infinity_schedule, infinity_schedule_for_size
+from ..vae_layout import tile_sides
 from .config import INFINITY_2B, INFINITY_8B, InfinityConfig
 
 # Cross-attention keys per row assumed when the prompt is unknown (the schedule chart); a run counts its
@@ -183,7 +184,7 @@ class InfinityFamily(Family):
 
     def decode_memory(self, vae, latent_shape, tile):
         c = vae.config
-        hw = (tile, tile) if tile else tuple(latent_shape[-2:])
+        hw = tuple(min(t, n) for t, n in zip(tile_sides(tile), latent_shape[-2:])) if tile else tuple(latent_shape[-2:])
         return decode_memory([c.base_ch * m for m in c.ch_mult], c.patch_size, hw, batch=latent_shape[0])
 
 

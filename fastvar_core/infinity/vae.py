@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from .. import ops as nnops
 from ..checkpoint import check_state_keys, flatten_tensors, key_examples, load_file, prefer_safetensors
 from ..errors import CheckpointError, ConfigError, IncompatibleModelsError
-from ..vae_layout import TileCallback, decoder_layout, group_norm, one_pass
+from ..vae_layout import TileCallback, blend_spans, decoder_layout, group_norm, one_pass, tile_sides
 
 NUM_GROUPS = 32  # GroupNorm(32, eps 1e-6) everywhere (docs/infinity.md §6.1)
 NORM_EPS = 1e-6
@@ -312,18 +312,18 @@ class InfinityVAE(nn.Module):
         return codes.to(device=p.device, dtype=p.dtype)
 
     @torch.no_grad()
-    def decode(self, codes: torch.Tensor, tile: int | None = None, overlap: int | None = None,
+    def decode(self, codes: torch.Tensor, tile: int | tuple[int, int] | None = None, overlap: int | None = None,
                callback: TileCallback | None = None) -> torch.Tensor:
         """Decode summed codes (B, d_v, h, w) or (B, d_v, 1, h, w) to RGB in [-1, 1], (B, 3, p*h, p*w).
 
         ``tile=None`` decodes in one pass (the reference behaviour). ``callback(done, total)`` runs after
         each tile (once for a one-pass decode); raising from it stops the decode.
 
-        ``tile=n`` bounds memory for large images (2K and up). The low-resolution part of the decoder
+        ``tile=n`` (or ``(rows, columns)``) bounds memory for large images (2K and up). The low-resolution part of the decoder
         (conv_in, mid and the levels up to 4x the latent resolution: small tensors, but most of the
         receptive field) runs on the whole latent; the high-resolution levels, which hold almost all
         of the memory, run on overlapping tiles of n x n latent positions, one at a time. Neighbours
-        share ``overlap`` positions (default min(8, n // 2)); each tile is weighted 0 on the outer
+        share ``overlap`` positions (default min(8, n // 2), n the shorter tile side); each tile is weighted 0 on the outer
         quarter of an overlap (it sees the tile's own zero padding there) and ramps linearly to 1 over
         the middle half. Peak memory then follows the tile size, not the image size.
 
@@ -336,13 +336,14 @@ class InfinityVAE(nn.Module):
         z = self._latent(codes)
         if tile is None:
             return one_pass(self.decoder, z, callback).clamp_(-1, 1)
-        overlap = min(8, tile // 2) if overlap is None else overlap
-        if tile < 1 or not 0 <= overlap < tile:
+        th, tw = tile_sides(tile)
+        overlap = min(8, min(th, tw) // 2) if overlap is None else overlap
+        if min(th, tw) < 1 or not 0 <= overlap < min(th, tw):
             raise ConfigError(
                 f"VAE tiled decode: expected tile >= 1 and 0 <= overlap < tile (latent positions), "
                 f"found tile={tile}, overlap={overlap}."
             )
-        return self._decode_tiled(z, tile, overlap, callback).clamp_(-1, 1)
+        return self._decode_tiled(z, (th, tw), overlap, callback).clamp_(-1, 1)
 
     def _coarse_split(self) -> tuple[int, int]:
         """(levels run on the whole latent, their upscaling factor): up to COARSE_UPSAMPLINGS x2 steps."""
@@ -354,15 +355,17 @@ class InfinityVAE(nn.Module):
             factor *= 2 if i in self.config.upsample_levels else 1
         return levels, factor
 
-    def _decode_tiled(self, z: torch.Tensor, tile: int, overlap: int, callback: TileCallback | None) -> torch.Tensor:
+    def _decode_tiled(self, z: torch.Tensor, tile: tuple[int, int], overlap: int,
+                      callback: TileCallback | None) -> torch.Tensor:
         B, _, h, w = z.shape
-        if h <= tile and w <= tile:
+        th, tw = tile
+        if h <= th and w <= tw:
             return one_pass(self.decoder, z, callback)
         levels, f = self._coarse_split()
         feats = self.decoder.coarse(z, levels)  # (B, C, f*h, f*w)
         q = self.config.patch_size // f  # output pixels per feature position
-        rows = _blend_spans(f * h, f * tile, f * overlap, q, z.device)
-        cols = _blend_spans(f * w, f * tile, f * overlap, q, z.device)
+        rows = blend_spans(f * h, f * th, f * overlap, q, z.device)
+        cols = blend_spans(f * w, f * tw, f * overlap, q, z.device)
         out = z.new_zeros(B, 3, q * f * h, q * f * w, dtype=torch.float32)
         for i, (y0, y1, wy) in enumerate(rows):
             for j, (x0, x1, wx) in enumerate(cols):
@@ -372,38 +375,11 @@ class InfinityVAE(nn.Module):
                     callback(i * len(cols) + j + 1, len(rows) * len(cols))
         return out.to(z.dtype)
 
-    def to_image(self, codes: torch.Tensor, tile: int | None = None, overlap: int | None = None,
+    def to_image(self, codes: torch.Tensor, tile: int | tuple[int, int] | None = None, overlap: int | None = None,
                  callback: TileCallback | None = None) -> torch.Tensor:
         """Decode to a float32 RGB image batch (B, H, W, 3) in [0, 1] (no BGR flip, no uint8 rounding)."""
         x = self.decode(codes, tile=tile, overlap=overlap, callback=callback)
         return x.float().add_(1).div_(2).permute(0, 2, 3, 1)
-
-
-def _blend_spans(size: int, tile: int, overlap: int, q: int, device) -> list[tuple[int, int, torch.Tensor]]:
-    """Tiles (start, end, per-pixel weight) along one axis of ``size`` feature positions.
-
-    Tiles of ``tile`` positions are spread evenly so neighbours share at least ``overlap`` positions.
-    Each tile's weight (``q`` output pixels per position) is 0 on the outer quarter of an inner
-    overlap and ramps linearly to 1 over its middle half; weights are normalised to sum to 1 per
-    pixel, so the 2-D blend weight of a tile is the product of its row and column weights.
-    """
-    if size <= tile:
-        return [(0, size, torch.ones(q * size, device=device))]
-    n = math.ceil((size - overlap) / (tile - overlap))
-    starts = [round(i * (size - tile) / (n - 1)) for i in range(n)]
-    dist = torch.arange(q * tile, device=device, dtype=torch.float32) + 0.5  # pixel distance from the start edge
-    o = q * overlap
-    ramp = ((dist - o / 4) / (o / 2)).clamp(0, 1) if o else torch.ones_like(dist)
-    spans, total = [], torch.zeros(q * size, device=device)
-    for s in starts:
-        weight = torch.ones_like(dist)
-        if s > 0:
-            weight = torch.minimum(weight, ramp)
-        if s + tile < size:
-            weight = torch.minimum(weight, ramp.flip(0))
-        total[q * s : q * (s + tile)] += weight
-        spans.append((s, s + tile, weight))
-    return [(s, e, weight / total[q * s : q * e]) for s, e, weight in spans]
 
 
 # ----------------------------------------------------------------------------------------------
