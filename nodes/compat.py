@@ -147,6 +147,12 @@ def devices(kind: str) -> tuple[torch.device, torch.device]:
     return load(), offload()
 
 
+def vae_dtype(load_device: torch.device, working: tuple[torch.dtype, ...]) -> torch.dtype:
+    """The dtype a VAE computes in: ComfyUI's ``vae_dtype`` (--fp16-vae, --bf16-vae, --fp32-vae, else the first
+    of ``working`` the device runs well: float32 on the CPU); float32 outside ComfyUI."""
+    return mm.vae_dtype(load_device, list(working)) if mm is not None else torch.float32
+
+
 def intermediate_device() -> torch.device:
     return mm.intermediate_device() if mm is not None else torch.device("cpu")
 

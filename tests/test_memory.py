@@ -102,9 +102,9 @@ def test_hart_nodes_load_each_part_through_compat_with_its_kind_and_estimate(cal
     made, loads = calls
     loaders, generation = _mod("loaders"), _mod("generation")
     families = sys.modules[f"{PACK.__name__}.fastvar_core.families"]
-    (model,) = loaders.LoadHARTModel().load("checkpoint", "float32", "auto")
-    (vae,) = loaders.LoadHARTVAE().load("checkpoint/tokenizer")
-    (enc,) = loaders.LoadQwen2TextEncoder().load("tiny-qwen2-vl-1.5b-instruct", "float32")
+    (model,) = loaders.LoadHARTModel().load("checkpoint", "float32", "auto")["result"]
+    (vae,) = loaders.LoadHARTVAE().load("checkpoint/tokenizer")["result"]
+    (enc,) = loaders.LoadQwen2TextEncoder().load("tiny-qwen2-vl-1.5b-instruct", "float32")["result"]
     assert (_kind(made, model.module), _kind(made, vae.module), _kind(made, enc.module)) == \
         ("diffusion", "vae", "text_encoder")
 
@@ -135,9 +135,9 @@ def test_hart_nodes_load_each_part_through_compat_with_its_kind_and_estimate(cal
 
 def test_the_hart_vae_is_loaded_once(hart_dirs):
     loaders = _mod("loaders")
-    (model,) = loaders.LoadHARTModel().load("checkpoint", "float32", "auto")
-    (vae,) = loaders.LoadHARTVAE().load("checkpoint")
-    (same,) = loaders.LoadHARTVAE().load("checkpoint/tokenizer")
+    (model,) = loaders.LoadHARTModel().load("checkpoint", "float32", "auto")["result"]
+    (vae,) = loaders.LoadHARTVAE().load("checkpoint")["result"]
+    (same,) = loaders.LoadHARTVAE().load("checkpoint/tokenizer")["result"]
     assert model.companion is vae is same
 
 
@@ -145,13 +145,48 @@ def test_the_hart_vae_is_loaded_once(hart_dirs):
                                                   ("fp8_e5m2", torch.float8_e5m2)])
 def test_model_loaders_store_linear_weights_in_the_weight_dtype(hart_dirs, weight_dtype, stored):
     loaders = _mod("loaders")
-    (model,) = loaders.LoadHARTModel().load("checkpoint", "float32", "auto", weight_dtype)
+    (model,) = loaders.LoadHARTModel().load("checkpoint", "float32", "auto", weight_dtype)["result"]
     linears = [m for m in model.module.modules() if isinstance(m, torch.nn.Linear)]
     assert linears and {m.weight.dtype for m in linears} == {stored}
     assert model.module.dtype == torch.float32  # the compute dtype stays
     if stored != torch.float32:
         ops = type(linears[0])
         assert ops is not torch.nn.Linear and hasattr(ops, "forward")
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+@pytest.mark.parametrize("weight_dtype, linear_bytes", [("default", 4), ("fp8_e4m3fn", 1)])
+def test_model_loader_shows_its_weight_bytes(weight_dtype, linear_bytes):
+    """The info text counts 4 bytes per float32 element and 1 per fp8 Linear element of the file's tensors."""
+    compat, loaders = _mod("compat"), _mod("loaders")
+    compat.set_model_dirs({"infinity": [PARITY / "infinity" / "checkpoints"]})
+    try:
+        out = loaders.LoadInfinityModel().load("infinity_tiny.pth", "float32", "auto", weight_dtype)
+    finally:
+        compat.set_model_dirs({})
+    (model,) = out["result"]
+    linears = {f"{n}.{p}" for n, m in model.module.named_modules() if isinstance(m, torch.nn.Linear)
+               for p in ("weight", "bias") if getattr(m, p, None) is not None}
+    state = model.module.state_dict()
+    expected = sum(t.numel() * (linear_bytes if k in linears else 4) for k, t in state.items() if t.is_floating_point())
+    kinds = "float32" if weight_dtype == "default" else "float32 + float8_e4m3fn"
+    assert out["ui"] == {"text": [f"weights: {_mib(expected)} ({weight_dtype}, {kinds})"]}
+
+
+def test_vae_and_text_encoder_loaders_show_their_weight_bytes(hart_dirs):
+    loaders = _mod("loaders")
+    vae = loaders.LoadHARTVAE().load("checkpoint")
+    enc = loaders.LoadQwen2TextEncoder().load("tiny-qwen2-vl-1.5b-instruct", "float32")
+    model = loaders.LoadHARTModel().load("checkpoint", "float32", "auto")
+    for out in (vae, enc, model):
+        module = out["result"][0].module
+        elements = sum(t.numel() for t in list(module.parameters()) + list(module.buffers()) if t.is_floating_point())
+        assert out["ui"]["text"][0].startswith(f"weights: {_mib(4 * elements)} (")
+    assert vae["ui"]["text"] == [f"weights: {_mib(4 * sum(t.numel() for t in vae['result'][0].module.state_dict().values()))} (float32)"]
+    assert model["ui"]["text"][0].endswith(f"(default, float32); its VAE: {vae['ui']['text'][0][len('weights: '):-len(' (float32)')]}")
 
 
 def _toy_run(prompt, unique_id="5"):
@@ -202,7 +237,7 @@ def test_infinity_loader_builds_with_the_operations_compat_picks(monkeypatch):
     monkeypatch.setattr(compat, "operations", lambda *a, **k: picked.append((a, k)) or pick(*a, **k))
     compat.set_model_dirs({"infinity": [PARITY / "infinity" / "checkpoints"]})
     try:
-        (model,) = loaders.LoadInfinityModel().load("infinity_tiny.pth", "float32", "auto", "fp8_e4m3fn_fast")
+        (model,) = loaders.LoadInfinityModel().load("infinity_tiny.pth", "float32", "auto", "fp8_e4m3fn_fast")["result"]
     finally:
         compat.set_model_dirs({})
     assert picked == [((torch.float8_e4m3fn, torch.float32, torch.device("cpu")), {"fast": True})]

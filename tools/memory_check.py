@@ -92,21 +92,21 @@ def measure(path: str, weight_dtype: str) -> None:
 
 def peak(path: str, weight_dtype: str = "default") -> None:
     """Load ``path`` through Family.load_model (compute bfloat16, CPU) without ComfyUI, as the loader node
-    does (fp8: store_weights through CastOps), and print resident memory before and after and the peak."""
+    does (fp8: CastOps, the Linear weights stored in fp8 straight from the file), and print resident memory
+    before and after and the load's peak."""
     import torch
 
     sys.path.insert(0, str(ROOT))
     from fastvar_core.families import get_family
     from fastvar_core.memory import tensor_bytes
-    from fastvar_core.ops import WEIGHT_DTYPES, CastOps, store_weights
+    from fastvar_core.ops import WEIGHT_DTYPES, CastOps
 
     storage = WEIGHT_DTYPES[weight_dtype]
     ops = CastOps if storage is not None else None
     gc.collect()
     before = rss()
-    model = get_family("infinity").load_model(path, device="cpu", dtype=torch.bfloat16, operations=ops)
-    if storage is not None:
-        store_weights(model, storage, ops)
+    model = get_family("infinity").load_model(path, device="cpu", dtype=torch.bfloat16, operations=ops,
+                                              weight_dtype=storage)
     gc.collect()
     after = rss()
     held = tensor_bytes(model)
