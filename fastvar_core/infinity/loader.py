@@ -143,7 +143,7 @@ def filter_state_dict(state: Mapping[str, torch.Tensor], model: InfinityTransfor
 
 def build_infinity_model(obj: dict[str, object], source: str = "state dict", patchify: bool | None = None,
                          operations=None, dtype: torch.dtype = torch.float32,
-                         weight_dtype: torch.dtype | None = None) -> InfinityTransformer:
+                         weight_dtype: torch.dtype | None = None, copy: bool = False) -> InfinityTransformer:
     """Build a CPU model from an already read checkpoint object (state dict or container), which it empties.
 
     ``operations``: the layer namespace (fastvar_core.ops); its layers are built on 'meta' and get the
@@ -152,6 +152,7 @@ def build_infinity_model(obj: dict[str, object], source: str = "state dict", pat
     stored dtype on its own and taken out of ``obj``, so the load peaks near the file plus the weights
     instead of holding a float32 copy of the whole model. ``weight_dtype``: the namespace's Linear weights
     go on into this storage dtype (fp8), the bits of :func:`fastvar_core.ops.store_weights` after the load.
+    ``copy``: copy the tensors no conversion copies (views of a memory-mapped file, which they would keep mapped).
     """
     state = unwrap_container(obj, source)
     _identify(state, obj, source)
@@ -165,12 +166,14 @@ def build_infinity_model(obj: dict[str, object], source: str = "state dict", pat
     stored = set(nnops.stored_keys(model, operations)) if weight_dtype is not None else set()
     weights = {}
     for key in list(filtered):
-        value = filtered.pop(key)
+        value = source_value = filtered.pop(key)
         want = target.get(key, torch.float32)
         if value.is_floating_point() and value.dtype != want:
             value = value.float().to(want)  # via float32, as the model computed its dtypes before
         if key in stored:
             value = value.to(weight_dtype)
+        if copy and value is source_value:
+            value = value.clone()
         weights[key] = value
     model.load_state_dict(weights, strict=True, assign=True)
     return model.eval().requires_grad_(False)
@@ -200,10 +203,12 @@ def load_infinity_model(path: str | os.PathLike, device: str | torch.device = "c
         from ..checkpoint import load_file, prefer_safetensors
 
         # Not memory-mapped: each tensor is freed once converted (build_infinity_model). Keep the container:
-        # it may hold 'trainer' or 'vae'.
-        obj = dict(load_file(prefer_safetensors(path), mmap=False))
+        # it may hold 'trainer' or 'vae'. With a storage weight_dtype every weight is converted anyway: read
+        # through a memory map, the process then holds only the converted weights (file pages are cache).
+        mapped = weight_dtype is not None
+        obj = dict(load_file(prefer_safetensors(path), mmap=mapped))
     model = build_infinity_model(obj, source, patchify=patchify, operations=operations, dtype=dtype,
-                                 weight_dtype=weight_dtype)
+                                 weight_dtype=weight_dtype, copy=path.is_file() and mapped)
     return model.to(device=device)
 
 
