@@ -108,7 +108,9 @@ def load_vae_part(family: str, path) -> Part:
 
 def load_text_encoder_part(family: str, path, tokenizer, dtype: str) -> Part:
     load, offload = compat.devices(compat.TEXT_ENCODER)
-    enc = get_family(family).load_text_encoder(path, tokenizer, device=offload, dtype=pick_dtype(dtype, load))
+    # "auto" follows ComfyUI's text-encoder flags (--bf16-text-enc, ...) when one is given.
+    forced = compat.text_encoder_dtype(load) if dtype == "auto" else None
+    enc = get_family(family).load_text_encoder(path, tokenizer, device=offload, dtype=forced or pick_dtype(dtype, load))
     return Part(family, enc, str(path), compat.patcher(enc, compat.TEXT_ENCODER))
 
 

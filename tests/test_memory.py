@@ -4,7 +4,11 @@ one shared HART VAE; kept tokens recorded only for a Token Map node."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,6 +21,7 @@ from fastvar_core.cost import ArchSpec, decode_memory, estimate, sampling_memory
 from fastvar_core.pruning import PruningConfig
 
 PACK = load_pack()
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _mod(name):
@@ -413,3 +418,64 @@ def test_summary_shows_small_amounts_in_mib():
     from fastvar_core.memory import summary
 
     assert summary(3 * 2**20, GIB) == "memory: weights 3.0 MiB resident + predicted peak 1.00 GiB"
+
+
+# ---- partial (lowvram) load through ComfyUI's real ModelPatcher (the e2e environment) -------------------
+
+E2E = Path(os.environ.get("FV_E2E_HOME", ROOT.parent.parent / ".fv-e2e"))
+
+
+@pytest.mark.skipif(not (E2E / "venv" / "bin" / "python").is_file() or not (E2E / "ComfyUI" / "comfy").is_dir(),
+                    reason="needs the comfy-e2e environment (ComfyUI 0.3.64 and its venv)")
+def test_partial_load_moves_our_own_tensors_and_the_unload_takes_everything_back():
+    """ModelPatcher.load with a third of the weights: some comfy.ops layers stay offloaded, every tensor held
+    outside them follows to the load device (our ON_LOAD callback); detach() leaves nothing there."""
+    out = subprocess.run([str(E2E / "venv" / "bin" / "python"), str(ROOT / "tests" / "comfy_partial_load.py"),
+                          str(E2E / "ComfyUI"), str(PARITY / "infinity" / "checkpoints" / "infinity_tiny.pth")],
+                         cwd=E2E / "ComfyUI", capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    seen = json.loads(out.stdout.strip().splitlines()[-1])
+    assert seen["lowvram"] and seen["clone_keeps_callback"]
+    assert set(seen["cast_loaded"].values()) == {"cpu", "meta"}  # partly loaded
+    assert seen["own_loaded"] and set(seen["own_loaded"].values()) == {"meta"}
+    assert {"blocks.0.sa.q_bias", "pos_start", "blocks.0.ada_gss"} <= {k.removeprefix("part.") for k in seen["own_loaded"]}
+    assert set(seen["cast_unloaded"].values()) == set(seen["own_unloaded"].values()) == {"cpu"}
+
+
+# ---- text-encoder precision: ComfyUI's flags when the loader says "auto" ------------------------------
+
+
+def _fake_comfy(monkeypatch, compat, flags: dict, chosen: torch.dtype):
+    """comfy.cli_args.args with ``flags`` set and a model_management whose text_encoder_dtype gives ``chosen``."""
+    import types
+
+    comfy, cli_args = types.ModuleType("comfy"), types.ModuleType("comfy.cli_args")
+    cli_args.args = types.SimpleNamespace(**{**{f: False for f in compat.TEXT_ENCODER_FLAGS}, **flags})
+    monkeypatch.setitem(sys.modules, "comfy", comfy)
+    monkeypatch.setitem(sys.modules, "comfy.cli_args", cli_args)
+    monkeypatch.setattr(compat, "mm", types.SimpleNamespace(text_encoder_dtype=lambda device: chosen))
+
+
+@pytest.mark.parametrize("flags, chosen, expected", [
+    ({}, torch.float16, None),  # no flag: ComfyUI's float16 default is not taken (float32 stays on the CPU)
+    ({"bf16_text_enc": True}, torch.bfloat16, torch.bfloat16),
+    ({"fp16_text_enc": True}, torch.float16, torch.float16),
+    ({"fp32_text_enc": True}, torch.float32, torch.float32),
+    ({"fp8_e4m3fn_text_enc": True}, torch.float8_e4m3fn, None),  # no comfy.ops layers to store fp8 in
+])
+def test_text_encoder_dtype_follows_comfyui_flags_only(monkeypatch, flags, chosen, expected):
+    compat = _mod("compat")
+    _fake_comfy(monkeypatch, compat, flags, chosen)
+    assert compat.text_encoder_dtype(torch.device("cpu")) == expected
+
+
+@pytest.mark.parametrize("widget, expected", [("auto", torch.bfloat16), ("float32", torch.float32)])
+def test_t5_loader_auto_takes_the_flagged_dtype(monkeypatch, widget, expected):
+    compat, loaders = _mod("compat"), _mod("loaders")
+    monkeypatch.setattr(compat, "text_encoder_dtype", lambda device: torch.bfloat16)  # as with --bf16-text-enc
+    compat.set_model_dirs({"text_encoders": [SHARED / "models"]})
+    try:
+        (enc,) = loaders.LoadT5TextEncoder().load("tiny-flan-t5-xl", "same folder", widget)["result"]
+    finally:
+        compat.set_model_dirs({})
+    assert {p.dtype for p in enc.module.parameters()} == {expected}
