@@ -479,3 +479,17 @@ def test_t5_loader_auto_takes_the_flagged_dtype(monkeypatch, widget, expected):
     finally:
         compat.set_model_dirs({})
     assert {p.dtype for p in enc.module.parameters()} == {expected}
+
+
+def test_vae_loader_takes_comfyui_vae_dtype(monkeypatch):
+    compat, loaders = _mod("compat"), _mod("loaders")
+    asked = []
+    monkeypatch.setattr(compat, "vae_dtype", lambda device, working: asked.append(working) or torch.bfloat16)
+    monkeypatch.setattr(loaders, "_vaes", type(loaders._vaes)())  # no VAE cached by an earlier test
+    compat.set_model_dirs({"vae": [PARITY / "infinity" / "checkpoints"]})
+    try:
+        (vae,) = loaders.LoadInfinityVAE().load("infinity_vae_d32_tiny.pth")["result"]
+    finally:
+        compat.set_model_dirs({})
+    assert asked == [(torch.bfloat16, torch.float32)]  # ComfyUI's default working dtypes for a VAE
+    assert {p.dtype for p in vae.module.parameters()} == {torch.bfloat16}
