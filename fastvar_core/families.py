@@ -52,16 +52,23 @@ class Family(ABC):
     # Official sampling defaults; None for a knob the family does not have.
     defaults: dict[str, float | int | None]
     presets: PresetTable  # the pruning presets' numbers (docs/fastvar.md §4)
+    # The dtypes its VAE may compute in, preferred first (a host picks one its device runs well, as ComfyUI's
+    # ``vae_dtype(device, working_dtypes)``); float32 last, for devices without fast half precision.
+    vae_dtypes: tuple[torch.dtype, ...] = (torch.bfloat16, torch.float32)
 
     # ---- parts ---------------------------------------------------------------------------------
     @abstractmethod
     def load_model(self, path: str | os.PathLike, *, device: torch.device, dtype: torch.dtype,
-                   operations=None) -> torch.nn.Module:
-        """The transformer from the release's files; ``operations``: the layer namespace (fastvar_core.ops)."""
+                   operations=None, weight_dtype: torch.dtype | None = None) -> torch.nn.Module:
+        """The transformer from the release's files; ``operations``: the layer namespace (fastvar_core.ops);
+        ``weight_dtype``: the storage dtype of the namespace's Linear weights, converted straight from the file
+        (None: ``dtype``), bit for bit what ``fastvar_core.ops.store_weights`` makes of a ``dtype`` load."""
 
     @abstractmethod
-    def load_vae(self, path: str | os.PathLike, *, device: torch.device, operations=None) -> torch.nn.Module:
-        """The VAE (decoder) from the release's files; ``operations`` as for :meth:`load_model`."""
+    def load_vae(self, path: str | os.PathLike, *, device: torch.device, dtype: torch.dtype = torch.float32,
+                 operations=None) -> torch.nn.Module:
+        """The VAE (decoder) from the release's files, stored and computing in ``dtype`` (one of
+        :attr:`vae_dtypes`, or what the user forces); ``operations`` as for :meth:`load_model`."""
 
     @abstractmethod
     def load_text_encoder(self, path: str | os.PathLike, tokenizer: str | os.PathLike | None = None, *,

@@ -163,10 +163,11 @@ def _gib(n: int) -> str:
 
 def summary(weights: int, working: int) -> str:
     """The one line the sampler node and the report share: resident weights plus the predicted working peak."""
-    return f"memory: weights {_amount(weights)} resident + predicted peak {_amount(working)}"
+    return f"memory: weights {amount(weights)} resident + predicted peak {amount(working)}"
 
 
-def _amount(n: int) -> str:
+def amount(n: int) -> str:
+    """Bytes for a reader: GiB from 0.1 GiB up, MiB below."""
     return f"{n / GIB:.2f} GiB" if n >= GIB // 10 else f"{n / 2**20:.1f} MiB"
 
 

@@ -49,6 +49,13 @@ class CastOps(TorchOps):
         return layer.weight.to(device, dtype), None if bias is None else bias.to(device, bias_dtype or dtype)
 
 
+def stored_keys(model: nn.Module, operations) -> list[str]:
+    """State-dict keys of the parameters :func:`store_weights` converts (those of every ``operations.Linear``),
+    so a loader can put them in their storage dtype straight from the file."""
+    return [f"{name}.{p}" if name else p for name, m in model.named_modules()
+            if isinstance(m, resolve(operations).Linear) for p, _ in m.named_parameters(recurse=False)]
+
+
 def store_weights(model: nn.Module, dtype: torch.dtype, operations) -> int:
     """Keep the weights and biases of every ``operations.Linear`` of ``model`` in ``dtype`` (the bulk of a
     transformer's weights; the namespace casts them at call time). Returns how many layers changed."""

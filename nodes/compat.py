@@ -28,11 +28,13 @@ try:  # pragma: no cover
     import comfy.model_patcher as comfy_patcher  # type: ignore
     import comfy.ops as comfy_ops  # type: ignore
     import comfy.utils as comfy_utils  # type: ignore
+    from comfy.patcher_extension import CallbacksMP  # type: ignore
 except ImportError:
     mm = None
     comfy_patcher = None
     comfy_ops = None
     comfy_utils = None
+    CallbacksMP = None
 
 # Folder names the pack reads; its own two are registered with ComfyUI below.
 OWN_FOLDERS = ("infinity", "hart")
@@ -147,6 +149,36 @@ def devices(kind: str) -> tuple[torch.device, torch.device]:
     return load(), offload()
 
 
+def vae_dtype(load_device: torch.device, working: tuple[torch.dtype, ...]) -> torch.dtype:
+    """The dtype a VAE computes in: ComfyUI's ``vae_dtype`` (--fp16-vae, --bf16-vae, --fp32-vae, else the first
+    of ``working`` the device runs well: float32 on the CPU); float32 outside ComfyUI."""
+    return mm.vae_dtype(load_device, list(working)) if mm is not None else torch.float32
+
+
+# ComfyUI's text-encoder precision flags (--fp16-text-enc, ...), as comfy.cli_args names them.
+TEXT_ENCODER_FLAGS = ("fp8_e4m3fn_text_enc", "fp8_e5m2_text_enc", "fp16_text_enc", "bf16_text_enc", "fp32_text_enc")
+
+
+def text_encoder_dtype(load_device: torch.device) -> torch.dtype | None:
+    """The text-encoder dtype the user forced with a ComfyUI flag (ComfyUI's ``text_encoder_dtype``); None
+    without a flag, or outside ComfyUI. ComfyUI's unflagged default (float16, also on the CPU) is not taken:
+    the pack's default keeps float32 on the CPU (docs/comfyui.md §4.1). The fp8 flags store weights in comfy.ops
+    layers, which our transformers-built encoders do not have: they are reported and ignored."""
+    if mm is None:
+        return None
+    try:
+        from comfy.cli_args import args  # type: ignore
+    except ImportError:
+        return None
+    if not any(getattr(args, flag, False) for flag in TEXT_ENCODER_FLAGS):
+        return None
+    dtype = mm.text_encoder_dtype(load_device)
+    if dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+        log.warning("FastVAR: the text encoders cannot store fp8 weights; %s is ignored for them", dtype)
+        return None
+    return dtype
+
+
 def intermediate_device() -> torch.device:
     return mm.intermediate_device() if mm is not None else torch.device("cpu")
 
@@ -186,7 +218,11 @@ def patcher(module: torch.nn.Module, kind: str):
     load, offload = devices(kind)
     if comfy_patcher is None:
         return Holder(module, load, offload)
-    return comfy_patcher.ModelPatcher(_Carrier(module), load_device=load, offload_device=offload)
+    held = comfy_patcher.ModelPatcher(_Carrier(module), load_device=load, offload_device=offload)
+    # Part of every ModelPatcher.load (and kept by clone()); its unload (detach/unpatch_model) moves the whole
+    # model back to the offload device with model.to(), own tensors included.
+    held.add_callback(CallbacksMP.ON_LOAD, _own_tensors_on_load)
+    return held
 
 
 def load_models(patchers: list, memory_required: int, full: bool = False) -> torch.device:
@@ -199,9 +235,6 @@ def load_models(patchers: list, memory_required: int, full: bool = False) -> tor
             p.model.to("cpu")
         return torch.device("cpu")
     mm.load_models_gpu(patchers, memory_required=memory_required, force_full_load=full)
-    for p in patchers:
-        if getattr(p.model, "model_lowvram", False):
-            _own_tensors_to(p.model, p.load_device)
     return patchers[0].load_device
 
 
@@ -210,16 +243,23 @@ def free_memory(device: torch.device) -> int | None:
     return mm.get_free_memory(device) if mm is not None else None
 
 
-def _own_tensors_to(model: torch.nn.Module, device: torch.device) -> None:
-    """After a partial load: the few tensors ComfyUI does not manage (a model's own biases, scales and
-    anchors, outside its cast layers) follow to the load device, where the library computes."""
+def _own_tensors_on_load(patcher, device_to, lowvram_model_memory, force_patch_weights, full_load) -> None:
+    """ModelPatcher's ON_LOAD callback (docs/comfyui.md §4.1). A partial (lowvram) load moves only what fits of
+    the layers with ``comfy_cast_weights`` and of leaf modules; the tensors a module holds beside its child
+    layers (a model's own biases, scales and anchors, docs/architecture.md §5) stay behind. They follow to
+    ``device_to``, where the library computes; ComfyUI's own models cast such tensors at use instead."""
+    model = patcher.model
+    if device_to is None or not getattr(model, "model_lowvram", False):
+        return  # a full load has moved the whole model
     for m in model.modules():
         if hasattr(m, "comfy_cast_weights"):
             continue
-        for p in m.parameters(recurse=False):
-            p.data = p.data.to(device)
+        for name, p in m.named_parameters(recurse=False):
+            if p.device != device_to:
+                m._parameters[name] = torch.nn.Parameter(p.data.to(device_to), requires_grad=p.requires_grad)
         for name, b in m.named_buffers(recurse=False):
-            m._buffers[name] = b.to(device)
+            if b is not None and b.device != device_to:
+                m._buffers[name] = b.to(device_to)
 
 
 def soft_empty_cache() -> None:

@@ -10,7 +10,7 @@ import torch
 
 from ..fastvar_core import families
 from ..fastvar_core.families import get_family
-from ..fastvar_core.ops import WEIGHT_DTYPES, TorchOps, store_weights
+from ..fastvar_core.ops import WEIGHT_DTYPES
 
 from . import compat
 from .objects import MODEL, TEXT_ENCODER, VAE, Part
@@ -45,15 +45,42 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
+def weights_info(part: Part, storage: str) -> str:
+    """The loader's info text: the bytes the part holds and how they are stored, e.g.
+    "weights: 4.21 GiB (default, bfloat16 + float32)"; a companion part (HART's VAE) is named after it."""
+    from ..fastvar_core.memory import amount, tensor_bytes
+
+    text = f"weights: {amount(tensor_bytes(part.module))} ({storage})"
+    if part.companion is not None:
+        text += f"; its VAE: {amount(tensor_bytes(part.companion.module))}"
+    return text
+
+
+def _dtype_name(module: torch.nn.Module) -> str:
+    """The floating dtypes a part's tensors are stored in, most bytes first ("float32", "bfloat16 + float32")."""
+    sizes: dict[torch.dtype, int] = {}
+    for t in list(module.parameters()) + list(module.buffers()):
+        if t.is_floating_point():
+            sizes[t.dtype] = sizes.get(t.dtype, 0) + t.numel() * t.element_size()
+    return " + ".join(str(d).removeprefix("torch.") for d in sorted(sizes, key=sizes.get, reverse=True)) or "none"
+
+
+def shown(part: Part, storage: str) -> dict:
+    """A loader node's return: the part, with its weight bytes as UI text (ComfyUI keeps it in the history)
+    and in the log."""
+    info = weights_info(part, storage)
+    compat.log.info("FastVAR: %s: %s", Path(part.source).name, info)
+    return {"ui": {"text": [info]}, "result": (part,)}
+
+
 def load_model_part(family: str, path, dtype: str, attention: str, weight_dtype: str = "default") -> Part:
     """A transformer Part; a family whose sampler needs the VAE (HART) gets its release's VAE as companion."""
     fam = get_family(family)
     load, offload = compat.devices(compat.DIFFUSION)
     dt, storage = pick_dtype(dtype, load), WEIGHT_DTYPES[weight_dtype]
     ops = compat.operations(storage, dt, load, fast=weight_dtype.endswith("_fast"))
-    model = fam.load_model(path, device=offload, dtype=dt, operations=ops)
-    if storage is not None:
-        store_weights(model, storage, ops or TorchOps)
+    # fp8 storage goes straight from the file into fp8: the load never holds the weights in the compute dtype.
+    model = fam.load_model(path, device=offload, dtype=dt, operations=ops, weight_dtype=storage)
     companion = None
     if fam.sampler_needs_vae():
         # Like upstream, the transformer samples with its release's VAE codebook (HART: tokenizer/ beside llm/).
@@ -73,14 +100,17 @@ def load_vae_part(family: str, path) -> Part:
     part = _vaes.get((fam.name, str(where)))
     if part is None:
         load, offload = compat.devices(compat.VAE)
-        vae = fam.load_vae(where, device=offload, operations=compat.operations(None, None, load))
+        dtype = compat.vae_dtype(load, fam.vae_dtypes)  # decode casts the latent in and the image back to float32
+        vae = fam.load_vae(where, device=offload, dtype=dtype, operations=compat.operations(None, dtype, load))
         part = _vaes[(fam.name, str(where))] = Part(fam.name, vae, str(where), compat.patcher(vae, compat.VAE))
     return part
 
 
 def load_text_encoder_part(family: str, path, tokenizer, dtype: str) -> Part:
     load, offload = compat.devices(compat.TEXT_ENCODER)
-    enc = get_family(family).load_text_encoder(path, tokenizer, device=offload, dtype=pick_dtype(dtype, load))
+    # "auto" follows ComfyUI's text-encoder flags (--bf16-text-enc, ...) when one is given.
+    forced = compat.text_encoder_dtype(load) if dtype == "auto" else None
+    enc = get_family(family).load_text_encoder(path, tokenizer, device=offload, dtype=forced or pick_dtype(dtype, load))
     return Part(family, enc, str(path), compat.patcher(enc, compat.TEXT_ENCODER))
 
 
@@ -129,7 +159,8 @@ class LoadInfinityModel:
 
     def load(self, model_name, dtype, attention, weight_dtype="default"):
         path = compat.resolve(INFINITY_MODEL_DIRS, model_name)
-        return (load_model_part("infinity", path, dtype, attention, weight_dtype),)
+        part = load_model_part("infinity", path, dtype, attention, weight_dtype)
+        return shown(part, f"{weight_dtype}, {_dtype_name(part.module)}")
 
 
 class LoadInfinityVAE:
@@ -157,7 +188,8 @@ class LoadInfinityVAE:
         return compat.resolve(INFINITY_VAE_DIRS, vae_name)
 
     def load(self, vae_name):
-        return (load_vae_part(self.FAMILY, self.vae_path(vae_name)),)
+        part = load_vae_part(self.FAMILY, self.vae_path(vae_name))
+        return shown(part, _dtype_name(part.module))
 
 
 class LoadT5TextEncoder:
@@ -181,7 +213,8 @@ class LoadT5TextEncoder:
 
     def load(self, text_encoder, tokenizer, dtype):
         tok = None if tokenizer == "same folder" else compat.resolve(T5_DIRS, tokenizer)
-        return (load_text_encoder_part("infinity", compat.resolve(T5_DIRS, text_encoder), tok, dtype),)
+        part = load_text_encoder_part("infinity", compat.resolve(T5_DIRS, text_encoder), tok, dtype)
+        return shown(part, _dtype_name(part.module))
 
 
 class LoadHARTModel:
@@ -204,7 +237,8 @@ class LoadHARTModel:
         }}
 
     def load(self, model_folder, dtype, attention, weight_dtype="default"):
-        return (load_model_part("hart", compat.resolve(HART_DIRS, model_folder), dtype, attention, weight_dtype),)
+        part = load_model_part("hart", compat.resolve(HART_DIRS, model_folder), dtype, attention, weight_dtype)
+        return shown(part, f"{weight_dtype}, {_dtype_name(part.module)}")
 
 
 class LoadHARTVAE:
@@ -229,7 +263,8 @@ class LoadHARTVAE:
         return compat.resolve(HART_DIRS, vae_folder)
 
     def load(self, vae_folder):
-        return (load_vae_part(self.FAMILY, self.vae_path(vae_folder)),)
+        part = load_vae_part(self.FAMILY, self.vae_path(vae_folder))
+        return shown(part, _dtype_name(part.module))
 
 
 class LoadQwen2TextEncoder:
@@ -249,4 +284,5 @@ class LoadQwen2TextEncoder:
         }}
 
     def load(self, text_encoder, dtype):
-        return (load_text_encoder_part("hart", compat.resolve(QWEN_DIRS, text_encoder), None, dtype),)
+        part = load_text_encoder_part("hart", compat.resolve(QWEN_DIRS, text_encoder), None, dtype)
+        return shown(part, _dtype_name(part.module))

@@ -4,7 +4,11 @@ one shared HART VAE; kept tokens recorded only for a Token Map node."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,6 +21,7 @@ from fastvar_core.cost import ArchSpec, decode_memory, estimate, sampling_memory
 from fastvar_core.pruning import PruningConfig
 
 PACK = load_pack()
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _mod(name):
@@ -102,9 +107,9 @@ def test_hart_nodes_load_each_part_through_compat_with_its_kind_and_estimate(cal
     made, loads = calls
     loaders, generation = _mod("loaders"), _mod("generation")
     families = sys.modules[f"{PACK.__name__}.fastvar_core.families"]
-    (model,) = loaders.LoadHARTModel().load("checkpoint", "float32", "auto")
-    (vae,) = loaders.LoadHARTVAE().load("checkpoint/tokenizer")
-    (enc,) = loaders.LoadQwen2TextEncoder().load("tiny-qwen2-vl-1.5b-instruct", "float32")
+    (model,) = loaders.LoadHARTModel().load("checkpoint", "float32", "auto")["result"]
+    (vae,) = loaders.LoadHARTVAE().load("checkpoint/tokenizer")["result"]
+    (enc,) = loaders.LoadQwen2TextEncoder().load("tiny-qwen2-vl-1.5b-instruct", "float32")["result"]
     assert (_kind(made, model.module), _kind(made, vae.module), _kind(made, enc.module)) == \
         ("diffusion", "vae", "text_encoder")
 
@@ -135,9 +140,9 @@ def test_hart_nodes_load_each_part_through_compat_with_its_kind_and_estimate(cal
 
 def test_the_hart_vae_is_loaded_once(hart_dirs):
     loaders = _mod("loaders")
-    (model,) = loaders.LoadHARTModel().load("checkpoint", "float32", "auto")
-    (vae,) = loaders.LoadHARTVAE().load("checkpoint")
-    (same,) = loaders.LoadHARTVAE().load("checkpoint/tokenizer")
+    (model,) = loaders.LoadHARTModel().load("checkpoint", "float32", "auto")["result"]
+    (vae,) = loaders.LoadHARTVAE().load("checkpoint")["result"]
+    (same,) = loaders.LoadHARTVAE().load("checkpoint/tokenizer")["result"]
     assert model.companion is vae is same
 
 
@@ -145,13 +150,48 @@ def test_the_hart_vae_is_loaded_once(hart_dirs):
                                                   ("fp8_e5m2", torch.float8_e5m2)])
 def test_model_loaders_store_linear_weights_in_the_weight_dtype(hart_dirs, weight_dtype, stored):
     loaders = _mod("loaders")
-    (model,) = loaders.LoadHARTModel().load("checkpoint", "float32", "auto", weight_dtype)
+    (model,) = loaders.LoadHARTModel().load("checkpoint", "float32", "auto", weight_dtype)["result"]
     linears = [m for m in model.module.modules() if isinstance(m, torch.nn.Linear)]
     assert linears and {m.weight.dtype for m in linears} == {stored}
     assert model.module.dtype == torch.float32  # the compute dtype stays
     if stored != torch.float32:
         ops = type(linears[0])
         assert ops is not torch.nn.Linear and hasattr(ops, "forward")
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+@pytest.mark.parametrize("weight_dtype, linear_bytes", [("default", 4), ("fp8_e4m3fn", 1)])
+def test_model_loader_shows_its_weight_bytes(weight_dtype, linear_bytes):
+    """The info text counts 4 bytes per float32 element and 1 per fp8 Linear element of the file's tensors."""
+    compat, loaders = _mod("compat"), _mod("loaders")
+    compat.set_model_dirs({"infinity": [PARITY / "infinity" / "checkpoints"]})
+    try:
+        out = loaders.LoadInfinityModel().load("infinity_tiny.pth", "float32", "auto", weight_dtype)
+    finally:
+        compat.set_model_dirs({})
+    (model,) = out["result"]
+    linears = {f"{n}.{p}" for n, m in model.module.named_modules() if isinstance(m, torch.nn.Linear)
+               for p in ("weight", "bias") if getattr(m, p, None) is not None}
+    state = model.module.state_dict()
+    expected = sum(t.numel() * (linear_bytes if k in linears else 4) for k, t in state.items() if t.is_floating_point())
+    kinds = "float32" if weight_dtype == "default" else "float32 + float8_e4m3fn"
+    assert out["ui"] == {"text": [f"weights: {_mib(expected)} ({weight_dtype}, {kinds})"]}
+
+
+def test_vae_and_text_encoder_loaders_show_their_weight_bytes(hart_dirs):
+    loaders = _mod("loaders")
+    vae = loaders.LoadHARTVAE().load("checkpoint")
+    enc = loaders.LoadQwen2TextEncoder().load("tiny-qwen2-vl-1.5b-instruct", "float32")
+    model = loaders.LoadHARTModel().load("checkpoint", "float32", "auto")
+    for out in (vae, enc, model):
+        module = out["result"][0].module
+        elements = sum(t.numel() for t in list(module.parameters()) + list(module.buffers()) if t.is_floating_point())
+        assert out["ui"]["text"][0].startswith(f"weights: {_mib(4 * elements)} (")
+    assert vae["ui"]["text"] == [f"weights: {_mib(4 * sum(t.numel() for t in vae['result'][0].module.state_dict().values()))} (float32)"]
+    assert model["ui"]["text"][0].endswith(f"(default, float32); its VAE: {vae['ui']['text'][0][len('weights: '):-len(' (float32)')]}")
 
 
 def _toy_run(prompt, unique_id="5"):
@@ -202,7 +242,7 @@ def test_infinity_loader_builds_with_the_operations_compat_picks(monkeypatch):
     monkeypatch.setattr(compat, "operations", lambda *a, **k: picked.append((a, k)) or pick(*a, **k))
     compat.set_model_dirs({"infinity": [PARITY / "infinity" / "checkpoints"]})
     try:
-        (model,) = loaders.LoadInfinityModel().load("infinity_tiny.pth", "float32", "auto", "fp8_e4m3fn_fast")
+        (model,) = loaders.LoadInfinityModel().load("infinity_tiny.pth", "float32", "auto", "fp8_e4m3fn_fast")["result"]
     finally:
         compat.set_model_dirs({})
     assert picked == [((torch.float8_e4m3fn, torch.float32, torch.device("cpu")), {"fast": True})]
@@ -378,3 +418,78 @@ def test_summary_shows_small_amounts_in_mib():
     from fastvar_core.memory import summary
 
     assert summary(3 * 2**20, GIB) == "memory: weights 3.0 MiB resident + predicted peak 1.00 GiB"
+
+
+# ---- partial (lowvram) load through ComfyUI's real ModelPatcher (the e2e environment) -------------------
+
+E2E = Path(os.environ.get("FV_E2E_HOME", ROOT.parent.parent / ".fv-e2e"))
+
+
+@pytest.mark.skipif(not (E2E / "venv" / "bin" / "python").is_file() or not (E2E / "ComfyUI" / "comfy").is_dir(),
+                    reason="needs the comfy-e2e environment (ComfyUI 0.3.64 and its venv)")
+def test_partial_load_moves_our_own_tensors_and_the_unload_takes_everything_back():
+    """ModelPatcher.load with a third of the weights: some comfy.ops layers stay offloaded, every tensor held
+    outside them follows to the load device (our ON_LOAD callback); detach() leaves nothing there."""
+    out = subprocess.run([str(E2E / "venv" / "bin" / "python"), str(ROOT / "tests" / "comfy_partial_load.py"),
+                          str(E2E / "ComfyUI"), str(PARITY / "infinity" / "checkpoints" / "infinity_tiny.pth")],
+                         cwd=E2E / "ComfyUI", capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    seen = json.loads(out.stdout.strip().splitlines()[-1])
+    assert seen["lowvram"] and seen["clone_keeps_callback"]
+    assert set(seen["cast_loaded"].values()) == {"cpu", "meta"}  # partly loaded
+    assert seen["own_loaded"] and set(seen["own_loaded"].values()) == {"meta"}
+    assert {"blocks.0.sa.q_bias", "pos_start", "blocks.0.ada_gss"} <= {k.removeprefix("part.") for k in seen["own_loaded"]}
+    assert set(seen["cast_unloaded"].values()) == set(seen["own_unloaded"].values()) == {"cpu"}
+
+
+# ---- text-encoder precision: ComfyUI's flags when the loader says "auto" ------------------------------
+
+
+def _fake_comfy(monkeypatch, compat, flags: dict, chosen: torch.dtype):
+    """comfy.cli_args.args with ``flags`` set and a model_management whose text_encoder_dtype gives ``chosen``."""
+    import types
+
+    comfy, cli_args = types.ModuleType("comfy"), types.ModuleType("comfy.cli_args")
+    cli_args.args = types.SimpleNamespace(**{**{f: False for f in compat.TEXT_ENCODER_FLAGS}, **flags})
+    monkeypatch.setitem(sys.modules, "comfy", comfy)
+    monkeypatch.setitem(sys.modules, "comfy.cli_args", cli_args)
+    monkeypatch.setattr(compat, "mm", types.SimpleNamespace(text_encoder_dtype=lambda device: chosen))
+
+
+@pytest.mark.parametrize("flags, chosen, expected", [
+    ({}, torch.float16, None),  # no flag: ComfyUI's float16 default is not taken (float32 stays on the CPU)
+    ({"bf16_text_enc": True}, torch.bfloat16, torch.bfloat16),
+    ({"fp16_text_enc": True}, torch.float16, torch.float16),
+    ({"fp32_text_enc": True}, torch.float32, torch.float32),
+    ({"fp8_e4m3fn_text_enc": True}, torch.float8_e4m3fn, None),  # no comfy.ops layers to store fp8 in
+])
+def test_text_encoder_dtype_follows_comfyui_flags_only(monkeypatch, flags, chosen, expected):
+    compat = _mod("compat")
+    _fake_comfy(monkeypatch, compat, flags, chosen)
+    assert compat.text_encoder_dtype(torch.device("cpu")) == expected
+
+
+@pytest.mark.parametrize("widget, expected", [("auto", torch.bfloat16), ("float32", torch.float32)])
+def test_t5_loader_auto_takes_the_flagged_dtype(monkeypatch, widget, expected):
+    compat, loaders = _mod("compat"), _mod("loaders")
+    monkeypatch.setattr(compat, "text_encoder_dtype", lambda device: torch.bfloat16)  # as with --bf16-text-enc
+    compat.set_model_dirs({"text_encoders": [SHARED / "models"]})
+    try:
+        (enc,) = loaders.LoadT5TextEncoder().load("tiny-flan-t5-xl", "same folder", widget)["result"]
+    finally:
+        compat.set_model_dirs({})
+    assert {p.dtype for p in enc.module.parameters()} == {expected}
+
+
+def test_vae_loader_takes_comfyui_vae_dtype(monkeypatch):
+    compat, loaders = _mod("compat"), _mod("loaders")
+    asked = []
+    monkeypatch.setattr(compat, "vae_dtype", lambda device, working: asked.append(working) or torch.bfloat16)
+    monkeypatch.setattr(loaders, "_vaes", type(loaders._vaes)())  # no VAE cached by an earlier test
+    compat.set_model_dirs({"vae": [PARITY / "infinity" / "checkpoints"]})
+    try:
+        (vae,) = loaders.LoadInfinityVAE().load("infinity_vae_d32_tiny.pth")["result"]
+    finally:
+        compat.set_model_dirs({})
+    assert asked == [(torch.bfloat16, torch.float32)]  # ComfyUI's default working dtypes for a VAE
+    assert {p.dtype for p in vae.module.parameters()} == {torch.bfloat16}

@@ -34,7 +34,7 @@ def sampled(monkeypatch):
 
 
 def _encode(encoder_node, name):
-    enc = NODES[encoder_node]().load(name, *(["same folder"] if "T5" in encoder_node else []), "float32")[0]
+    enc = NODES[encoder_node]().load(name, *(["same folder"] if "T5" in encoder_node else []), "float32")["result"][0]
     return NODES["FastVAR_TextEncode"]().encode(enc, "a red fox", "")[0]
 
 
@@ -52,7 +52,7 @@ def _graph(vae_loader, vae_name):
 
 @pytest.fixture(scope="module")
 def infinity_2b(models):
-    return NODES["FastVAR_LoadInfinityModel"]().load("infinity_2b_reg.pth", "float32", "auto")[0]
+    return NODES["FastVAR_LoadInfinityModel"]().load("infinity_2b_reg.pth", "float32", "auto")["result"][0]
 
 
 def test_8b_vae_with_the_2b_model_fails_before_sampling(models, infinity_2b, sampled):
@@ -76,7 +76,7 @@ def test_hart_vae_on_an_infinity_latent_fails_before_sampling(models, infinity_2
 
 
 def test_hart_model_with_the_t5_conditioning_names_the_inputs(models, sampled):
-    hart = NODES["FastVAR_LoadHARTModel"]().load("hart-0.7b-1024px", "float32", "auto")[0]
+    hart = NODES["FastVAR_LoadHARTModel"]().load("hart-0.7b-1024px", "float32", "auto")["result"][0]
     t5 = _encode("FastVAR_LoadT5TextEncoder", "flan-t5-xl")
     with pytest.raises(Exception) as info:
         _sample(hart, t5)
@@ -99,7 +99,7 @@ def test_decode_checks_the_loaded_vae_against_the_model(models, infinity_2b, mon
     """Decode repeats the check on the loaded objects (a VAE file name from another node is not seen before)."""
     t5 = _encode("FastVAR_LoadT5TextEncoder", "flan-t5-xl")
     out = _sample(infinity_2b, t5)["result"][0]
-    vae_8b = NODES["FastVAR_LoadInfinityVAE"]().load("infinity_vae_d56_f8_14_patchify.pth")[0]
+    vae_8b = NODES["FastVAR_LoadInfinityVAE"]().load("infinity_vae_d56_f8_14_patchify.pth")["result"][0]
     with pytest.raises(Exception, match="FastVAR Decode's input 'vae': VAE and transformer do not belong together.*"
                                         "needs a 32-bit VAE, but the VAE has 14-bit codes"):
         NODES["FastVAR_Decode"]().decode(vae_8b, out, "auto")

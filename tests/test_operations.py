@@ -345,3 +345,50 @@ def test_default_namespace_is_torch_nn_and_reads_weights_without_copies():
     assert w is layer.weight and b is layer.bias  # the guarded fast path: as stored
     w16, _ = nnops.cast_bias_weight(layer, torch.bfloat16, "cpu")
     assert w16.dtype == torch.bfloat16 and torch.equal(w16, layer.weight.to(torch.bfloat16))
+
+
+# ------------------------------------------------------------------------------------------------
+# fp8 storage straight from the file (the loaders' weight_dtype) == loading, then store_weights
+
+
+def _bits(model: nn.Module) -> dict[str, tuple[torch.dtype, torch.Tensor]]:
+    return {k: (v.dtype, v.contiguous().view(torch.uint8)) for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("storage", [torch.float8_e4m3fn, torch.float8_e5m2])
+@pytest.mark.parametrize("part, dtype", [("infinity", torch.float32), ("infinity", torch.bfloat16),
+                                         ("hart", torch.float32), ("hart", torch.bfloat16)])
+def test_fp8_load_straight_from_the_file_equals_load_then_store(part, dtype, storage):
+    load = {"infinity": lambda **kw: load_infinity_model(INF / "infinity_tiny.pth", **kw),
+            "hart": lambda **kw: load_hart_model(HART, **kw)}[part]
+    direct = load(dtype=dtype, operations=nnops.CastOps, weight_dtype=storage)
+    cast = load(dtype=dtype, operations=nnops.CastOps)
+    assert nnops.store_weights(cast, storage, nnops.CastOps) > 0
+    got, want = _bits(direct), _bits(cast)
+    assert got.keys() == want.keys()
+    for key in want:
+        assert got[key][0] == want[key][0], key
+        assert torch.equal(got[key][1], want[key][1]), key
+    stored = set(nnops.stored_keys(direct, nnops.CastOps))
+    assert stored and {got[k][0] for k in stored} == {storage}
+    assert storage not in {got[k][0] for k in got.keys() - stored}  # biases of the fused products, norms, ...
+
+
+# ------------------------------------------------------------------------------------------------
+# VAEs in ComfyUI's vae_dtype: bfloat16 storage and compute (the decode casts the latent in, the image out)
+
+
+@pytest.mark.parametrize("family", ["infinity", "hart"])
+def test_vaes_decode_in_bfloat16(family, infinity_ref, hart_ref):
+    """Measured (tiny VAEs, CPU): relative L2 error of the bf16 image against float32 0.010 (Infinity), 0.008 (HART)."""
+    from fastvar_core import families
+
+    load, ref = {"infinity": (lambda **kw: load_infinity_vae(INF / "infinity_vae_d32_tiny.pth", **kw), infinity_ref),
+                 "hart": (lambda **kw: load_hart_vae(HART / "tokenizer", **kw), hart_ref)}[family]
+    vae = load(dtype=torch.bfloat16)
+    assert {p.dtype for p in vae.parameters()} == {torch.bfloat16}
+    raw = vae.decode(ref.result.latent)  # a float32 latent goes in
+    assert raw.dtype == torch.bfloat16 and torch.isfinite(raw).all()
+    image = families.decode(family, vae, ref.result.latent, "off")
+    assert image.dtype == torch.float32 and torch.isfinite(image).all()
+    assert rel_err(image, families.decode(family, load(), ref.result.latent, "off")) < 0.05

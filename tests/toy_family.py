@@ -130,13 +130,13 @@ def register_toy(families):
         presets = PresetTable(scales_1024=4, tails={"paper": ({1: 0.5}, 2), "2k": ({1: 0.75}, 2)},
                               layers=lambda depth: (0, depth))
 
-        def load_model(self, path, *, device, dtype, operations=None):
+        def load_model(self, path, *, device, dtype, operations=None, weight_dtype=None):
             return ToyModel().to(device)
 
         def compute_dtype(self, model):
             return model.head.weight.dtype
 
-        def load_vae(self, path, *, device, operations=None):
+        def load_vae(self, path, *, device, dtype=torch.float32, operations=None):
             return ToyVAE()
 
         def load_text_encoder(self, path, tokenizer=None, *, device, dtype=None):

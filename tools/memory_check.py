@@ -92,28 +92,43 @@ def measure(path: str, weight_dtype: str) -> None:
 
 def peak(path: str, weight_dtype: str = "default") -> None:
     """Load ``path`` through Family.load_model (compute bfloat16, CPU) without ComfyUI, as the loader node
-    does (fp8: store_weights through CastOps), and print resident memory before and after and the peak."""
+    does (fp8: CastOps, the Linear weights stored in fp8 straight from the file), and print resident memory
+    before and after and the load's peak."""
     import torch
 
     sys.path.insert(0, str(ROOT))
     from fastvar_core.families import get_family
     from fastvar_core.memory import tensor_bytes
-    from fastvar_core.ops import WEIGHT_DTYPES, CastOps, store_weights
+    from fastvar_core.ops import WEIGHT_DTYPES, CastOps
+
+    import threading
+    import time
 
     storage = WEIGHT_DTYPES[weight_dtype]
     ops = CastOps if storage is not None else None
     gc.collect()
     before = rss()
-    model = get_family("infinity").load_model(path, device="cpu", dtype=torch.bfloat16, operations=ops)
-    if storage is not None:
-        store_weights(model, storage, ops)
+    anon_peak, done = [before["RssAnon"]], threading.Event()
+
+    def sample():  # VmHWM also counts file pages a memory-mapped read touches (reclaimable cache)
+        while not done.is_set():
+            anon_peak[0] = max(anon_peak[0], rss()["RssAnon"])
+            time.sleep(0.02)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    model = get_family("infinity").load_model(path, device="cpu", dtype=torch.bfloat16, operations=ops,
+                                              weight_dtype=storage)
     gc.collect()
+    done.set()
+    sampler.join()
     after = rss()
     held = tensor_bytes(model)
     gib = 2**30
     print(f"weight_dtype {weight_dtype}: tensors held {held / gib:.3f} GiB, RSS {before['VmRSS'] / gib:.3f} -> "
           f"{after['VmRSS'] / gib:.3f} GiB (+{(after['VmRSS'] - before['VmRSS']) / gib:.3f}), peak RSS "
-          f"{after['VmHWM'] / gib:.3f} GiB (+{(after['VmHWM'] - before['VmRSS']) / gib:.3f} over the start)")
+          f"{after['VmHWM'] / gib:.3f} GiB (+{(after['VmHWM'] - before['VmRSS']) / gib:.3f} over the start), "
+          f"anonymous peak +{(anon_peak[0] - before['RssAnon']) / gib:.3f} GiB (sampled every 20 ms)")
 
 
 if __name__ == "__main__":

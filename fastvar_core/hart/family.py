@@ -38,15 +38,15 @@ class HARTFamily(Family):
     # default 900, so one top-k widget serves both families.
     OFFICIAL_TOP_K = (None, 0, 900)
 
-    def load_model(self, path, *, device, dtype, operations=None):
+    def load_model(self, path, *, device, dtype, operations=None, weight_dtype=None):
         from .loader import load_hart_model
 
-        return load_hart_model(path, device=device, dtype=dtype, operations=operations)
+        return load_hart_model(path, device=device, dtype=dtype, operations=operations, weight_dtype=weight_dtype)
 
-    def load_vae(self, path, *, device, operations=None):
+    def load_vae(self, path, *, device, dtype=torch.float32, operations=None):
         from .vae import load_hart_vae
 
-        return load_hart_vae(path, device=device, operations=operations)
+        return load_hart_vae(path, device=device, dtype=dtype, operations=operations)
 
     def load_text_encoder(self, path, tokenizer=None, *, device, dtype=None):
         from .text import load_qwen_encoder

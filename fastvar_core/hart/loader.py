@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from .. import ops as nnops
 from ..checkpoint import check_state_keys, flatten_tensors, load_sharded_folder, load_state_dict
 from ..errors import CheckpointError, IncompatibleModelsError
 from .config import MODEL_TYPE, VAE_MODEL_TYPE, HARTConfig, detect_hart_config
@@ -115,12 +116,15 @@ def load_hart_model(
     dtype: torch.dtype = torch.float32,
     use_ema: bool = True,
     operations=None,
+    weight_dtype: torch.dtype | None = None,
 ) -> HARTTransformer:
     """Load the HART transformer from ``llm/``, the release folder, or a weight file inside ``llm/``.
 
     ``use_ema`` (official default) prefers ``ema_model.bin``; otherwise, or when it is absent, the
     regular ``model.safetensors`` / ``pytorch_model.bin`` is used. ``operations``: the layer namespace
-    (fastvar_core.ops; None: torch.nn), built on 'meta' and loaded with ``assign=True``.
+    (fastvar_core.ops; None: torch.nn), built on 'meta' and loaded with ``assign=True``. ``weight_dtype``:
+    its Linear weights go from the file into this storage dtype (fp8) via ``dtype``, the bits of
+    :func:`fastvar_core.ops.store_weights` after the load, without holding them in ``dtype`` first.
     """
     folder, weights = find_llm_folder(path)
     weights = weights or _choose_weights(folder, use_ema)
@@ -139,10 +143,13 @@ def load_hart_model(
                 f"{source}: tensor '{key}' has shape {list(state[key].shape)}, expected {list(ref.shape)}."
             )
     # One tensor at a time, each source dropped once converted: no second copy of the whole model.
-    state = {k: state.pop(k).to(device=device, dtype=dtype) for k in list(state)}
+    stored = set(nnops.stored_keys(model, operations)) if weight_dtype is not None else set()
+    for key in list(state):
+        value = state.pop(key).to(device=device, dtype=dtype)
+        state[key] = value.to(weight_dtype) if key in stored else value
     model.load_state_dict(state, strict=True, assign=True)
     log.info("HART: loaded %s (%s)", weights, config.describe())
-    return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    return model.eval().requires_grad_(False)  # every tensor is a checkpoint key, already in place
 
 
 def check_vae_matches(model: HARTTransformer, vae) -> None:

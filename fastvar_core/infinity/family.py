@@ -51,15 +51,15 @@ class InfinityFamily(Family):
         layers=preset_layers,
     )
 
-    def load_model(self, path, *, device, dtype, operations=None):
+    def load_model(self, path, *, device, dtype, operations=None, weight_dtype=None):
         from .loader import load_infinity_model
 
-        return load_infinity_model(path, device=device, dtype=dtype, operations=operations)
+        return load_infinity_model(path, device=device, dtype=dtype, operations=operations, weight_dtype=weight_dtype)
 
-    def load_vae(self, path, *, device, operations=None):
+    def load_vae(self, path, *, device, dtype=torch.float32, operations=None):
         from .vae import load_infinity_vae
 
-        return load_infinity_vae(path, device=device, operations=operations)
+        return load_infinity_vae(path, device=device, dtype=dtype, operations=operations)
 
     def load_text_encoder(self, path, tokenizer=None, *, device, dtype=None):
         from .text import load_t5_encoder

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from .. import ops as nnops
 from ..checkpoint import check_state_keys, key_examples, load_state_dict
 from ..errors import CheckpointError, IncompatibleModelsError
 from .config import TEXT_MAXLEN, InfinityConfig
@@ -141,14 +142,17 @@ def filter_state_dict(state: Mapping[str, torch.Tensor], model: InfinityTransfor
 
 
 def build_infinity_model(obj: dict[str, object], source: str = "state dict", patchify: bool | None = None,
-                         operations=None, dtype: torch.dtype = torch.float32) -> InfinityTransformer:
+                         operations=None, dtype: torch.dtype = torch.float32,
+                         weight_dtype: torch.dtype | None = None, copy: bool = False) -> InfinityTransformer:
     """Build a CPU model from an already read checkpoint object (state dict or container), which it empties.
 
     ``operations``: the layer namespace (fastvar_core.ops); its layers are built on 'meta' and get the
     checkpoint tensors with ``load_state_dict(assign=True)``. ``dtype``: the blocks' matrices (as
     :meth:`InfinityTransformer.set_block_dtype`; everything else float32). Each tensor is converted to its
     stored dtype on its own and taken out of ``obj``, so the load peaks near the file plus the weights
-    instead of holding a float32 copy of the whole model.
+    instead of holding a float32 copy of the whole model. ``weight_dtype``: the namespace's Linear weights
+    go on into this storage dtype (fp8), the bits of :func:`fastvar_core.ops.store_weights` after the load.
+    ``copy``: copy the tensors no conversion copies (views of a memory-mapped file, which they would keep mapped).
     """
     state = unwrap_container(obj, source)
     _identify(state, obj, source)
@@ -159,12 +163,17 @@ def build_infinity_model(obj: dict[str, object], source: str = "state dict", pat
     filtered = filter_state_dict(state, model, source)
     state.clear()
     target = model.block_dtypes(dtype)
+    stored = set(nnops.stored_keys(model, operations)) if weight_dtype is not None else set()
     weights = {}
     for key in list(filtered):
-        value = filtered.pop(key)
+        value = source_value = filtered.pop(key)
         want = target.get(key, torch.float32)
         if value.is_floating_point() and value.dtype != want:
             value = value.float().to(want)  # via float32, as the model computed its dtypes before
+        if key in stored:
+            value = value.to(weight_dtype)
+        if copy and value is source_value:
+            value = value.clone()
         weights[key] = value
     model.load_state_dict(weights, strict=True, assign=True)
     return model.eval().requires_grad_(False)
@@ -172,13 +181,14 @@ def build_infinity_model(obj: dict[str, object], source: str = "state dict", pat
 
 def load_infinity_model(path: str | os.PathLike, device: str | torch.device = "cpu",
                         dtype: torch.dtype = torch.float32, patchify: bool | None = None,
-                        operations=None) -> InfinityTransformer:
+                        operations=None, weight_dtype: torch.dtype | None = None) -> InfinityTransformer:
     """Load an Infinity transformer: ``.pth``/``.safetensors`` file or sharded folder (8B) with its index.
 
     ``dtype`` applies to the transformer blocks' matrices only (bf16/fp16 on CUDA saves memory and
     time); norms, RoPE, text path, adaLN vectors, head and logits stay float32. ``patchify`` overrides
     the 2x2 spatial patchify detection (default: on for 56-bit models, i.e. Infinity-8B). ``operations``:
-    the layer namespace (fastvar_core.ops; None: torch.nn).
+    the layer namespace (fastvar_core.ops; None: torch.nn). ``weight_dtype``: store its Linear weights in
+    this dtype (fp8) straight from the file, so the load never holds them in ``dtype``.
     """
     path = Path(path)
     source = f"'{path}'"
@@ -193,13 +203,13 @@ def load_infinity_model(path: str | os.PathLike, device: str | torch.device = "c
         from ..checkpoint import load_file, prefer_safetensors
 
         # Not memory-mapped: each tensor is freed once converted (build_infinity_model). Keep the container:
-        # it may hold 'trainer' or 'vae'.
-        obj = dict(load_file(prefer_safetensors(path), mmap=False))
-    model = build_infinity_model(obj, source, patchify=patchify, operations=operations, dtype=dtype)
-    model.to(device=device)
-    if dtype != torch.float32:
-        model.set_block_dtype(dtype)  # the blocks' non-persistent buffers
-    return model
+        # it may hold 'trainer' or 'vae'. With a storage weight_dtype every weight is converted anyway: read
+        # through a memory map, the process then holds only the converted weights (file pages are cache).
+        mapped = weight_dtype is not None
+        obj = dict(load_file(prefer_safetensors(path), mmap=mapped))
+    model = build_infinity_model(obj, source, patchify=patchify, operations=operations, dtype=dtype,
+                                 weight_dtype=weight_dtype, copy=path.is_file() and mapped)
+    return model.to(device=device)
 
 
 def check_vae_matches(model: InfinityTransformer, vae) -> None:
