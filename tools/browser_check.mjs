@@ -131,7 +131,24 @@ const pruningPrompt = (page) => page.evaluate(async () => {
       r.preset = await widgetValue(page, "FastVAR_Pruning", "preset");
       r.widgets = await page.evaluate(() => window.app.graph.nodes.find((n) => n.type === "FastVAR_Pruning").widgets
         .map((w) => ({ name: w.name, type: w.type, value: w.value, disabled: !!w.disabled, label: w.label ?? null })));
-      r.shot = await shootNode(page, "FastVAR_Pruning", 1.3, path.join(outDir, "pruning_paper.png"));
+      r.shot = await shootNode(page, "FastVAR_Pruning", 1.3, path.join(outDir, `pruning_${r.preset}.png`));
+      const hover = await page.evaluate(() => {
+        const app = window.app;
+        const node = app.graph.nodes.find((n) => n.type === "FastVAR_Pruning");
+        const w = node.widgets.find((x) => x.disabled && x.type === "slider");
+        if (!w) return null;
+        const rect = app.canvas.canvas.getBoundingClientRect();
+        const { scale, offset } = app.canvas.ds;
+        return { x: rect.left + (node.pos[0] + node.size[0] / 2 + offset[0]) * scale,
+                 y: rect.top + (node.pos[1] + w.y + 10 + offset[1]) * scale };
+      });
+      if (hover) {
+        await page.mouse.move(hover.x, hover.y);
+        await sleep(1500);
+        r.shot_hover = path.join(outDir, "pruning_hover_ignored.png");
+        await page.screenshot({ path: r.shot_hover, clip: { x: hover.x - 300, y: hover.y - 150, width: 700, height: 300 } });
+        await page.mouse.move(1500, 1100); // off the node, and off the sidebar (its hover pop-ups)
+      }
       await setWidget(page, "FastVAR_Pruning", "preset", "custom");
       await sleep(1500);
       r.shot_custom = await shootNode(page, "FastVAR_Pruning", 1.3, path.join(outDir, "pruning_custom.png"));
@@ -207,6 +224,13 @@ const pruningPrompt = (page) => page.evaluate(async () => {
       r.after_chart_for = await queueAndWait(page);
       say(`after chart_for -> ${r.chart_for}: ${JSON.stringify(r.after_chart_for)}`);
       await setWidget(page, "FastVAR_Pruning", "chart_for", released[0]);
+      r.shot_sampler = await shootNode(page, "FastVAR_Sampler", 1.0, path.join(outDir, "sampler_after_run.png"));
+      // control: a widget the preset reads must re-run the sampler
+      const layer = await widgetValue(page, "FastVAR_Pruning", "first_layer");
+      await setWidget(page, "FastVAR_Pruning", "first_layer", layer === 2 ? 3 : 2);
+      r.after_first_layer = await queueAndWait(page);
+      say(`after first_layer (read by ${preset}): ${JSON.stringify(r.after_first_layer)}`);
+      await setWidget(page, "FastVAR_Pruning", "first_layer", layer);
     }
   } catch (e) {
     report.fatal = String(e?.stack || e);

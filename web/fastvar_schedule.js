@@ -100,7 +100,7 @@ function markIgnored(node, data) {
     w.label = off ? data?.ignored_labels?.[w.name] ?? `${w.name}: ignored by ${preset}` : undefined;
     if (w.fastvarTooltip === undefined) w.fastvarTooltip = w.tooltip ?? null; // the input's own tooltip
     w.tooltip = off ? `Ignored under preset ${preset}; choose preset custom to set it.` : w.fastvarTooltip ?? undefined;
-    w.fastvarUsed = off && tail ? data?.uses?.drop_from_end?.[tail[1]] ?? 0 : null;
+    w.fastvarUsed = off && tail && data?.uses ? data.uses.drop_from_end?.[tail[1]] ?? 0 : null; // no bar without a plan
     if (off) w.drawWidget = drawIgnored;
     else delete w.drawWidget; // back to its class's drawing
   }
