@@ -3,8 +3,12 @@
 // the greyed (ignored) Pruning widgets, with zoomed screenshots of the nodes.
 // Usage: node tools/browser_check.mjs --url http://127.0.0.1:PORT --workflow workflows/X.json --out /tmp/DIR
 //          [--steps cache,aspect,legend,ignored] [--node-dir $FV_E2E_HOME/node] [--timeout 900]
-// Needs a running ComfyUI with this pack (see docs or ../shared/tools/comfy-e2e/harness.py for the server
-// flags), Debian's chromium on PATH (or $CHROMIUM) and playwright-core in --node-dir (the harness's).
+// Needs a running ComfyUI with this pack, e.g. from the e2e env: B=/tmp/fvb; custom_nodes/ComfyUI-FastVAR in $B
+// linked to the pack, a user dir seeded like harness.py's DEFAULT_SETTINGS, then in $FV_E2E_HOME/ComfyUI:
+//   ../venv/bin/python main.py --cpu --port 8391 --base-directory $B --disable-all-custom-nodes
+//     --whitelist-custom-nodes ComfyUI-FastVAR --extra-model-paths-config <yaml pointing at the models>
+// Debian's chromium (/usr/bin/chromium, or $CHROMIUM) and playwright-core in --node-dir (the harness's).
+// Writes report.json (executed / cached nodes per queue, widget values) and PNGs of the nodes to --out.
 import fs from "node:fs";
 import os from "node:os";
 import path from "node:path";
@@ -27,6 +31,11 @@ const { chromium } = require("playwright-core");
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 const report = { url, workflow: workflowFile, steps: {} };
 const say = (m) => console.log(`[browser_check] ${m}`);
+report.checks = [];
+const check = (what, ok) => {
+  report.checks.push({ what, ok });
+  say(`${ok ? "ok  " : "FAIL"} ${what}`);
+};
 fs.mkdirSync(outDir, { recursive: true });
 
 // Queue the graph like the Run button; wait for this prompt's end; which nodes executed / came from the cache.
@@ -147,7 +156,7 @@ const pruningPrompt = (page) => page.evaluate(async () => {
         await sleep(1500);
         r.shot_hover = path.join(outDir, "pruning_hover_ignored.png");
         await page.screenshot({ path: r.shot_hover, clip: { x: hover.x - 300, y: hover.y - 150, width: 700, height: 300 } });
-        await page.mouse.move(1500, 1100); // off the node, and off the sidebar (its hover pop-ups)
+        await page.mouse.move(1590, 600); // off the nodes, and off the sidebar (its hover pop-ups)
       }
       await setWidget(page, "FastVAR_Pruning", "preset", "custom");
       await sleep(1500);
@@ -180,6 +189,7 @@ const pruningPrompt = (page) => page.evaluate(async () => {
       await sleep(1500);
       r.after = { width: await widgetValue(page, "FastVAR_Sampler", "width"), height: await widgetValue(page, "FastVAR_Sampler", "height") };
       r.shot = await shootNode(page, "FastVAR_Sampler", 1.3, path.join(outDir, "sampler_16x9.png"));
+      check(`aspect ${r.choice}: width/height shown change`, r.after.width > r.after.height);
       r.shot_chart = await shootNode(page, "FastVAR_Pruning", 1.3, path.join(outDir, "pruning_after_16x9.png"));
       await setWidget(page, "FastVAR_Sampler", "aspect_ratio", "from width/height");
       await setWidget(page, "FastVAR_Sampler", "width", r.before.width);
@@ -224,16 +234,22 @@ const pruningPrompt = (page) => page.evaluate(async () => {
       r.after_chart_for = await queueAndWait(page);
       say(`after chart_for -> ${r.chart_for}: ${JSON.stringify(r.after_chart_for)}`);
       await setWidget(page, "FastVAR_Pruning", "chart_for", released[0]);
-      r.shot_sampler = await shootNode(page, "FastVAR_Sampler", 1.0, path.join(outDir, "sampler_after_run.png"));
       // control: a widget the preset reads must re-run the sampler
       const layer = await widgetValue(page, "FastVAR_Pruning", "first_layer");
       await setWidget(page, "FastVAR_Pruning", "first_layer", layer === 2 ? 3 : 2);
       r.after_first_layer = await queueAndWait(page);
       say(`after first_layer (read by ${preset}): ${JSON.stringify(r.after_first_layer)}`);
+      await sleep(1000); // the previews and the run info arrive with the last events
+      r.shot_sampler = await shootNode(page, "FastVAR_Sampler", 1.0, path.join(outDir, "sampler_after_run.png"), 300);
       await setWidget(page, "FastVAR_Pruning", "first_layer", layer);
+      const sampler = await page.evaluate(() => String(window.app.graph.nodes.find((n) => n.type === "FastVAR_Sampler").id));
+      check(`ignored ${slider} moved: sampler cached`, r.after_slider.cached.includes(sampler) && !r.after_slider.executing.includes(sampler));
+      check("chart_for changed: sampler cached", r.after_chart_for.cached.includes(sampler) && !r.after_chart_for.executing.includes(sampler));
+      check("first_layer changed: sampler re-runs", r.after_first_layer.executing.includes(sampler));
     }
   } catch (e) {
     report.fatal = String(e?.stack || e);
+    say(report.fatal);
   } finally {
     report.console_errors = consoleErrors;
     fs.writeFileSync(path.join(outDir, "report.json"), JSON.stringify(report, null, 1));
@@ -241,4 +257,5 @@ const pruningPrompt = (page) => page.evaluate(async () => {
     await context.close();
     fs.rmSync(userDir, { recursive: true, force: true });
   }
+  process.exitCode = report.fatal || report.checks.some((c) => !c.ok) ? 1 : 0;
 })();
