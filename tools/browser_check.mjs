@@ -156,7 +156,8 @@ const pruningPrompt = (page) => page.evaluate(async () => {
         await sleep(1500);
         r.shot_hover = path.join(outDir, "pruning_hover_ignored.png");
         await page.screenshot({ path: r.shot_hover, clip: { x: hover.x - 300, y: hover.y - 150, width: 700, height: 300 } });
-        await page.mouse.move(1590, 600); // off the nodes, and off the sidebar (its hover pop-ups)
+        await page.mouse.move(hover.x + 700, hover.y + 600, { steps: 8 }); // onto empty canvas: the tooltip goes
+        await sleep(500);
       }
       await setWidget(page, "FastVAR_Pruning", "preset", "custom");
       await sleep(1500);
@@ -167,7 +168,7 @@ const pruningPrompt = (page) => page.evaluate(async () => {
 
     if (steps.includes("legend")) {
       const r = (report.steps.legend = {});
-      for (const width of [360, 300, 240]) {
+      for (const width of [360, 300, 240, 200]) {
         await page.evaluate((w) => {
           const node = window.app.graph.nodes.find((n) => n.type === "FastVAR_Pruning");
           node.setSize([w, node.size[1]]);
