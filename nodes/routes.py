@@ -106,7 +106,31 @@ def chart_from_query(query) -> dict:
     except (KeyError, TypeError, ValueError) as exc:
         return {"error": f"bad chart request: {exc}"}
     data["ignored"] = list(ignored_widgets(preset))
+    data["ignored_labels"] = ignored_labels(preset, data.get("uses"))
     return data
+
+
+def ignored_labels(preset: str, uses: dict | None) -> dict[str, str]:
+    """widget name -> what the greyed widget shows in place of its own value: what ``preset`` uses instead
+    (``uses`` is the chart's per-scale plan; None when the chart could not be made)."""
+    labels = {}
+    for name in ignored_widgets(preset):
+        tail = name.startswith("last_") and name.endswith("_drop")
+        if preset == "off":
+            text = "off prunes nothing"
+        elif uses is None:
+            text = f"ignored by {preset}"
+        elif tail:
+            ratio = uses["drop_from_end"].get(int(name.split("_")[1]), 0)
+            text = f"{preset} skips this scale" if ratio >= 100 else f"{preset} uses {ratio} %"
+        elif name == "cache_from_end":
+            text = f"{preset}: no cache" if uses["cache_from_end"] is None else f"{preset} uses {uses['cache_from_end']}"
+        elif name == "speed_target":
+            text = "custom uses the sliders" if preset == "custom" else f"{preset} uses its own ratios"
+        else:
+            text = f"ignored by {preset}"
+        labels[name] = f"{name}: {text}"
+    return labels
 
 
 def size_from_query(query) -> dict:

@@ -417,6 +417,27 @@ def test_chart_reports_what_the_preset_uses_per_scale():
     assert custom["ignored"] == ["speed_target"]
 
 
+def test_greyed_widgets_show_what_the_preset_uses_not_their_own_value():
+    """An ignored widget's label names what the preset runs instead of the slider's own (unread) value."""
+    routes = sys.modules[PACK.__name__ + ".nodes.routes"]
+    data = routes.chart_from_query({"preset": "paper", "chart_for": "Infinity-2B 1024px", "last_1_drop": "30",
+                                    "last_5_drop": "35"})
+    assert data["ignored_labels"] == {
+        "speed_target": "speed_target: paper uses its own ratios",
+        "last_1_drop": "last_1_drop: paper skips this scale", "last_2_drop": "last_2_drop: paper skips this scale",
+        "last_3_drop": "last_3_drop: paper uses 50 %", "last_4_drop": "last_4_drop: paper uses 40 %",
+        "last_5_drop": "last_5_drop: paper uses 0 %", "last_6_drop": "last_6_drop: paper uses 0 %",
+        "cache_from_end": "cache_from_end: paper uses 5"}
+    off = routes.chart_from_query({"preset": "off", "chart_for": "Infinity-2B 1024px"})["ignored_labels"]
+    assert off["first_layer"] == "first_layer: off prunes nothing"
+    assert off["last_3_drop"] == "last_3_drop: off prunes nothing"
+    custom = routes.chart_from_query({"preset": "custom", "chart_for": "Infinity-2B 1024px"})["ignored_labels"]
+    assert custom == {"speed_target": "speed_target: custom uses the sliders"}
+    target = routes.chart_from_query({"preset": "speed target", "speed_target": "3", "chart_for": "Infinity-2B 1024px"})
+    assert "speed_target" not in target["ignored_labels"]
+    assert target["ignored_labels"]["cache_from_end"].startswith("cache_from_end: speed target ")
+
+
 def test_chart_says_when_the_speed_target_is_out_of_reach():
     """Issue #15 item 6: the chart, like the sampler's info, says what an unreachable speed target reached."""
     routes = sys.modules[PACK.__name__ + ".nodes.routes"]

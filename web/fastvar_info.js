@@ -5,7 +5,7 @@
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 
-const INFO_HEIGHT = 46;
+const INFO_HEIGHT = 62; // four 11 px monospace lines: the run line and the memory line each wrap once at the default width
 let facts = null;
 const factsReady = api.fetchApi("/fastvar/ui_facts").then((r) => r.json()).then((f) => (facts = f)).catch(() => null);
 

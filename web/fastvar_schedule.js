@@ -1,7 +1,7 @@
 // FastVAR Pruning node: the schedule chart (one bar per scale, tokens forwarded vs total, skipped steps and the
 // cache scale marked, the cost model's FLOP ratio) for the connected sampler's model and size, and the widgets
-// the preset ignores greyed, labelled with what the preset uses, and sent to the server as their defaults (so
-// moving one never re-runs the sampler). chart_for is display only: kept out of the prompt.
+// the preset ignores greyed, drawn with what the preset uses instead of their own value, and sent to the server
+// as their defaults (so moving one never re-runs the sampler). chart_for is display only: kept out of the prompt.
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 
@@ -57,17 +57,36 @@ function ignoredWidgets(node) {
   return facts?.pruning_ignored?.[preset] || [];
 }
 
-// What the preset uses in place of an ignored widget, from the chart's plan.
-function usedValue(name, preset, data) {
-  const uses = data?.uses;
-  const tail = /^last_(\d)_drop$/.exec(name);
-  if (tail && uses) {
-    const r = uses.drop_from_end[tail[1]] ?? 0;
-    return r >= 100 ? "100 % (skips this scale)" : `${r} %`;
+// An ignored widget draws only the grey shape and what the preset uses (a slider: its bar at the preset's
+// value), never its own value, which the run does not read. Its own value stays for when it applies again.
+function drawIgnored(ctx, { width, showText = true }) {
+  const LG = window.LiteGraph;
+  const margin = 15, height = LG?.NODE_WIDGET_HEIGHT ?? 20, y = this.y;
+  const inner = width - margin * 2;
+  ctx.save();
+  ctx.fillStyle = LG?.WIDGET_BGCOLOR ?? "#222";
+  ctx.beginPath();
+  ctx.roundRect(margin, y, inner, height, this.type === "slider" ? 0 : [height * 0.5]);
+  ctx.fill();
+  if (this.type === "slider" && this.fastvarUsed != null) {
+    const { min = 0, max = 100 } = this.options || {};
+    ctx.fillStyle = "#456";
+    ctx.fillRect(margin, y, (inner * Math.min(Math.max(this.fastvarUsed - min, 0), max - min)) / (max - min), height);
   }
-  if (name === "cache_from_end" && uses) return uses.cache_from_end == null ? "no cache" : `${uses.cache_from_end}`;
-  if (name === "speed_target") return preset === "custom" ? "the sliders" : "its own ratios";
-  return "no pruning";
+  if (showText) {
+    ctx.fillStyle = LG?.WIDGET_SECONDARY_TEXT_COLOR ?? "#999";
+    ctx.textAlign = "left";
+    ctx.fillText(fitText(ctx, this.label, inner - 20), margin + 10, y + height * 0.7);
+  }
+  ctx.restore();
+}
+
+// `text` cut with an ellipsis to `maxWidth` pixels.
+function fitText(ctx, text, maxWidth) {
+  if (ctx.measureText(text).width <= maxWidth) return text;
+  let cut = text.length;
+  while (cut > 1 && ctx.measureText(`${text.slice(0, cut)}…`).width > maxWidth) cut -= 1;
+  return `${text.slice(0, cut)}…`;
 }
 
 function markIgnored(node, data) {
@@ -76,8 +95,14 @@ function markIgnored(node, data) {
   for (const w of node.widgets || []) {
     if (!INPUTS.includes(w.name) || w.name === "preset" || w.name === "chart_for") continue;
     const off = ignored.includes(w.name);
+    const tail = /^last_(\d)_drop$/.exec(w.name);
     w.disabled = off;
-    w.label = off ? `${w.name} (ignored: preset ${preset} uses ${usedValue(w.name, preset, data)})` : undefined;
+    w.label = off ? data?.ignored_labels?.[w.name] ?? `${w.name}: ignored by ${preset}` : undefined;
+    if (w.fastvarTooltip === undefined) w.fastvarTooltip = w.tooltip ?? null; // the input's own tooltip
+    w.tooltip = off ? `Ignored under preset ${preset}; choose preset custom to set it.` : w.fastvarTooltip ?? undefined;
+    w.fastvarUsed = off && tail && data?.uses ? data.uses.drop_from_end?.[tail[1]] ?? 0 : null; // no bar without a plan
+    if (off) w.drawWidget = drawIgnored;
+    else delete w.drawWidget; // back to its class's drawing
   }
   node.setDirtyCanvas?.(true, true);
 }
