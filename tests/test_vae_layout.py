@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from fastvar_core.infinity.vae import Upsample
+from fastvar_core.hart.vae import Upsample2x
 from fastvar_core.vae_layout import decoder_layout, group_norm
 
 
@@ -48,4 +49,16 @@ def test_upsample_gives_the_same_map_in_both_layouts():
     torch.testing.assert_close(cl, nchw, atol=1e-5, rtol=0)
     reference = F.conv2d(F.interpolate(x, scale_factor=2, mode="nearest"), up.conv.conv.weight, up.conv.conv.bias,
                          padding=1)
+    torch.testing.assert_close(cl, reference, atol=1e-5, rtol=0)
+
+
+def test_hart_upsample_equals_nearest_then_conv_in_both_layouts():
+    torch.manual_seed(4)
+    up = Upsample2x(32).eval()
+    x = torch.randn(2, 32, 9, 11)
+    with torch.no_grad():
+        reference = F.conv2d(F.interpolate(x, scale_factor=2, mode="nearest"), up.conv.weight, up.conv.bias, padding=1)
+        nchw, cl = up(x), up(decoder_layout(x))
+    assert cl.shape == (2, 32, 18, 22) and cl.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(nchw, reference, atol=1e-5, rtol=0)
     torch.testing.assert_close(cl, reference, atol=1e-5, rtol=0)
