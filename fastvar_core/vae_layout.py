@@ -1,4 +1,5 @@
-"""What both VAE decoders share: the activations' memory layout, a GroupNorm exact in it, tiles and their progress.
+"""What both VAE decoders share: the activations' memory layout, a GroupNorm exact in it, the x2
+upsampling convolution, tiles and their progress.
 
 On the CPU both decoders run channels-last (B, H, W, C in memory): oneDNN convolves that layout
 directly, while an NCHW input is reordered to and from its blocked layout on every call, which made
@@ -8,8 +9,8 @@ their convolution and GroupNorm kernels are tuned for.
 torch's channels-last CPU GroupNorm accumulates sum and sum of squares sequentially in float32; on
 a full-resolution map (hundreds of thousands of values per group) that moves outputs by ~3e-4,
 above the decoders' parity tolerance. :func:`group_norm` computes the statistics there with
-blocked matrix-vector sums of values centred on a per-channel estimate of the mean, combined in
-float64 (outputs within ~1e-6 of a float64 reference), and applies them in one pass.
+torch's pairwise reductions of squares centred on each channel's mean, combined in float64
+(outputs within ~5e-6 of a float64 reference): four whole-map operations, one buffer.
 """
 
 from __future__ import annotations
@@ -25,8 +26,6 @@ from . import ops as nnops
 
 # callback(done, total) after each decoded tile: progress, and a way to stop (raise) between tiles.
 TileCallback = Callable[[int, int], None]
-
-_ROWS = 16384  # pixels per statistics block: the squared block stays in cache
 
 
 def decoder_layout(x: torch.Tensor) -> torch.Tensor:
@@ -64,36 +63,26 @@ def group_norm(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None, bi
     B, C, H, W = x.shape
     if not _exact_path(x):
         return F.group_norm(x, num_groups, weight, bias, eps)
-    rows = x.permute(0, 2, 3, 1).reshape(B, H * W, C)  # a view: channels-last memory
-    block = min(_ROWS, H * W)
-    ones = x.new_ones(1, block)
-    work = x.new_empty(block, C)
-    # Per channel: sums of (x - s) and (x - s)^2 around a shift s near its mean (no cancellation).
-    centre = torch.stack([(ones @ rows[b, :block])[0] / block for b in range(B)])  # (B, C)
-    sums = torch.zeros(2, B, C, dtype=torch.float64)
-    for b in range(B):
-        for start in range(0, H * W, block):
-            part = rows[b, start:start + block]  # (n, C)
-            n = part.shape[0]
-            centred = torch.sub(part, centre[b], out=work[:n])
-            sums[0, b] += (ones[:, :n] @ centred)[0]
-            sums[1, b] += (ones[:, :n] @ centred.mul_(centred))[0]
-    # Exact float64 combination of the channels' shifted sums into group mean and variance.
     hw, per_group = H * W, C // num_groups
+    rows = x.permute(0, 2, 3, 1).reshape(B, hw, C)  # a view: channels-last memory
+    # Per channel: the sum of (x - m)^2 around its mean m (no cancellation); pairwise (cascade) sums,
+    # so the float32 error does not grow with the pixel count.
+    centre = rows.sum(1).div_(hw)  # (B, C)
+    work = F.mse_loss(rows, centre[:, None].expand_as(rows), reduction="none")  # (x - m)^2, (B, HW, C)
+    s2 = work.sum(1)
+    # Exact float64 combination of the channels' centred sums into group mean and variance.
     s = centre.double().view(B, num_groups, per_group)
-    s1, s2 = sums.view(2, B, num_groups, per_group).unbind(0)
-    mean = (s1 + hw * s).sum(-1, keepdim=True) / (hw * per_group)  # (B, G, 1)
-    d = s - mean
-    var = (s2 + 2 * d * s1 + hw * d.square()).sum(-1, keepdim=True) / (hw * per_group)
+    mean = s.mean(-1, keepdim=True)  # (B, G, 1)
+    var = (s2.double().view_as(s) + hw * (s - mean).square()).sum(-1, keepdim=True) / (hw * per_group)
     scale = var.clamp_(min=0).add_(eps).rsqrt_()
     if weight is not None:
         scale = scale * weight.double().view(1, num_groups, -1)
     shift = -mean * scale
     if bias is not None:
         shift = shift + bias.double().view(1, num_groups, -1)
-    scale, shift = scale.expand(B, num_groups, C // num_groups), shift.expand(B, num_groups, C // num_groups)
-    out = torch.addcmul(shift.reshape(B, 1, C).float(), rows, scale.reshape(B, 1, C).float())  # (B, HW, C)
-    return out.view(B, H, W, C).permute(0, 3, 1, 2)
+    scale, shift = scale.expand(B, num_groups, per_group), shift.expand(B, num_groups, per_group)
+    torch.addcmul(shift.reshape(B, 1, C).float(), rows, scale.reshape(B, 1, C).float(), out=work)  # reuses work
+    return work.view(B, H, W, C).permute(0, 3, 1, 2)  # (B, C, H, W), channels-last
 
 
 def tile_sides(tile: int | tuple[int, int]) -> tuple[int, int]:
@@ -127,3 +116,38 @@ def blend_spans(size: int, tile: int, overlap: int, q: int, device) -> list[tupl
         total[q * s : q * (s + tile)] += weight
         spans.append((s, s + tile, weight))
     return [(s, e, weight / total[q * s : q * e]) for s, e, weight in spans]
+
+
+# _PHASE_MIX[a][k, t] = 1 if tap t of a 3x3 kernel row lands on input offset k of the 2-tap window of
+# output phase a (phase 0 sees input offsets -1, 0; phase 1 sees 0, +1).
+_PHASE_MIX = torch.tensor([[[1, 0, 0], [0, 1, 1]], [[1, 1, 0], [0, 0, 1]]], dtype=torch.float32)
+
+
+def upsample_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``F.conv2d(F.interpolate(x, scale_factor=2), weight, bias, padding=1)`` without the 4x larger input.
+
+    Output pixel (2i+a, 2j+b) only sees input rows i-1..i (a = 0) or i..i+1 (a = 1), same for columns,
+    so each of the four phases is a 2x2 conv of ``x`` whose taps are sums of the 3x3 taps: the same
+    result up to float rounding, 2.25x fewer MACs and no nearest-upsampled temporary. The phases are
+    interleaved in ``x``'s layout (channels-last in, channels-last out).
+    """
+    B, C, H, W = x.shape
+    mix = _PHASE_MIX.to(weight.device)
+    kernels = torch.einsum("aik,ockl,bjl->abocij", mix, weight.float(), mix).to(x.dtype)  # (2, 2, O, C, 2, 2)
+    O = kernels.shape[2]
+    bias = None if bias is None else bias.to(x.dtype)
+    padded = F.pad(x, (1, 1, 1, 1))  # (B, C, H+2, W+2)
+    channels_last = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+    # The four phases interleave in the input's layout: (B, H, 2, W, 2, O) or (B, O, H, 2, W, 2) memory.
+    out = x.new_empty(B, H, 2, W, 2, O) if channels_last else x.new_empty(B, O, H, 2, W, 2)
+    for a in (0, 1):
+        for b in (0, 1):
+            window = padded[:, :, a : a + H + 1, b : b + W + 1]  # valid 2x2 conv -> (B, O, H, W)
+            phase = F.conv2d(window, kernels[a, b], bias)
+            if channels_last:
+                out[:, :, a, :, b] = phase.permute(0, 2, 3, 1)
+            else:
+                out[:, :, :, a, :, b] = phase
+    if channels_last:
+        return out.view(B, 2 * H, 2 * W, O).permute(0, 3, 1, 2)  # (B, O, 2H, 2W)
+    return out.view(B, O, 2 * H, 2 * W)

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from fastvar_core.infinity.vae import Upsample
+from fastvar_core.hart.vae import Upsample2x
 from fastvar_core.vae_layout import blend_spans, decoder_layout, group_norm
 
 
@@ -62,3 +63,15 @@ def test_blend_weights_sum_to_one(size, tile, overlap):
         total[4 * start : 4 * end] += weight
     assert spans[0][0] == 0 and spans[-1][1] == size
     assert torch.allclose(total, torch.ones_like(total), atol=1e-6)
+
+
+def test_hart_upsample_equals_nearest_then_conv_in_both_layouts():
+    torch.manual_seed(4)
+    up = Upsample2x(32).eval()
+    x = torch.randn(2, 32, 9, 11)
+    with torch.no_grad():
+        reference = F.conv2d(F.interpolate(x, scale_factor=2, mode="nearest"), up.conv.weight, up.conv.bias, padding=1)
+        nchw, cl = up(x), up(decoder_layout(x))
+    assert cl.shape == (2, 32, 18, 22) and cl.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(nchw, reference, atol=1e-5, rtol=0)
+    torch.testing.assert_close(cl, reference, atol=1e-5, rtol=0)

@@ -15,6 +15,11 @@ times our tiled decode against our untiled decode of the same latent (the cost o
 and reports how far the tiled image is from the untiled one (max and mean |diff| on the [0, 1] scale);
 the plot shows both timings, and per decoder a crop around the first seam crossing: untiled, tiled and
 the |diff| magnified.
+
+    python -m tools.decode_bench --profile [--size 1024]
+
+profiles one decode of each of our decoders (torch.profiler): time per op, the convolutions' share
+and their GFLOP/s, to see where the time goes.
 """
 
 from __future__ import annotations
@@ -122,6 +127,36 @@ def compare(name: str, official, ours, z: torch.Tensor, rounds: int, log) -> dic
     return row
 
 
+def profile_decoder(name: str, decoder, z: torch.Tensor, log, rows: int = 12) -> dict:
+    """One profiled decode of ``z``: seconds per op (self time), the convolutions' share and GFLOP/s."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.inference_mode():
+        decoder(z[..., :8, :8])  # warm-up
+        start = time.perf_counter()
+        with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+            decoder(z)
+        wall = time.perf_counter() - start
+    ops = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
+    total = sum(e.self_cpu_time_total for e in ops) / 1e6
+    conv_s, conv_flop = 0.0, 0.0
+    for e in prof.key_averages(group_by_input_shape=True):
+        if e.key == "aten::mkldnn_convolution":
+            (b, cin, h, w), (cout, _, kh, kw) = e.input_shapes[0], e.input_shapes[1]
+            conv_s += e.self_cpu_time_total / 1e6
+            pad_h, pad_w = (kh - 1) // 2, (kw - 1) // 2  # ours: "same" for odd kernels, none for the 2x2 phases
+            out_pixels = (h + 2 * pad_h - kh + 1) * (w + 2 * pad_w - kw + 1)
+            conv_flop += e.count * 2 * b * cout * cin * kh * kw * out_pixels
+    log(f"{name}: profiled decode {wall:.2f} s; convolutions {conv_s:.2f} s ({100 * conv_s / total:.0f} % of op time, "
+        f"{conv_flop / conv_s / 1e9:.0f} GFLOP/s)")
+    for e in ops[:rows]:
+        log(f"  {e.key:28s} {e.self_cpu_time_total / 1e6:7.2f} s {100 * e.self_cpu_time_total / 1e6 / total:5.1f} % "
+            f"{e.count:5d} calls")
+    return {"decoder": name, "profiled_s": wall, "conv_s": conv_s, "conv_share": conv_s / total,
+            "conv_gflops": conv_flop / conv_s / 1e9,
+            "ops": {e.key: e.self_cpu_time_total / 1e6 for e in ops[:rows]}}
+
+
 def _latent(shape_name: str, vae, side: int) -> torch.Tensor:
     if shape_name.startswith("infinity"):
         return (torch.randint(0, 2, (1, vae.config.codebook_dim, side, side)) * 2 - 1).float()  # summed +-1 bits
@@ -202,8 +237,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--official-infinity", type=Path, help="checkout of FoundationVision/Infinity")
     parser.add_argument("--official-hart", type=Path, help="checkout of mit-han-lab/hart")
     parser.add_argument("--tiled", action="store_true", help="our tiled decode against our untiled one")
+    parser.add_argument("--profile", action="store_true", help="profile our decoders per op")
     parser.add_argument("--shapes", nargs="+", default=["infinity-2b", "hart-0.7b"], choices=sorted(SHAPES),
-                        help="--tiled: the VAE layouts")
+                        help="--tiled, --profile: the VAE layouts")
     parser.add_argument("--vae-base", type=int, help="--tiled: VAE decoder base width (default: the released one)")
     parser.add_argument("--tile", type=int, help="--tiled: tile size in latent cells (default: the tile the Decode "
                         "node picks when the untiled decode just does not fit)")
@@ -214,8 +250,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--json", type=Path, help="write the rows here")
     args = parser.parse_args(argv)
-    if args.official_infinity is None and args.official_hart is None and not args.tiled:
-        parser.error("give --official-infinity and/or --official-hart, or --tiled")
+    if args.official_infinity is None and args.official_hart is None and not (args.tiled or args.profile):
+        parser.error("give --official-infinity and/or --official-hart, --tiled or --profile")
     if args.vae_base is not None and args.vae_base % 32:
         parser.error(f"--vae-base {args.vae_base} must be a multiple of 32 (the VAE's GroupNorm groups)")
     torch.manual_seed(0)
@@ -232,6 +268,10 @@ def main(argv: list[str] | None = None) -> int:
         z = _latent("hart-0.7b", ours, side)
         rows.append(compare("hart-0.7b VAE", official_hart_decoder(args.official_hart, ours), ours.decoder, z,
                             args.rounds, print))
+    if args.profile:
+        for name in args.shapes:
+            vae = build_vae(SHAPES[name])
+            rows.append(profile_decoder(f"{name} VAE", vae.decoder, _latent(name, vae, side), print))
     if args.tiled:
         panels = []
         for name in args.shapes:

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from .. import ops as nnops
 from ..checkpoint import check_state_keys, flatten_tensors, load_sharded_folder, load_state_dict
 from ..errors import CheckpointError, ConfigError, InternalError
-from ..vae_layout import TileCallback, blend_spans, decoder_layout, norm, one_pass, tile_sides
+from ..vae_layout import TileCallback, blend_spans, decoder_layout, norm, one_pass, tile_sides, upsample_conv
 
 MODEL_TYPE = "hart_autoencoder_with_disc"
 KEY_PREFIX = "vae."
@@ -234,12 +234,16 @@ class AttnBlock(nn.Module):
 
 
 class Upsample2x(nn.Module):
+    """Nearest x2 then 3x3 conv, as four 2x2 phase convolutions (:func:`vae_layout.upsample_conv`)."""
+
     def __init__(self, channels: int, operations=None):
         super().__init__()
-        self.conv = nnops.resolve(operations).Conv2d(channels, channels, 3, padding=1)
+        self.ops = nnops.resolve(operations)
+        self.conv = self.ops.Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        w, bias = nnops.cast_bias_weight(self.conv, torch.float32, x.device, self.ops)
+        return upsample_conv(x, w, bias)
 
 
 class MidBlock(nn.Module):

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from .. import ops as nnops
 from ..checkpoint import check_state_keys, flatten_tensors, key_examples, load_file, prefer_safetensors
 from ..errors import CheckpointError, ConfigError, IncompatibleModelsError
-from ..vae_layout import TileCallback, blend_spans, decoder_layout, group_norm, one_pass, tile_sides
+from ..vae_layout import TileCallback, blend_spans, decoder_layout, group_norm, one_pass, tile_sides, upsample_conv
 
 NUM_GROUPS = 32  # GroupNorm(32, eps 1e-6) everywhere (docs/infinity.md §6.1)
 NORM_EPS = 1e-6
@@ -179,20 +179,8 @@ class ResnetBlock(nn.Module):
         return h.add_(shortcut)  # conv backward does not need its output, so in place is safe
 
 
-# _PHASE_MIX[a][k, t] = 1 if tap t of a 3x3 kernel row lands on input offset k of the 2-tap window of
-# output phase a (phase 0 sees input offsets -1, 0; phase 1 sees 0, +1).
-_PHASE_MIX = torch.tensor([[[1, 0, 0], [0, 1, 1]], [[1, 1, 0], [0, 0, 1]]], dtype=torch.float32)
-
-
 class Upsample(nn.Module):
-    """Nearest x2 then 3x3 conv, computed without building the 4x larger upsampled tensor.
-
-    Output pixel (2i+a, 2j+b) of conv(nearest_x2(x)) only sees input rows i-1..i (a = 0) or i..i+1
-    (a = 1), same for columns, so each of the four phases is a 2x2 conv of ``x`` whose taps are sums
-    of the 3x3 taps. Same result as the official path up to float rounding, 2.25x fewer MACs and no
-    nearest-upsampled temporary (the official code needs a per-channel fallback for that at high
-    resolution, docs/infinity.md §7).
-    """
+    """Nearest x2 then 3x3 conv, as four 2x2 phase convolutions (:func:`vae_layout.upsample_conv`)."""
 
     def __init__(self, channels: int, operations=None):
         super().__init__()
@@ -200,26 +188,8 @@ class Upsample(nn.Module):
         self.conv = Conv(channels, channels, 3, self.ops)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, C, H, W = x.shape
         w, bias = nnops.cast_bias_weight(self.conv.conv, torch.float32, x.device, self.ops)  # (C, C, 3, 3), (C,)
-        mix = _PHASE_MIX.to(w.device)
-        kernels = torch.einsum("aik,ockl,bjl->abocij", mix, w, mix).to(x.dtype)  # (2, 2, C, C, 2, 2)
-        bias = bias.to(x.dtype)
-        padded = F.pad(x, (1, 1, 1, 1))  # (B, C, H+2, W+2)
-        channels_last = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
-        # The four phases interleave in the input's layout: (B, H, 2, W, 2, C) or (B, C, H, 2, W, 2) memory.
-        out = x.new_empty(B, H, 2, W, 2, C) if channels_last else x.new_empty(B, C, H, 2, W, 2)
-        for a in (0, 1):
-            for b in (0, 1):
-                window = padded[:, :, a : a + H + 1, b : b + W + 1]  # valid 2x2 conv -> (B, C, H, W)
-                phase = F.conv2d(window, kernels[a, b], bias)
-                if channels_last:
-                    out[:, :, a, :, b] = phase.permute(0, 2, 3, 1)
-                else:
-                    out[:, :, :, a, :, b] = phase
-        if channels_last:
-            return out.view(B, 2 * H, 2 * W, C).permute(0, 3, 1, 2)  # (B, C, 2H, 2W)
-        return out.view(B, C, 2 * H, 2 * W)
+        return upsample_conv(x, w, bias)
 
 
 class MidBlock(nn.Module):
