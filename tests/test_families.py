@@ -203,13 +203,15 @@ def test_a_third_family_runs_through_the_nodes_unchanged(toy):
 def test_front_doors_speak_only_to_the_family_interface():
     """No node or tool imports a family folder; no family-name branch outside the family folders (issue #13).
 
-    Two tools write or load the official files of one family on purpose: tiny_models (Infinity checkpoint
-    keys), comfy_ops_check and fp8_effect (the loaders' ``operations=``).
+    Some tools write or load the official files or code of one family on purpose: tiny_models (Infinity checkpoint
+    keys), comfy_ops_check and fp8_effect (the loaders' ``operations=``), sampler_bench (the official Infinity
+    code beside ours, fed our weights through the loader's key map).
     """
     branch = re.compile(r"\bfamily\s*(==|!=|in\s*\()|\.family\s*(==|!=)|(==|!=)\s*[\"'](infinity|hart)[\"']"
                         r"|[\"'](infinity|hart)[\"']\s*(==|!=)")
     family_import = re.compile(r"fastvar_core\.(infinity|hart)\b|fastvar_core import (infinity|hart)")
-    official_files = ("tools/tiny_models.py", "tools/comfy_ops_check.py", "tools/fp8_effect.py")
+    official_files = ("tools/tiny_models.py", "tools/comfy_ops_check.py", "tools/fp8_effect.py",
+                      "tools/sampler_bench.py")
     offenders = []
     for path in sorted([*ROOT.joinpath("nodes").glob("*.py"), *ROOT.joinpath("tools").glob("*.py"),
                         *ROOT.joinpath("fastvar_core").rglob("*.py")]):

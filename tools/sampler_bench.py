@@ -107,6 +107,14 @@ def install_stubs() -> None:
     _stub("pytz", timezone=lambda name: None)
 
 
+OFFICIAL_PACKAGE = "infinity"  # the official code's package name, in both checkouts
+
+
+def _official_modules() -> list[str]:
+    """Loaded modules of the official package."""
+    return [n for n in sys.modules if n.partition(".")[0] == OFFICIAL_PACKAGE]
+
+
 def import_official(root: Path, label: str):
     """The ``infinity.models.infinity`` module of a checkout (its own copy of the ``infinity`` package)."""
     if (root / "Infinity" / "infinity").is_dir():  # the root of csguoh/FastVAR
@@ -114,14 +122,14 @@ def import_official(root: Path, label: str):
     if not (root / "infinity" / "models" / "infinity.py").is_file():
         raise ConfigError(f"{label}: '{root}' has no infinity/models/infinity.py; pass the root of the checkout")
     install_stubs()
-    for name in [n for n in sys.modules if n == "infinity" or n.startswith("infinity.")]:
+    for name in _official_modules():
         del sys.modules[name]  # the other checkout's package of the same name
     sys.path.insert(0, str(root))
     try:
         return importlib.import_module("infinity.models.infinity")
     finally:
         sys.path.remove(str(root))
-        for name in [n for n in sys.modules if n == "infinity" or n.startswith("infinity.")]:
+        for name in _official_modules():
             sys.modules[f"official_{label}_{name}"] = sys.modules.pop(name)
 
 
