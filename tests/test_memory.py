@@ -422,7 +422,8 @@ def test_summary_shows_small_amounts_in_mib():
 
 # ---- partial (lowvram) load through ComfyUI's real ModelPatcher (the e2e environment) -------------------
 
-E2E = Path(os.environ.get("FV_E2E_HOME", ROOT.parent.parent / ".fv-e2e"))
+# The harness installs beside the folder that holds ../shared (its default FV_E2E_HOME); ../shared may be a link.
+E2E = Path(os.environ.get("FV_E2E_HOME", (ROOT.parent / "shared").resolve().parent / ".fv-e2e"))
 
 
 @pytest.mark.skipif(not (E2E / "venv" / "bin" / "python").is_file() or not (E2E / "ComfyUI" / "comfy").is_dir(),
