@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from .. import ops as nnops
 from ..checkpoint import check_state_keys, flatten_tensors, load_sharded_folder, load_state_dict
 from ..errors import CheckpointError, ConfigError, InternalError
-from ..vae_layout import TileCallback, blend_spans, decoder_layout, norm, one_pass, tile_sides, upsample_conv
+from ..vae_layout import (TileCallback, banded_norm_silu_conv, blend_spans, decoder_layout, norm, one_pass, tile_sides,
+                          upsample_conv)
 
 MODEL_TYPE = "hart_autoencoder_with_disc"
 KEY_PREFIX = "vae."
@@ -210,8 +211,12 @@ class ResnetBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         inplace = not torch.is_grad_enabled()  # saves a full-resolution temporary per activation
-        h = self.conv1(F.silu(norm(self.norm1, x, self.ops), inplace=inplace))
-        h = self.conv2(F.silu(norm(self.norm2, h, self.ops), inplace=inplace))
+        # Full-resolution maps alive at once: x, the conv output and one scratch (the input of conv1 is
+        # normalised in row bands, conv2's in place).
+        h = banded_norm_silu_conv(self.norm1, self.conv1, x, self.ops)
+        if h is None:
+            h = self.conv1(F.silu(norm(self.norm1, x, self.ops), inplace=inplace))
+        h = self.conv2(F.silu(norm(self.norm2, h, self.ops, inplace), inplace=inplace))
         return h.add_(self.nin_shortcut(x)) if inplace else h + self.nin_shortcut(x)
 
 
@@ -318,7 +323,11 @@ class Decoder(nn.Module):
             h = self.up[-2].upsample(h)
         for lvl in reversed(range(len(self.up) - 2)):
             h = self.up[lvl].upsample(self.up[lvl].run_blocks(h))
-        return self.conv_out(F.silu(norm(self.norm_out, h, self.ops), inplace=not torch.is_grad_enabled()))
+        out = banded_norm_silu_conv(self.norm_out, self.conv_out, h, self.ops)
+        if out is not None:
+            return out
+        inplace = not torch.is_grad_enabled()
+        return self.conv_out(F.silu(norm(self.norm_out, h, self.ops, inplace), inplace=inplace))
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return self.forward_fine(self.forward_coarse(z))

@@ -23,7 +23,8 @@ import torch.nn.functional as F
 from .. import ops as nnops
 from ..checkpoint import check_state_keys, flatten_tensors, key_examples, load_file, prefer_safetensors
 from ..errors import CheckpointError, ConfigError, IncompatibleModelsError
-from ..vae_layout import TileCallback, blend_spans, decoder_layout, group_norm, one_pass, tile_sides, upsample_conv
+from ..vae_layout import (TileCallback, banded_norm_silu_conv, blend_spans, decoder_layout, group_norm, one_pass,
+                          tile_sides, upsample_conv)
 
 NUM_GROUPS = 32  # GroupNorm(32, eps 1e-6) everywhere (docs/infinity.md §6.1)
 NORM_EPS = 1e-6
@@ -157,10 +158,11 @@ class Norm(nn.Module):
         self.ops = nnops.resolve(operations)
         self.norm = self.ops.GroupNorm(NUM_GROUPS, channels, eps=NORM_EPS)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+        """``inplace``: ``x`` is dead after this; normalise it in place where it is float32."""
         n = self.norm
         w, b = nnops.cast_bias_weight(n, torch.float32, x.device, self.ops)
-        return group_norm(x.float(), n.num_groups, w, b, n.eps).to(x.dtype)
+        return group_norm(x.float(), n.num_groups, w, b, n.eps, inplace).to(x.dtype)
 
 
 class ResnetBlock(nn.Module):
@@ -173,8 +175,12 @@ class ResnetBlock(nn.Module):
             self.nin_shortcut = Conv(cin, cout, 1, ops)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(_swish(self.norm1(x)))
-        h = self.conv2(_swish(self.norm2(h)))
+        # Full-resolution maps alive at once: x, the conv output and one scratch (the input of conv1 is
+        # normalised in row bands, conv2's in place).
+        h = banded_norm_silu_conv(self.norm1.norm, self.conv1.conv, x, self.norm1.ops)
+        if h is None:
+            h = self.conv1(_swish(self.norm1(x)))
+        h = self.conv2(_swish(self.norm2(h, inplace=not torch.is_grad_enabled())))
         shortcut = self.nin_shortcut(x) if hasattr(self, "nin_shortcut") else x
         return h.add_(shortcut)  # conv backward does not need its output, so in place is safe
 
@@ -243,7 +249,10 @@ class BSQDecoder(nn.Module):
         """The levels below the top ``levels``, then norm_out, swish, conv_out: features -> RGB (unclamped)."""
         for level in list(self.up)[::-1][levels:]:
             h = level(h)
-        return self.conv_out(_swish(self.norm_out(h)))  # (B, 3, ., .)
+        out = banded_norm_silu_conv(self.norm_out.norm, self.conv_out.conv, h, self.norm_out.ops)
+        if out is not None:
+            return out  # (B, 3, ., .)
+        return self.conv_out(_swish(self.norm_out(h, inplace=not torch.is_grad_enabled())))  # (B, 3, ., .)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return self.fine(self.coarse(z, 0), 0)  # (B, 3, p*h, p*w), unclamped
