@@ -208,18 +208,22 @@ def upsample_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     kernels = torch.einsum("aik,ockl,bjl->abocij", mix, weight.float(), mix).to(x.dtype)  # (2, 2, O, C, 2, 2)
     O = kernels.shape[2]
     bias = None if bias is None else bias.to(x.dtype)
-    padded = F.pad(x, (1, 1, 1, 1))  # (B, C, H+2, W+2)
     channels_last = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
     # The four phases interleave in the input's layout: (B, H, 2, W, 2, O) or (B, O, H, 2, W, 2) memory.
     out = x.new_empty(B, H, 2, W, 2, O) if channels_last else x.new_empty(B, O, H, 2, W, 2)
-    for a in (0, 1):
-        for b in (0, 1):
-            window = padded[:, :, a : a + H + 1, b : b + W + 1]  # valid 2x2 conv -> (B, O, H, W)
-            phase = F.conv2d(window, kernels[a, b], bias)
-            if channels_last:
-                out[:, :, a, :, b] = phase.permute(0, 2, 3, 1)
-            else:
-                out[:, :, :, a, :, b] = phase
+    # Input rows in bands (rows r0..r1 need r0-1..r1+1), so that only a band is padded at a time.
+    band = max(1, BAND_BYTES // max(1, B * W * C * x.element_size()))
+    for r0 in range(0, H, band):
+        r1 = min(r0 + band, H)
+        padded = F.pad(x[:, :, max(r0 - 1, 0) : min(r1 + 1, H)], (1, 1, int(r0 == 0), int(r1 == H)))  # (B, C, r1-r0+2, W+2)
+        for a in (0, 1):
+            for b in (0, 1):
+                window = padded[:, :, a : a + r1 - r0 + 1, b : b + W + 1]  # valid 2x2 conv -> (B, O, r1-r0, W)
+                phase = F.conv2d(window, kernels[a, b], bias)
+                if channels_last:
+                    out[:, r0:r1, a, :, b] = phase.permute(0, 2, 3, 1)
+                else:
+                    out[:, :, r0:r1, a, :, b] = phase
     if channels_last:
         return out.view(B, 2 * H, 2 * W, O).permute(0, 3, 1, 2)  # (B, O, 2H, 2W)
     return out.view(B, O, 2 * H, 2 * W)

@@ -322,7 +322,10 @@ class Decoder(nn.Module):
         if len(self.up) > 1:
             h = self.up[-2].upsample(h)
         for lvl in reversed(range(len(self.up) - 2)):
-            h = self.up[lvl].upsample(self.up[lvl].run_blocks(h))
+            # Block by block in this frame: run_blocks(h) would keep the level's input alive to its end.
+            for block in self.up[lvl].block:  # no attention below the top level
+                h = block(h)
+            h = self.up[lvl].upsample(h)
         out = banded_norm_silu_conv(self.norm_out, self.conv_out, h, self.ops)
         if out is not None:
             return out

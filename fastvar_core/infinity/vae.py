@@ -238,17 +238,25 @@ class BSQDecoder(nn.Module):
         self.norm_out = Norm(widths[0], ops)
         self.conv_out = Conv(widths[0], 3, 3, ops)
 
+    @staticmethod
+    def _run_levels(h: torch.Tensor, levels: list[UpLevel]) -> torch.Tensor:
+        """``levels`` one block at a time in this frame, so a level's input is freed after its first block
+        (calling ``level(h)`` would keep it alive through the whole level)."""
+        for level in levels:
+            for block in level.block:
+                h = block(h)
+            if hasattr(level, "upsample"):
+                h = level.upsample(h)
+        return h
+
     def coarse(self, z: torch.Tensor, levels: int) -> torch.Tensor:
         """conv_in, mid and the top ``levels`` resolution levels: (B, d_v, h, w) -> features."""
         h = self.mid(self.conv_in(decoder_layout(z)))  # (B, C_top, h, w)
-        for level in list(self.up)[::-1][:levels]:
-            h = level(h)  # x2 per upsampling level
-        return h
+        return self._run_levels(h, list(self.up)[::-1][:levels])  # x2 per upsampling level
 
     def fine(self, h: torch.Tensor, levels: int) -> torch.Tensor:
         """The levels below the top ``levels``, then norm_out, swish, conv_out: features -> RGB (unclamped)."""
-        for level in list(self.up)[::-1][levels:]:
-            h = level(h)
+        h = self._run_levels(h, list(self.up)[::-1][levels:])
         out = banded_norm_silu_conv(self.norm_out.norm, self.conv_out.conv, h, self.norm_out.ops)
         if out is not None:
             return out  # (B, 3, ., .)
