@@ -119,7 +119,8 @@ def _affine(rows: torch.Tensor, num_groups: int, weight: torch.Tensor | None, bi
     return scale.reshape(B, 1, C).float(), shift.reshape(B, 1, C).float(), work
 
 
-BAND_BYTES = 64 * 2**20  # input rows per band of :func:`norm_silu_conv` (one band's normalised copy)
+BAND_BYTES = 64 * 2**20  # input rows per band (:func:`norm_silu_conv`, :func:`upsample_conv`); above glibc's largest
+# mmap threshold (32 MiB), so a freed band goes back to the system: 16 MiB bands raised the 1024 peak by ~0.05 GiB
 
 
 def norm_silu_conv(x: torch.Tensor, num_groups: int, norm_weight: torch.Tensor | None,
