@@ -59,9 +59,9 @@ def norm(layer: nn.Module, x: torch.Tensor, operations=None, inplace: bool = Fal
 
 
 def banded_norm_silu_conv(norm_layer: nn.Module, conv: nn.Module, x: torch.Tensor,
-                          operations=None) -> torch.Tensor | None:
-    """``conv(silu(norm_layer(x)))`` of namespace layers by :func:`norm_silu_conv`, or None where it does not
-    apply (the caller runs its own ops)."""
+                          operations=None, inplace: bool = False) -> torch.Tensor | None:
+    """``conv(silu(norm_layer(x)))`` of namespace layers by :func:`norm_silu_conv` (``inplace``: into ``x``), or
+    None where it does not apply (the caller runs its own ops)."""
     if not (_exact_path(x) and not torch.is_grad_enabled() and tuple(conv.padding) == (1, 1)
             and tuple(conv.stride) == (1, 1) and tuple(conv.dilation) == (1, 1) and conv.groups == 1):
         return None
@@ -71,7 +71,7 @@ def banded_norm_silu_conv(norm_layer: nn.Module, conv: nn.Module, x: torch.Tenso
     nw, nb = (nnops.cast_bias_weight(norm_layer, x.dtype, x.device, operations) if norm_layer.affine
               else (None, None))
     w, b = nnops.cast_bias_weight(conv, x.dtype, x.device, operations)
-    return norm_silu_conv(x, norm_layer.num_groups, nw, nb, norm_layer.eps, w, b)
+    return norm_silu_conv(x, norm_layer.num_groups, nw, nb, norm_layer.eps, w, b, inplace)
 
 
 def group_norm(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None, bias: torch.Tensor | None,
@@ -93,18 +93,29 @@ def group_norm(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None, bi
 
 
 def _affine(rows: torch.Tensor, num_groups: int, weight: torch.Tensor | None, bias: torch.Tensor | None,
-            eps: float, keep_work: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+            eps: float, keep_work: bool, band: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """GroupNorm of ``rows`` (B, HW, C) as a per-channel affine map: float32 (scale, shift), each (B, 1, C),
-    and the scratch of ``rows``' size used for the statistics when ``keep_work`` (else it is freed)."""
+    and the scratch of ``rows``' size used for the statistics when ``keep_work`` (else it is freed).
+
+    ``band``: take the squares ``band`` positions at a time (a band-sized scratch instead of a map-sized
+    one), their float32 pairwise sums combined in float64; as accurate, not bit-identical.
+    """
     B, hw, C = rows.shape
     per_group = C // num_groups
     # Per channel: the sum of (x - m)^2 around its mean m (no cancellation); pairwise (cascade) sums,
     # so the float32 error does not grow with the pixel count.
     centre = rows.sum(1).div_(hw)  # (B, C)
-    work = F.mse_loss(rows, centre[:, None].expand_as(rows), reduction="none")  # (x - m)^2, (B, HW, C)
-    s2 = work.sum(1)
-    if not keep_work:
+    if band is not None and not keep_work:
+        s2 = torch.zeros(B, C, dtype=torch.float64, device=rows.device)
+        for a in range(0, hw, band):
+            part = rows[:, a : a + band]
+            s2 += F.mse_loss(part, centre[:, None].expand_as(part), reduction="none").sum(1)
         work = None
+    else:
+        work = F.mse_loss(rows, centre[:, None].expand_as(rows), reduction="none")  # (x - m)^2, (B, HW, C)
+        s2 = work.sum(1)
+        if not keep_work:
+            work = None
     # Exact float64 combination of the channels' centred sums into group mean and variance.
     s = centre.double().view(B, num_groups, per_group)
     mean = s.mean(-1, keepdim=True)  # (B, G, 1)
@@ -125,7 +136,7 @@ BAND_BYTES = 64 * 2**20  # input rows per band (:func:`norm_silu_conv`, :func:`u
 
 def norm_silu_conv(x: torch.Tensor, num_groups: int, norm_weight: torch.Tensor | None,
                    norm_bias: torch.Tensor | None, eps: float, weight: torch.Tensor,
-                   bias: torch.Tensor | None) -> torch.Tensor | None:
+                   bias: torch.Tensor | None, inplace: bool = False) -> torch.Tensor | None:
     """``conv3x3(silu(group_norm(x)))`` (padding 1) without a normalised copy of the whole of ``x``.
 
     Output rows a..b need normalised input rows a-1..b+1 only, so the map is done in row bands, each
@@ -139,23 +150,45 @@ def norm_silu_conv(x: torch.Tensor, num_groups: int, norm_weight: torch.Tensor |
     band = max(1, BAND_BYTES // max(1, B * W * C * x.element_size()))
     if not _exact_path(x) or torch.is_grad_enabled() or band >= H or weight.shape[-2:] != (3, 3):
         return None
+    if inplace and weight.shape[0] != C:
+        return None
     rows = x.permute(0, 2, 3, 1).reshape(B, H * W, C)  # a view: channels-last memory
-    scale, shift, _ = _affine(rows, num_groups, norm_weight, norm_bias, eps, keep_work=False)
+    scale, shift, _ = _affine(rows, num_groups, norm_weight, norm_bias, eps, keep_work=False,
+                              band=band * W)
     grid = x.permute(0, 2, 3, 1)  # (B, H, W, C) view
-    out = x.new_empty(B, H, W, weight.shape[0])  # channels-last memory of (B, O, H, W)
+    out = grid if inplace else x.new_empty(B, H, W, weight.shape[0])  # channels-last memory of (B, O, H, W)
     buf = x.new_empty(B, band + 2, W, C)
+    halo = x.new_empty(B, 1, W, C) if inplace else None  # normalised row a-1, already overwritten in x
     for a in range(0, H, band):
         b = min(a + band, H)
         lo, hi = max(a - 1, 0), min(b + 1, H)  # input rows a-1..b (clipped to the map)
         piece = buf[:, : b - a + 2]
         piece[:, : lo - a + 1].zero_()  # top padding row (first band only)
         piece[:, hi - a + 1 :].zero_()  # bottom padding row (last band only)
+        if inplace and a > 0:
+            piece[:, :1].copy_(halo)
+            lo = a
         src = piece[:, lo - a + 1 : hi - a + 1]
         torch.addcmul(shift[:, None], grid[:, lo:hi], scale[:, None], out=src)
         F.silu(src, inplace=True)
+        if inplace:
+            halo.copy_(piece[:, b - a : b - a + 1])  # row b-1, the next band's top halo
         conv = F.conv2d(piece.permute(0, 3, 1, 2), weight, bias, padding=(0, 1))  # (B, O, b-a, W)
         out[:, a:b] = conv.permute(0, 2, 3, 1)
     return out.permute(0, 3, 1, 2)  # (B, O, H, W), channels-last
+
+
+def add_shortcut(h: torch.Tensor, x: torch.Tensor, shortcut: nn.Module, operations=None) -> torch.Tensor:
+    """``h += shortcut(x)`` for a 1x1 conv ``shortcut``, in row bands of a large channels-last map (no map-sized
+    shortcut output); any other case adds the whole shortcut."""
+    B, C, H, W = x.shape
+    band = max(1, BAND_BYTES // max(1, B * W * C * x.element_size()))
+    if torch.is_grad_enabled() or band >= H or not (_exact_path(x) and _exact_path(h)):
+        return h.add_(shortcut(x))
+    weight, bias = nnops.cast_bias_weight(shortcut, x.dtype, x.device, operations)
+    for a in range(0, H, band):
+        h[:, :, a : a + band].add_(F.conv2d(x[:, :, a : a + band], weight, bias))
+    return h
 
 
 def tile_sides(tile: int | tuple[int, int]) -> tuple[int, int]:

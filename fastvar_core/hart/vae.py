@@ -20,8 +20,8 @@ import torch.nn.functional as F
 from .. import ops as nnops
 from ..checkpoint import check_state_keys, flatten_tensors, load_sharded_folder, load_state_dict
 from ..errors import CheckpointError, ConfigError, InternalError
-from ..vae_layout import (TileCallback, banded_norm_silu_conv, blend_spans, decoder_layout, norm, one_pass, tile_sides,
-                          upsample_conv)
+from ..vae_layout import (TileCallback, add_shortcut, banded_norm_silu_conv, blend_spans, decoder_layout, norm,
+                          one_pass, tile_sides, upsample_conv)
 
 MODEL_TYPE = "hart_autoencoder_with_disc"
 KEY_PREFIX = "vae."
@@ -216,8 +216,13 @@ class ResnetBlock(nn.Module):
         h = banded_norm_silu_conv(self.norm1, self.conv1, x, self.ops)
         if h is None:
             h = self.conv1(F.silu(norm(self.norm1, x, self.ops), inplace=inplace))
-        h = self.conv2(F.silu(norm(self.norm2, h, self.ops, inplace), inplace=inplace))
-        return h.add_(self.nin_shortcut(x)) if inplace else h + self.nin_shortcut(x)
+        h2 = banded_norm_silu_conv(self.norm2, self.conv2, h, self.ops, inplace=True)
+        h = self.conv2(F.silu(norm(self.norm2, h, self.ops, inplace), inplace=inplace)) if h2 is None else h2
+        if not inplace:
+            return h + self.nin_shortcut(x)
+        if isinstance(self.nin_shortcut, nn.Identity):
+            return h.add_(x)
+        return add_shortcut(h, x, self.nin_shortcut, self.ops)  # in row bands: no map-sized output
 
 
 class AttnBlock(nn.Module):

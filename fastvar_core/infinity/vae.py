@@ -23,8 +23,8 @@ import torch.nn.functional as F
 from .. import ops as nnops
 from ..checkpoint import check_state_keys, flatten_tensors, key_examples, load_file, prefer_safetensors
 from ..errors import CheckpointError, ConfigError, IncompatibleModelsError
-from ..vae_layout import (TileCallback, banded_norm_silu_conv, blend_spans, decoder_layout, group_norm, one_pass,
-                          tile_sides, upsample_conv)
+from ..vae_layout import (TileCallback, add_shortcut, banded_norm_silu_conv, blend_spans, decoder_layout,
+                          group_norm, one_pass, tile_sides, upsample_conv)
 
 NUM_GROUPS = 32  # GroupNorm(32, eps 1e-6) everywhere (docs/infinity.md §6.1)
 NORM_EPS = 1e-6
@@ -180,9 +180,12 @@ class ResnetBlock(nn.Module):
         h = banded_norm_silu_conv(self.norm1.norm, self.conv1.conv, x, self.norm1.ops)
         if h is None:
             h = self.conv1(_swish(self.norm1(x)))
-        h = self.conv2(_swish(self.norm2(h, inplace=not torch.is_grad_enabled())))
-        shortcut = self.nin_shortcut(x) if hasattr(self, "nin_shortcut") else x
-        return h.add_(shortcut)  # conv backward does not need its output, so in place is safe
+        h2 = banded_norm_silu_conv(self.norm2.norm, self.conv2.conv, h, self.norm2.ops, inplace=True)
+        h = self.conv2(_swish(self.norm2(h, inplace=not torch.is_grad_enabled()))) if h2 is None else h2
+        # conv backward does not need its output, so adding in place is safe
+        if hasattr(self, "nin_shortcut"):
+            return add_shortcut(h, x, self.nin_shortcut.conv, self.norm1.ops)  # in row bands: no map-sized output
+        return h.add_(x)
 
 
 class Upsample(nn.Module):
