@@ -141,9 +141,9 @@ def norm_silu_conv(x: torch.Tensor, num_groups: int, norm_weight: torch.Tensor |
 
     Output rows a..b need normalised input rows a-1..b+1 only, so the map is done in row bands, each
     normalised into a small buffer and convolved (zero rows outside the map, as padding) into one
-    preallocated output. The elementwise steps are those of the one-shot path; oneDNN convolves a band
-    like the whole map at the decoders' widths (bit-identical output; on small test widths it may pick
-    another kernel, ~1e-6 apart). Returns None unless ``x`` takes :func:`group_norm`'s exact path
+    preallocated output. The elementwise steps are those of the one-shot path and oneDNN convolves a band
+    like the whole map at the decoders' widths; the statistics are taken per band (:func:`_affine`), so
+    the output is within float rounding of the one-shot ops (~1e-6; not bit-identical). Returns None unless ``x`` takes :func:`group_norm`'s exact path
     without autograd and is large enough for bands to matter (the caller then runs the plain ops).
     """
     B, C, H, W = x.shape
