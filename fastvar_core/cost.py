@@ -133,8 +133,8 @@ def predicted_speedup(arch: ArchSpec, scales: list[tuple[int, int]], config: Pru
 
 # Hidden-state copies alive at once inside a block: input, residual branch, normalised input, attention output.
 LIVE_HIDDEN = 4
-# Feature maps alive at once in a VAE decoder level: block input, residual branch, normalised input.
-LIVE_MAPS = 3
+# Transient buffers of the decoders' row bands (vae_layout.BAND_BYTES): one normalised input band and its conv output.
+DECODE_BANDS_BYTES = 2 * 64 * 2**20
 
 
 @dataclass(frozen=True)
@@ -182,16 +182,43 @@ def sampling_memory(arch: ArchSpec, scales: list[tuple[int, int]], config: Pruni
     return MemoryEstimate(report.kv_cache_bytes * rows, peak)
 
 
-def decode_memory(widths: list[int], upscale: int, latent_hw: tuple[int, int], *, batch: int = 1,
-                  dtype_bytes: int = 4) -> int:
-    """Peak activation bytes of a VAE decoder turning a ``latent_hw`` latent (or one tile of it) into pixels.
+def decode_steps(widths: list[int], upscale: int) -> list[tuple[str, int]]:
+    """A VAE decoder's steps in order: ("blocks", level) and ("upsample", level) from the top level down, then
+    ("out", 0) (norm_out, SiLU, conv_out). Level i runs at ``upscale / 2**i`` of the latent (at least 1)."""
+    steps = []
+    for i in reversed(range(len(widths))):
+        steps.append(("blocks", i))
+        if i and max(upscale // 2 ** (i - 1), 1) > max(upscale // 2**i, 1):
+            steps.append(("upsample", i))
+    return [*steps, ("out", 0)]
 
-    ``widths``: channel width of each decoder level, full resolution first; level i runs at ``1 / 2**i`` of
-    the image (never below the latent's own size), the image being ``upscale`` times the latent.
+
+def decode_memory(widths: list[int], upscale: int, latent_hw: tuple[int, int], *, batch: int = 1,
+                  dtype_bytes: int = 4, steps: slice = slice(None)) -> int:
+    """Peak activation bytes of a VAE decoder's ``steps`` (a slice of :func:`decode_steps`; default all) on a
+    ``latent_hw`` latent, or one tile of it.
+
+    ``widths``: channel width of each decoder level, full resolution first; level i receives the width of
+    level i + 1 (the top level its own). Alive at once, per step (vae_layout's banded, in-place ResnetBlock):
+    a level's first block holds its input plus the larger of the GroupNorm statistics scratch (input-sized)
+    and conv1's output with conv2's (or the shortcut's); later blocks three maps of the level's width; an
+    up-sampling its input and its 4x output; the head the last map and its statistics scratch.
     """
     h, w = latent_hw
+
+    def size(i: int) -> int:  # positions of a level-i map
+        f = max(upscale // 2**i, 1)
+        return h * f * w * f
+
     peak = 0
-    for i, width in enumerate(widths):
-        factor = max(upscale // 2 ** i, 1)
-        peak = max(peak, width * h * factor * w * factor)
-    return LIVE_MAPS * batch * peak * dtype_bytes
+    for kind, i in decode_steps(widths, upscale)[steps]:
+        if kind == "blocks":
+            cin = widths[min(i + 1, len(widths) - 1)] * size(i)
+            out = widths[i] * size(i)
+            values = max(cin + max(cin, 2 * out), 3 * out)
+        elif kind == "upsample":
+            values = widths[i] * (size(i) + size(i - 1))
+        else:
+            values = 2 * widths[0] * size(0)
+        peak = max(peak, values)
+    return batch * peak * dtype_bytes + DECODE_BANDS_BYTES

@@ -62,48 +62,56 @@ def test_decode_tiling_rule_is_written_once():
 
 
 def test_decode_tile_from_a_memory_budget():
-    # Infinity cost model for widths (8, 16), patch 16: 3 live maps x 4 bytes x 8 ch x (16 t)^2 = 24576 t^2 bytes.
-    vae = SimpleNamespace(config=SimpleNamespace(base_ch=8, ch_mult=(1, 2), patch_size=16))
+    # Infinity cost model, widths (8, 16, 32, 32), patch 8 (levels at 8x, 4x, 2x, 1x the latent). Per tile cell the
+    # fine levels peak in level 0's first block: its input (16 ch x 64 px) twice (the input and its GroupNorm
+    # statistics scratch, or conv1 + conv2 outputs of 8 ch): 2048 values, 8192 bytes. Beside the tiles: the
+    # coarse output (32 ch at 4x: 512 values a latent cell) and the float32 image (3 x 64), and the row bands.
+    vae = SimpleNamespace(config=SimpleNamespace(base_ch=8, ch_mult=(1, 2, 4, 4), patch_size=8))
     latent = torch.zeros(1, 32, 128, 96)
-    per_cell = 24576
+    per_cell, bands = 8192, 2 * 64 * 2**20
+    fixed = bands + (512 + 192) * 4 * 128 * 96
 
     def tile(budget):
         return families.decode_tile("infinity", vae, latent, "auto", budget)
 
-    assert tile(per_cell * 128 * 96) is None  # the whole latent fits: untiled
+    assert families.decode_memory("infinity", vae, latent, None) == per_cell * 128 * 96 + bands
+    assert tile(per_cell * 128 * 96 + bands) is None  # the whole latent fits: untiled
     # Side 128 in 1, 2, 3, 4, 5 tiles sharing 8 cells: 128, 68, 48, 38, 32 (the minimum); side 96: 96, 52, 38.
     # Just too little: two 68 x 96 strips decode 13056 cells, 128 x 52 ones 13312, 2 x 2 tiles of 68 x 52 14144.
-    assert tile(per_cell * 128 * 96 - 1) == (68, 96) and tile(per_cell * 68 * 96) == (68, 96)
+    assert tile(per_cell * 128 * 96 + bands - 1) == (68, 96) and tile(per_cell * 68 * 96 + fixed) == (68, 96)
     # 68 x 96 no longer fits: 3 strips of 48 x 96 (13824 cells) beat 2 x 2 tiles of 68 x 52 (14144)
-    assert tile(per_cell * 68 * 96 - 1) == (48, 96)
+    assert tile(per_cell * 68 * 96 + fixed - 1) == (48, 96)
     # 48 x 96 (4608 cells) does not fit: 2 x 2 of 68 x 52 (14144) beat 4 strips of 38 x 96 (14592)
-    assert tile(per_cell * 48 * 96 - 1) == (68, 52)
+    assert tile(per_cell * 48 * 96 + fixed - 1) == (68, 52)
     assert tile(0) == (families.MIN_TILE, families.MIN_TILE) == (32, 32)  # impossible: the minimum
-    small = torch.zeros(1, 32, 40, 40)  # two tiles of a 40-cell side would be 24: the minimum 32, overlapping more
-    assert families.decode_tile("infinity", vae, small, "auto", per_cell * 40 * 40 - 1) == (32, 40)
-    budgets = (3 * 10**8, 10**8, 5 * 10**7)
+    budgets = [fixed + extra for extra in (3 * 10**7, 2 * 10**7, 10**7)]
     tiles = [tile(b) for b in budgets]
     assert [t[0] * t[1] for t in tiles] == sorted(t[0] * t[1] for t in tiles)[::-1]  # a smaller budget, a smaller tile
     for budget in budgets:  # ... whose predicted memory fits
         assert families.decode_memory("infinity", vae, latent, "auto", budget) <= budget
+    # the coarse levels on the whole latent (level 2's up-sampling: 32 ch x (4 + 16) values a cell) bound a small tile
+    assert families.decode_memory("infinity", vae, latent, 1) == max(640 * 4 * 128 * 96, per_cell + fixed)
     assert families.decode_tile("infinity", vae, torch.zeros(1, 32, 30, 30), "auto", 0) is None  # below one tile
     # no budget: the fixed rule; explicit tilings ignore the budget
     assert families.decode_tile("infinity", SimpleNamespace(config=SimpleNamespace(patch_size=16)), latent) == 64
     assert families.decode_tile("infinity", vae, latent, "off", 0) is None
     assert families.decode_tile("infinity", vae, latent, "on", 0) == families.TILE
     assert families.decode_tile("infinity", vae, latent, (40, 96), 0) == (40, 96)
-    # HART: the coarse part (the top width, 16, after one 2x up-sampling) runs on the whole latent, the rest per
-    # tile beside the coarse output (width 8 at 2x: 32 values a cell) and the float32 image (3 x 16 x 16 a cell).
-    hart_vae = SimpleNamespace(config=SimpleNamespace(ch=8, ch_mult=(1, 2), downsample=16))
+    # HART, widths (8, 8, 16), downsample 4: the coarse part (top level, its up-sampling, level 1's blocks) runs
+    # on the whole latent, peaking in level 1's first block: 16 ch x 4 px in, twice: 128 values (512 bytes) a cell.
+    # Per tile: level 0's blocks, 3 maps of 8 ch x 16 px (1536 bytes a cell), beside the coarse output (8 ch at
+    # 2x: 32 values a cell) and the float32 image (3 x 16 a cell).
+    hart_vae = SimpleNamespace(config=SimpleNamespace(ch=8, ch_mult=(1, 1, 2), downsample=4))
     square = torch.zeros(1, 32, 128, 128)
-    held = (32 + 3 * 256) * 4 * 128 * 128
-    assert families.decode_memory("hart", hart_vae, square, 68) == per_cell * 68**2 + held
-    assert families.decode_memory("hart", hart_vae, square, (68, 128)) == per_cell * 68 * 128 + held
-    assert families.decode_memory("hart", hart_vae, square, None) == per_cell * 128**2
-    coarse = 3 * 4 * 16 * 4 * 128 * 128  # live maps x bytes x width x 2 x 2 x cells: above a 16 x 16 tile's
-    assert families.decode_memory("hart", hart_vae, square, 16) == coarse + held
-    assert families.decode_tile("hart", hart_vae, square, "auto", per_cell * 68 * 128 + held) == (68, 128)
-    assert families.decode_tile("hart", hart_vae, square, "auto", per_cell * 68 * 128 + held - 1) == (48, 128)
+    per_cell = 1536
+    held = (32 + 3 * 16) * 4 * 128 * 128
+    assert families.decode_memory("hart", hart_vae, square, 68) == per_cell * 68**2 + held + bands
+    assert families.decode_memory("hart", hart_vae, square, (68, 128)) == per_cell * 68 * 128 + held + bands
+    assert families.decode_memory("hart", hart_vae, square, None) == per_cell * 128**2 + bands
+    coarse = 512 * 128 * 128  # above a 16 x 16 tile's fine part and what is held beside it
+    assert families.decode_memory("hart", hart_vae, square, 16) == coarse + bands
+    assert families.decode_tile("hart", hart_vae, square, "auto", per_cell * 68 * 128 + held + bands) == (68, 128)
+    assert families.decode_tile("hart", hart_vae, square, "auto", per_cell * 68 * 128 + held + bands - 1) == (48, 128)
 
 
 def test_a_third_family_runs_through_the_pipeline(toy):

@@ -267,7 +267,7 @@ def test_tiled_decode_geometry_is_exact_with_shared_norm_statistics(vae, monkeyp
     stats: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     recording = True
 
-    def shared_norm(layer, x, operations=None):
+    def shared_norm(layer, x, operations=None, inplace=False):  # the return value is used; in place is optional
         groups = x.float().reshape(x.shape[0], layer.num_groups, -1)
         if recording:
             stats[id(layer)] = groups.mean(-1, keepdim=True), groups.var(-1, unbiased=False, keepdim=True)

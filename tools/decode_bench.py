@@ -16,6 +16,11 @@ and reports how far the tiled image is from the untiled one (max and mean |diff|
 the plot shows both timings, and per decoder a crop around the first seam crossing: untiled, tiled and
 the |diff| magnified.
 
+    python -m tools.decode_bench --peak [--size 1024] [--shapes ...]
+
+measures the untiled decode's peak memory: each layout in a fresh process (Linux), its peak resident size
+in total and above the process with the VAE loaded, beside the estimate of ``families.decode_memory``.
+
     python -m tools.decode_bench --profile [--size 1024]
 
 profiles one decode of each of our decoders (torch.profiler): time per op, the convolutions' share
@@ -27,6 +32,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import subprocess
 import sys
 import time
 import types
@@ -232,12 +238,39 @@ def _first_seam(size: int, tile: int, upscale: int) -> int:
     return upscale * (second + tile) // 2
 
 
+def _rss(field: str) -> int:
+    """A ``/proc/self/status`` size in bytes (VmRSS now, VmHWM peak)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
+
+
+def decode_peak(name: str, side: int, log) -> dict:
+    """One untiled decode of a random latent in this process: peak resident size, total and above the start."""
+    vae = build_vae(SHAPES[name]).eval()
+    z = _latent(name, vae, side)
+    predicted = families.decode_memory(SHAPES[name].family, vae, z, "off")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM to the current size
+    start = _rss("VmRSS")
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        vae.decode(z)
+    seconds, peak = time.perf_counter() - t0, _rss("VmHWM")
+    row = {"name": name, "size": 16 * side, "peak_bytes": peak, "peak_above_start_bytes": peak - start,
+           "predicted_bytes": predicted, "decode_s": seconds}
+    log(f"{name} {16 * side} px untiled decode: peak RSS {peak / 2**30:.2f} GiB, {(peak - start) / 2**30:.2f} GiB "
+        f"above the loaded VAE (estimate {predicted / 2**30:.2f} GiB), {seconds:.1f} s")
+    return row
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tools.decode_bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--official-infinity", type=Path, help="checkout of FoundationVision/Infinity")
     parser.add_argument("--official-hart", type=Path, help="checkout of mit-han-lab/hart")
     parser.add_argument("--tiled", action="store_true", help="our tiled decode against our untiled one")
     parser.add_argument("--profile", action="store_true", help="profile our decoders per op")
+    parser.add_argument("--peak", action="store_true", help="peak memory of one untiled decode per layout, each "
+                        "in a fresh process")
     parser.add_argument("--shapes", nargs="+", default=["infinity-2b", "hart-0.7b"], choices=sorted(SHAPES),
                         help="--tiled, --profile: the VAE layouts")
     parser.add_argument("--vae-base", type=int, help="--tiled: VAE decoder base width (default: the released one)")
@@ -250,8 +283,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--json", type=Path, help="write the rows here")
     args = parser.parse_args(argv)
-    if args.official_infinity is None and args.official_hart is None and not (args.tiled or args.profile):
-        parser.error("give --official-infinity and/or --official-hart, --tiled or --profile")
+    if args.official_infinity is None and args.official_hart is None and not (args.tiled or args.profile or args.peak):
+        parser.error("give --official-infinity and/or --official-hart, --tiled, --profile or --peak")
     if args.vae_base is not None and args.vae_base % 32:
         parser.error(f"--vae-base {args.vae_base} must be a multiple of 32 (the VAE's GroupNorm groups)")
     torch.manual_seed(0)
@@ -268,6 +301,13 @@ def main(argv: list[str] | None = None) -> int:
         z = _latent("hart-0.7b", ours, side)
         rows.append(compare("hart-0.7b VAE", official_hart_decoder(args.official_hart, ours), ours.decoder, z,
                             args.rounds, print))
+    if args.peak and len(args.shapes) == 1:
+        rows.append(decode_peak(args.shapes[0], side, print))
+    elif args.peak:  # a fresh process per layout, so that each peak is its own
+        for name in args.shapes:
+            out = subprocess.run([sys.executable, "-m", "tools.decode_bench", "--peak", "--shapes", name,
+                                  "--size", str(size)], check=True, capture_output=True, text=True).stdout
+            print(out.strip().splitlines()[-1])
     if args.profile:
         for name in args.shapes:
             vae = build_vae(SHAPES[name])

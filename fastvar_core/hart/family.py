@@ -137,13 +137,14 @@ class HARTFamily(Family):
         th, tw = tile_sides(tile) if tile else (h, w)
         if th >= h and tw >= w:
             return decode_memory(widths, c.downsample, (h, w), batch=b)
-        # HARTVAE.decode_tiled: the coarse part (up to the first up-sampling's f x f map of the top width) runs on
+        # HARTVAE.decode_tiled: the coarse part (the top level, its up-sampling and the next level's blocks) runs on
         # the whole latent, the rest on one tile at a time, beside the coarse output and the float32 image.
+        split = 3 if len(widths) > 1 else 1  # decode_steps: blocks top, upsample top, blocks top-1 | ...
+        coarse = decode_memory(widths, c.downsample, (h, w), batch=b, steps=slice(0, split))
+        fine = decode_memory(widths, c.downsample, (min(th, h), min(tw, w)), batch=b, steps=slice(split, None))
         f = 2 if len(widths) > 1 else 1
-        coarse = decode_memory(widths[-1:], f, (h, w), batch=b)
-        fine = decode_memory(widths, c.downsample, (min(th, h), min(tw, w)), batch=b)
         held = b * (widths[max(len(widths) - 2, 0)] * f * f + 3 * c.downsample**2) * h * w * 4
-        return max(coarse, fine) + held
+        return max(coarse, fine + held)
 
     def chart_models(self):
         return {

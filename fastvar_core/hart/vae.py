@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from .. import ops as nnops
 from ..checkpoint import check_state_keys, flatten_tensors, load_sharded_folder, load_state_dict
 from ..errors import CheckpointError, ConfigError, InternalError
-from ..vae_layout import TileCallback, blend_spans, decoder_layout, norm, one_pass, tile_sides, upsample_conv
+from ..vae_layout import (TileCallback, add_shortcut, banded_norm_silu_conv, blend_spans, decoder_layout, norm,
+                          one_pass, tile_sides, upsample_conv)
 
 MODEL_TYPE = "hart_autoencoder_with_disc"
 KEY_PREFIX = "vae."
@@ -210,9 +211,18 @@ class ResnetBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         inplace = not torch.is_grad_enabled()  # saves a full-resolution temporary per activation
-        h = self.conv1(F.silu(norm(self.norm1, x, self.ops), inplace=inplace))
-        h = self.conv2(F.silu(norm(self.norm2, h, self.ops), inplace=inplace))
-        return h.add_(self.nin_shortcut(x)) if inplace else h + self.nin_shortcut(x)
+        # Full-resolution maps alive at once: x, the conv output and one scratch (the input of conv1 is
+        # normalised in row bands, conv2's in place).
+        h = banded_norm_silu_conv(self.norm1, self.conv1, x, self.ops)
+        if h is None:
+            h = self.conv1(F.silu(norm(self.norm1, x, self.ops), inplace=inplace))
+        h2 = banded_norm_silu_conv(self.norm2, self.conv2, h, self.ops, inplace=True)
+        h = self.conv2(F.silu(norm(self.norm2, h, self.ops, inplace), inplace=inplace)) if h2 is None else h2
+        if not inplace:
+            return h + self.nin_shortcut(x)
+        if isinstance(self.nin_shortcut, nn.Identity):
+            return h.add_(x)
+        return add_shortcut(h, x, self.nin_shortcut, self.ops)  # in row bands: no map-sized output
 
 
 class AttnBlock(nn.Module):
@@ -317,8 +327,15 @@ class Decoder(nn.Module):
         if len(self.up) > 1:
             h = self.up[-2].upsample(h)
         for lvl in reversed(range(len(self.up) - 2)):
-            h = self.up[lvl].upsample(self.up[lvl].run_blocks(h))
-        return self.conv_out(F.silu(norm(self.norm_out, h, self.ops), inplace=not torch.is_grad_enabled()))
+            # Block by block in this frame: run_blocks(h) would keep the level's input alive to its end.
+            for block in self.up[lvl].block:  # no attention below the top level
+                h = block(h)
+            h = self.up[lvl].upsample(h)
+        out = banded_norm_silu_conv(self.norm_out, self.conv_out, h, self.ops)
+        if out is not None:
+            return out
+        inplace = not torch.is_grad_enabled()
+        return self.conv_out(F.silu(norm(self.norm_out, h, self.ops, inplace), inplace=inplace))
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return self.forward_fine(self.forward_coarse(z))

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from ..cost import ArchSpec, decode_memory
+from ..cost import ArchSpec, decode_memory, decode_steps
 from ..errors import ConfigError
 from ..families import Family, register
 from ..pruning import PresetTable
@@ -184,8 +184,24 @@ class InfinityFamily(Family):
 
     def decode_memory(self, vae, latent_shape, tile):
         c = vae.config
-        hw = tuple(min(t, n) for t, n in zip(tile_sides(tile), latent_shape[-2:])) if tile else tuple(latent_shape[-2:])
-        return decode_memory([c.base_ch * m for m in c.ch_mult], c.patch_size, hw, batch=latent_shape[0])
+        b, (h, w) = latent_shape[0], latent_shape[-2:]
+        widths = [c.base_ch * m for m in c.ch_mult]
+        th, tw = tile_sides(tile) if tile else (h, w)
+        if th >= h and tw >= w:
+            return decode_memory(widths, c.patch_size, (h, w), batch=b)
+        from .vae import COARSE_UPSAMPLINGS
+
+        # InfinityVAE._decode_tiled: the levels up to COARSE_UPSAMPLINGS x2 steps run on the whole latent, the rest
+        # on one tile at a time, beside the coarse output and the float32 image.
+        steps = decode_steps(widths, c.patch_size)
+        ups = [k for k, (kind, _) in enumerate(steps) if kind == "upsample"][:COARSE_UPSAMPLINGS]
+        split = ups[-1] + 1 if len(ups) == COARSE_UPSAMPLINGS else len(steps) - 1
+        f = 2 ** len(ups)
+        coarse = decode_memory(widths, c.patch_size, (h, w), batch=b, steps=slice(0, split))
+        fine = decode_memory(widths, c.patch_size, (min(th, h), min(tw, w)), batch=b, steps=slice(split, None))
+        width = widths[steps[split - 1][1]] if split else widths[-1]  # the coarse output's channels
+        held = b * (width * f * f + 3 * c.patch_size**2) * h * w * 4
+        return max(coarse, fine + held)
 
 
 INFINITY = register(InfinityFamily())

@@ -23,7 +23,8 @@ import torch.nn.functional as F
 from .. import ops as nnops
 from ..checkpoint import check_state_keys, flatten_tensors, key_examples, load_file, prefer_safetensors
 from ..errors import CheckpointError, ConfigError, IncompatibleModelsError
-from ..vae_layout import TileCallback, blend_spans, decoder_layout, group_norm, one_pass, tile_sides, upsample_conv
+from ..vae_layout import (TileCallback, add_shortcut, banded_norm_silu_conv, blend_spans, decoder_layout,
+                          group_norm, one_pass, tile_sides, upsample_conv)
 
 NUM_GROUPS = 32  # GroupNorm(32, eps 1e-6) everywhere (docs/infinity.md §6.1)
 NORM_EPS = 1e-6
@@ -157,10 +158,11 @@ class Norm(nn.Module):
         self.ops = nnops.resolve(operations)
         self.norm = self.ops.GroupNorm(NUM_GROUPS, channels, eps=NORM_EPS)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+        """``inplace``: ``x`` is dead after this; normalise it in place where it is float32."""
         n = self.norm
         w, b = nnops.cast_bias_weight(n, torch.float32, x.device, self.ops)
-        return group_norm(x.float(), n.num_groups, w, b, n.eps).to(x.dtype)
+        return group_norm(x.float(), n.num_groups, w, b, n.eps, inplace).to(x.dtype)
 
 
 class ResnetBlock(nn.Module):
@@ -173,10 +175,17 @@ class ResnetBlock(nn.Module):
             self.nin_shortcut = Conv(cin, cout, 1, ops)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(_swish(self.norm1(x)))
-        h = self.conv2(_swish(self.norm2(h)))
-        shortcut = self.nin_shortcut(x) if hasattr(self, "nin_shortcut") else x
-        return h.add_(shortcut)  # conv backward does not need its output, so in place is safe
+        # Full-resolution maps alive at once: x, the conv output and one scratch (the input of conv1 is
+        # normalised in row bands, conv2's in place).
+        h = banded_norm_silu_conv(self.norm1.norm, self.conv1.conv, x, self.norm1.ops)
+        if h is None:
+            h = self.conv1(_swish(self.norm1(x)))
+        h2 = banded_norm_silu_conv(self.norm2.norm, self.conv2.conv, h, self.norm2.ops, inplace=True)
+        h = self.conv2(_swish(self.norm2(h, inplace=not torch.is_grad_enabled()))) if h2 is None else h2
+        # conv backward does not need its output, so adding in place is safe
+        if hasattr(self, "nin_shortcut"):
+            return add_shortcut(h, x, self.nin_shortcut.conv, self.norm1.ops)  # in row bands: no map-sized output
+        return h.add_(x)
 
 
 class Upsample(nn.Module):
@@ -232,18 +241,29 @@ class BSQDecoder(nn.Module):
         self.norm_out = Norm(widths[0], ops)
         self.conv_out = Conv(widths[0], 3, 3, ops)
 
+    @staticmethod
+    def _run_levels(h: torch.Tensor, levels: list[UpLevel]) -> torch.Tensor:
+        """``levels`` one block at a time in this frame, so a level's input is freed after its first block
+        (calling ``level(h)`` would keep it alive through the whole level)."""
+        for level in levels:
+            for block in level.block:
+                h = block(h)
+            if hasattr(level, "upsample"):
+                h = level.upsample(h)
+        return h
+
     def coarse(self, z: torch.Tensor, levels: int) -> torch.Tensor:
         """conv_in, mid and the top ``levels`` resolution levels: (B, d_v, h, w) -> features."""
         h = self.mid(self.conv_in(decoder_layout(z)))  # (B, C_top, h, w)
-        for level in list(self.up)[::-1][:levels]:
-            h = level(h)  # x2 per upsampling level
-        return h
+        return self._run_levels(h, list(self.up)[::-1][:levels])  # x2 per upsampling level
 
     def fine(self, h: torch.Tensor, levels: int) -> torch.Tensor:
         """The levels below the top ``levels``, then norm_out, swish, conv_out: features -> RGB (unclamped)."""
-        for level in list(self.up)[::-1][levels:]:
-            h = level(h)
-        return self.conv_out(_swish(self.norm_out(h)))  # (B, 3, ., .)
+        h = self._run_levels(h, list(self.up)[::-1][levels:])
+        out = banded_norm_silu_conv(self.norm_out.norm, self.conv_out.conv, h, self.norm_out.ops)
+        if out is not None:
+            return out  # (B, 3, ., .)
+        return self.conv_out(_swish(self.norm_out(h, inplace=not torch.is_grad_enabled())))  # (B, 3, ., .)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return self.fine(self.coarse(z, 0), 0)  # (B, 3, p*h, p*w), unclamped
