@@ -50,7 +50,8 @@ from .randomized import SHAPES, build_vae
 SEAM_CROP = 96  # pixels each side of the first seam crossing in the plot
 
 
-def _stub(name: str, **attrs) -> None:
+def stub_module(name: str, **attrs) -> None:
+    """Register an empty module (with ``attrs``) for an official import the benchmarked code never uses."""
     if name in sys.modules:
         return
     module = types.ModuleType(name)
@@ -78,12 +79,12 @@ def official_infinity_decoder(root: Path, ours):
     """The official BSQ-VAE ``Decoder`` (flux_vqgan.py) with our decoder's weights."""
     folder = root / "infinity" / "models" / "bsq_vae"
     for name in ("imageio", "torchvision", "torchvision.transforms"):
-        _stub(name, transforms=types.SimpleNamespace())
-    _stub("einops", rearrange=_unused, reduce=_unused, pack=_unused, unpack=_unused)
+        stub_module(name, transforms=types.SimpleNamespace())
+    stub_module("einops", rearrange=_unused, reduce=_unused, pack=_unused, unpack=_unused)
     package = types.ModuleType("official_bsq")
     package.__path__ = [str(folder)]
     sys.modules["official_bsq"] = package
-    _stub("official_bsq.multiscale_bsq", MultiScaleBSQ=None)
+    stub_module("official_bsq.multiscale_bsq", MultiScaleBSQ=None)
     _import_file("official_bsq.conv", folder / "conv.py", "official_bsq")
     flux = _import_file("official_bsq.flux_vqgan", folder / "flux_vqgan.py", "official_bsq")
     c = ours.config

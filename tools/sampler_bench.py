@@ -43,6 +43,7 @@ from fastvar_core.pruning import PruningConfig
 from fastvar_core.pruning_request import PruningRequest
 
 from .bench import machine_info
+from .decode_bench import stub_module
 from .randomized import SHAPES, build_transformer, random_conditioning
 
 FULL = dict(width=1024, heads=8, depth=8, text_width=2048, budget="1M")  # the official FastVAR benchmark shape
@@ -51,14 +52,6 @@ CFG, TAU, TOP_K, TOP_P, SEED = 3.0, 0.5, 900, 0.97, 0
 
 
 # ------------------------------------------------------------------------------------------------ stubs
-
-
-def _stub(name: str, **attrs) -> None:
-    if name in sys.modules:
-        return
-    module = types.ModuleType(name)
-    module.__dict__.update(attrs)
-    sys.modules[name] = module
 
 
 def _flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, **kwargs):
@@ -95,16 +88,16 @@ def install_stubs() -> None:
         def __init__(self, *args, **kwargs):
             super().__init__()
 
-    _stub("timm", __path__=[])
-    _stub("timm.models", register_model=register_model, __path__=[])
-    _stub("timm.models.layers", DropPath=DropPath, drop_path=lambda x, *a, **k: x)
-    _stub("timm.loss", SoftTargetCrossEntropy=type("SoftTargetCrossEntropy", (torch.nn.Module,), {}))
-    _stub("flash_attn", flash_attn_func=_flash_attn_func,
+    stub_module("timm", __path__=[])
+    stub_module("timm.models", register_model=register_model, __path__=[])
+    stub_module("timm.models.layers", DropPath=DropPath, drop_path=lambda x, *a, **k: x)
+    stub_module("timm.loss", SoftTargetCrossEntropy=type("SoftTargetCrossEntropy", (torch.nn.Module,), {}))
+    stub_module("flash_attn", flash_attn_func=_flash_attn_func,
           flash_attn_varlen_kvpacked_func=_flash_attn_varlen_kvpacked_func)
-    _stub("cv2")
-    _stub("torchvision", __path__=[])
-    _stub("torchvision.transforms")
-    _stub("pytz", timezone=lambda name: None)
+    stub_module("cv2")
+    stub_module("torchvision", __path__=[])
+    stub_module("torchvision.transforms")
+    stub_module("pytz", timezone=lambda name: None)
 
 
 OFFICIAL_PACKAGE = "infinity"  # the official code's package name, in both checkouts
