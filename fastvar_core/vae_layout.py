@@ -143,8 +143,9 @@ def norm_silu_conv(x: torch.Tensor, num_groups: int, norm_weight: torch.Tensor |
     normalised into a small buffer and convolved (zero rows outside the map, as padding) into one
     preallocated output. The elementwise steps are those of the one-shot path and oneDNN convolves a band
     like the whole map at the decoders' widths; the statistics are taken per band (:func:`_affine`), so
-    the output is within float rounding of the one-shot ops (~1e-6; not bit-identical). Returns None unless ``x`` takes :func:`group_norm`'s exact path
-    without autograd and is large enough for bands to matter (the caller then runs the plain ops).
+    the output is within float rounding of the one-shot ops (~1e-6; not bit-identical). Returns None unless
+    ``x`` takes :func:`group_norm`'s exact path without autograd and is large enough for bands to matter (the
+    caller then runs the plain ops).
     """
     B, C, H, W = x.shape
     band = max(1, BAND_BYTES // max(1, B * W * C * x.element_size()))
