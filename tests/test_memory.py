@@ -425,10 +425,12 @@ def test_summary_shows_small_amounts_in_mib():
 
 # The harness installs beside the folder that holds ../shared (its default FV_E2E_HOME); ../shared may be a link.
 E2E = Path(os.environ.get("FV_E2E_HOME", (ROOT.parent / "shared").resolve().parent / ".fv-e2e"))
+_NEEDS_E2E = pytest.mark.skipif(
+    not (E2E / "venv" / "bin" / "python").is_file() or not (E2E / "ComfyUI" / "comfy").is_dir(),
+    reason="needs the comfy-e2e environment (ComfyUI 0.3.64 and its venv)")
 
 
-@pytest.mark.skipif(not (E2E / "venv" / "bin" / "python").is_file() or not (E2E / "ComfyUI" / "comfy").is_dir(),
-                    reason="needs the comfy-e2e environment (ComfyUI 0.3.64 and its venv)")
+@_NEEDS_E2E
 def test_partial_load_moves_our_own_tensors_and_the_unload_takes_everything_back():
     """ModelPatcher.load with a third of the weights: some comfy.ops layers stay offloaded, every tensor held
     outside them follows to the load device (our ON_LOAD callback); detach() leaves nothing there."""
@@ -442,6 +444,28 @@ def test_partial_load_moves_our_own_tensors_and_the_unload_takes_everything_back
     assert seen["own_loaded"] and set(seen["own_loaded"].values()) == {"meta"}
     assert {"blocks.0.sa.q_bias", "pos_start", "blocks.0.ada_gss"} <= {k.removeprefix("part.") for k in seen["own_loaded"]}
     assert set(seen["cast_unloaded"].values()) == set(seen["own_unloaded"].values()) == {"cpu"}
+
+
+@_NEEDS_E2E
+def test_comfyui_manager_keeps_our_parts_between_runs_and_the_unload_takes_them_off():
+    """Two generations per family through the nodes under ComfyUI's real model management (--cpu): after the first
+    every part is in current_loaded_models, the second moves no weights again and gives the same image,
+    unload_all_models drops them all to the offload device; the fp8 loader's Linear weights are float8 in comfy.ops
+    layers."""
+    out = subprocess.run([str(E2E / "venv" / "bin" / "python"), str(ROOT / "tests" / "comfy_managed_run.py"),
+                          str(E2E / "ComfyUI"), str(SHARED)],
+                         cwd=E2E / "ComfyUI", capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    seen = json.loads(out.stdout.strip().splitlines()[-1])
+    parts = [f"{fam}.{role}" for fam in ("hart", "infinity") for role in ("model", "text_encoder", "vae")]
+    assert seen["held_first"] == seen["held_second"] == parts
+    assert seen["loads_first"] == seen["loads_second"] == dict.fromkeys(parts, 1)
+    assert seen["same_images"] == {"hart": True, "infinity": True}
+    assert seen["image_shapes"] == {"hart": [1, 1024, 1024, 3], "infinity": [1, 1024, 1024, 3]}
+    assert seen["held_after_unload"] == []
+    assert seen["devices_loaded"] == dict.fromkeys(parts, ["cpu"])
+    assert seen["devices_unloaded"] == dict.fromkeys(parts, ["meta"])
+    assert seen["fp8_linear_dtypes"] == ["float8_e4m3fn"] and seen["fp8_linears_cast"]
 
 
 # ---- text-encoder precision: ComfyUI's flags when the loader says "auto" ------------------------------
