@@ -190,6 +190,9 @@ class FastVARSampler:
     RETURN_TYPES = (LATENT, "STRING")
     RETURN_NAMES = ("latent", "info")
     FUNCTION = "sample"
+    # ComfyUI re-sends a cached node's UI (the run info box) only for output nodes: without this a page opened
+    # after the run shows an empty box when the queue is served from the cache.
+    OUTPUT_NODE = True
 
     @classmethod
     def INPUT_TYPES(cls):

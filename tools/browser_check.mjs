@@ -1,8 +1,8 @@
 // Dev tool: checks in a real ComfyUI frontend what the e2e harness cannot see at its zoom (issue #15):
 // re-queue cache hits after display-only changes, the aspect-ratio size update, the chart at a narrow node and
-// the greyed (ignored) Pruning widgets, with zoomed screenshots of the nodes.
+// the greyed (ignored) Pruning widgets, the run info on a page opened after the run, with zoomed screenshots.
 // Usage: node tools/browser_check.mjs --url http://127.0.0.1:PORT --workflow workflows/X.json --out /tmp/DIR
-//          [--steps cache,aspect,legend,ignored] [--node-dir $FV_E2E_HOME/node] [--timeout 900]
+//          [--steps cache,aspect,legend,ignored,fresh] [--node-dir $FV_E2E_HOME/node] [--timeout 900]
 // Needs a running ComfyUI with this pack, e.g. from the e2e env: B=/tmp/fvb; custom_nodes/ComfyUI-FastVAR in $B
 // linked to the pack, a user dir seeded like harness.py's DEFAULT_SETTINGS, then in $FV_E2E_HOME/ComfyUI:
 //   ../venv/bin/python main.py --cpu --port 8391 --base-directory $B --disable-all-custom-nodes
@@ -22,7 +22,7 @@ const opt = (name, fallback) => {
 const url = opt("url", "http://127.0.0.1:8188");
 const workflowFile = opt("workflow", "workflows/infinity_2b_1024_fastvar.json");
 const outDir = opt("out", fs.mkdtempSync(path.join(os.tmpdir(), "fv-browser-")));
-const steps = opt("steps", "cache,aspect,legend,ignored").split(",");
+const steps = opt("steps", "cache,aspect,legend,ignored,fresh").split(",");
 const nodeDir = opt("node-dir", path.join(process.env.FV_E2E_HOME || "/work/.fv-e2e", "node"));
 const timeoutS = Number(opt("timeout", "900"));
 const require = createRequire(path.join(nodeDir, "package.json"));
@@ -86,6 +86,29 @@ async function shootNode(page, type, scale, file, extra = 40) {
   return file;
 }
 
+// Open the frontend (a fresh page), record the queue's events and load the workflow.
+async function openWorkflow(page) {
+  await page.goto(url, { waitUntil: "domcontentloaded" });
+  await page.waitForFunction(() => window.app?.graph && window.app.canvas && window.comfyAPI?.api?.api, null, { timeout: 120000 });
+  await sleep(1500);
+  await page.evaluate(() => {
+    const api = window.comfyAPI.api.api;
+    window.__fvEvents = [];
+    for (const t of ["executing", "execution_cached", "execution_success", "execution_error", "execution_interrupted"]) {
+      api.addEventListener(t, (e) => window.__fvEvents.push({ type: t, detail: e.detail }));
+    }
+    const orig = api.queuePrompt.bind(api);
+    api.queuePrompt = async (...a) => {
+      const r = await orig(...a);
+      window.__fvQueued = r?.prompt_id ?? null;
+      return r;
+    };
+  });
+  const data = JSON.parse(fs.readFileSync(workflowFile, "utf8"));
+  await page.evaluate(async (d) => window.app.loadGraphData(d, true, true, "check"), data);
+  await sleep(2500); // the chart's first request
+}
+
 const widgetValue = (page, type, name) => page.evaluate(({ type, name }) =>
   window.app.graph.nodes.find((n) => n.type === type).widgets.find((w) => w.name === name).value, { type, name });
 
@@ -115,25 +138,7 @@ const pruningPrompt = (page) => page.evaluate(async () => {
   page.on("console", (m) => m.type() === "error" && consoleErrors.push(m.text()));
   page.on("pageerror", (e) => consoleErrors.push(String(e)));
   try {
-    await page.goto(url, { waitUntil: "domcontentloaded" });
-    await page.waitForFunction(() => window.app?.graph && window.app.canvas && window.comfyAPI?.api?.api, null, { timeout: 120000 });
-    await sleep(1500);
-    await page.evaluate(() => {
-      const api = window.comfyAPI.api.api;
-      window.__fvEvents = [];
-      for (const t of ["executing", "execution_cached", "execution_success", "execution_error", "execution_interrupted"]) {
-        api.addEventListener(t, (e) => window.__fvEvents.push({ type: t, detail: e.detail }));
-      }
-      const orig = api.queuePrompt.bind(api);
-      api.queuePrompt = async (...a) => {
-        const r = await orig(...a);
-        window.__fvQueued = r?.prompt_id ?? null;
-        return r;
-      };
-    });
-    const data = JSON.parse(fs.readFileSync(workflowFile, "utf8"));
-    await page.evaluate(async (d) => window.app.loadGraphData(d, true, true, "check"), data);
-    await sleep(2500); // the chart's first request
+    await openWorkflow(page);
 
     if (steps.includes("ignored")) {
       const r = (report.steps.ignored = {});
@@ -247,6 +252,26 @@ const pruningPrompt = (page) => page.evaluate(async () => {
       check(`ignored ${slider} moved: sampler cached`, r.after_slider.cached.includes(sampler) && !r.after_slider.executing.includes(sampler));
       check("chart_for changed: sampler cached", r.after_chart_for.cached.includes(sampler) && !r.after_chart_for.executing.includes(sampler));
       check("first_layer changed: sampler re-runs", r.after_first_layer.executing.includes(sampler));
+    }
+
+    if (steps.includes("fresh")) {
+      // The artist reopens the page and queues the workflow as it was: served from the cache, the sampler's run
+      // info must still fill its box.
+      const r = (report.steps.fresh = {});
+      await openWorkflow(page);
+      r.first = await queueAndWait(page);
+      await openWorkflow(page);
+      r.again = await queueAndWait(page);
+      say(`fresh page, same workflow: ${JSON.stringify(r.again)}`);
+      await sleep(1000);
+      const samplers = await page.evaluate(() => window.app.graph.nodes.filter((n) => n.type === "FastVAR_Sampler")
+        .map((n) => ({ id: String(n.id), info: n.fastvarInfo?.textContent ?? "" })));
+      r.samplers = samplers;
+      r.shot = await shootNode(page, "FastVAR_Sampler", 1.0, path.join(outDir, "sampler_fresh_cached.png"), 300);
+      for (const s of samplers) {
+        check(`fresh page: sampler ${s.id} served from the cache`, r.again.cached.includes(s.id) && !r.again.executing.includes(s.id));
+        check(`fresh page: sampler ${s.id} shows its run info`, /pruning .*sampling/.test(s.info));
+      }
     }
   } catch (e) {
     report.fatal = String(e?.stack || e);
