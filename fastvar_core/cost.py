@@ -157,23 +157,32 @@ def sampling_memory(arch: ArchSpec, scales: list[tuple[int, int]], config: Pruni
     bound holds for every scale). Per scale, one block's hidden states, its FFN hidden layer and attention
     over the keys held so far (one score matrix per head, as the math kernel materialises), the logits
     (float32) over ``head_outputs`` and the last scale's extra work (HART's diffusion head) are counted;
-    the largest scale gives the peak. The KV term is :func:`estimate`'s ``kv_cache_bytes`` for every row.
+    the largest scale gives the peak. From the cache scale on, FastVAR's restore cache is held too: every
+    pruned layer's sub-layer outputs (self-attention, cross-attention when there is text, FFN) at that scale
+    (docs/fastvar.md §3.6). The KV term is :func:`estimate`'s ``kv_cache_bytes`` for every row; it also
+    counts the last scale's keys, which are not stored but copied next to one layer's held keys at a time, so
+    it bounds that copy at every depth above a few layers.
     ``score_matrices=False``: a fused kernel (flash, memory-efficient SDPA) that never holds the scores.
     """
     config = config or PruningConfig(name="off")
     report = estimate(arch, scales, config)
     rows = batch * (2 if guided else 1)
     c, b = arch.width, arch.dtype_bytes
+    sublayers = 3 if arch.text_tokens else 2
+    pruned_layers = sum(config.prunes_layer(layer) for layer in range(arch.depth)) if config.pruned_scales else 0
     held = 0  # keys a layer holds before a scale runs (upper bound: of an unpruned layer)
+    restore = 0  # the restore cache per row, once the cache scale has run
     peak = 0
     for cost in report.scales:
         n = arch.prefix_tokens if cost.scale == 0 and arch.prefix_tokens else cost.tokens
         if cost.skipped:
             continue
+        if cost.scale == config.cache_scale:
+            restore = b * pruned_layers * sublayers * n * c
         k = max(cost.forwarded)
         keys = held + k
         scores = arch.heads * k * keys if score_matrices else 0
-        per_row = b * (LIVE_HIDDEN * n * c + (arch.ffn_matrices - 1) * k * arch.ffn_hidden + scores)
+        per_row = b * (LIVE_HIDDEN * n * c + (arch.ffn_matrices - 1) * k * arch.ffn_hidden + scores) + restore
         per_row += 4 * cost.tokens * arch.head_outputs
         if cost.scale == len(scales) - 1:
             per_row += 4 * cost.tokens * arch.last_scale_values_per_token

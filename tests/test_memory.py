@@ -4,6 +4,7 @@ one shared HART VAE; kept tokens recorded only for a Token Map node."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -49,6 +50,16 @@ def test_sampling_memory_kv_term_is_the_cost_model_kv_cache_of_every_row(config,
     kv = estimate(ARCH, SCALES, config).kv_cache_bytes
     assert sampling_memory(ARCH, SCALES, config, batch=batch).kv_cache_bytes == kv * 2 * batch
     assert sampling_memory(ARCH, SCALES, config, batch=batch, guided=False).kv_cache_bytes == kv * batch
+
+
+def test_sampling_memory_holds_the_restore_cache_from_the_cache_scale_on():
+    """Each pruned layer keeps every sub-layer's output at the cache scale (4x4) to the end: cross-attention
+    (text tokens) adds one sub-layer per layer, 2 rows x 4 layers x 16 tokens x 64 wide x 4 bytes; no
+    pruning, no restore cache."""
+    text = dataclasses.replace(ARCH, text_tokens=8)
+    gap = sampling_memory(text, SCALES, PRUNED).activation_bytes - sampling_memory(ARCH, SCALES, PRUNED).activation_bytes
+    assert gap == 2 * 4 * 16 * 64 * 4
+    assert sampling_memory(text, SCALES).activation_bytes == sampling_memory(ARCH, SCALES).activation_bytes
 
 
 def test_sampling_memory_counts_the_last_scale_extra_work():
