@@ -38,7 +38,7 @@ from matplotlib.figure import Figure
 
 from fastvar_core.cost import estimate
 from fastvar_core.errors import ConfigError
-from fastvar_core.families import get_family, resolve_pruning
+from fastvar_core.families import decode_tile, get_family, resolve_pruning
 from fastvar_core.linear import onednn_available, use_onednn
 from fastvar_core.pruning import ACCELERATED_PRESETS, PRESET_NAMES, PruningConfig
 from fastvar_core.pruning_request import PruningRequest
@@ -145,8 +145,12 @@ class Case:
         except _WarmedUp:
             pass
 
-    def decode(self, latent: torch.Tensor) -> torch.Tensor:
-        tile = 64 if max(self.schedule.final_size) > 64 else None  # 2K: tiled, as the pipeline does
+    def decode_tile(self, latent: torch.Tensor) -> tuple[int, int] | None:
+        """The tile the Decode node picks: the fewest decoded cells that fit the memory free now (None: whole)."""
+        free = _free_bytes(self.device)
+        return decode_tile(self.family, self.vae, latent, "auto", free)
+
+    def decode(self, latent: torch.Tensor, tile) -> torch.Tensor:
         with torch.inference_mode():
             return self.vae.to_image(latent, tile=tile)
 
@@ -259,10 +263,13 @@ def measure_case(case: Case, presets: list[str], repeats: int, warmup: int, seed
     for name in presets[1:]:
         runs[name][-1].pop("latent")
     release_memory(case.device)
+    tile = case.decode_tile(latent)
+    log(f"  decode: {'whole latent' if tile is None else f'tiles of {tile[0]} x {tile[1]} latent cells'} "
+        f"({tuple(latent.shape[-2:])} latent), as the Decode node picks for the memory free now")
     with PeakMemory(case.device) as mem:
         _sync(case.device)
         t0 = time.perf_counter()
-        case.decode(latent)
+        case.decode(latent, tile)
         _sync(case.device)
         decode_s = time.perf_counter() - t0
     del latent
@@ -274,6 +281,7 @@ def measure_case(case: Case, presets: list[str], repeats: int, warmup: int, seed
     for name, config in configs.items():
         cost = estimate(arch, scales, config, guided=guided)
         results.append(_summarise(case, name, config, runs[name], cost, base_cost, decode_s, mem.peak_bytes, load))
+        results[-1]["decode_tile"] = None if tile is None else list(tile)
     base = next((r for r in results if r["pruning"] == "off"), None)
     for r in results:
         r["speedup"] = base["median_s"] / r["median_s"] if base else None
@@ -364,6 +372,14 @@ def machine_info(device: torch.device, onednn: bool) -> dict:
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info
+
+
+def _free_bytes(device: torch.device) -> int | None:
+    """Memory free on ``device`` now, as ComfyUI counts it for the Decode node (CUDA: the driver's free
+    bytes; CPU: MemAvailable); None when unknown (the family's fixed rule then applies)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    return _available_bytes()
 
 
 def _available_bytes() -> int | None:
