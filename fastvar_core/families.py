@@ -386,6 +386,14 @@ def fit_tile(family: str | Family, vae, latent_shape: tuple[int, ...], budget: i
     return best[1] if best else (min(h, MIN_TILE), min(w, MIN_TILE))
 
 
+def decode_budget(free: int | None, sampling: int | None) -> int | None:
+    """The bytes a decode's tile must fit: what is ``free``, and no more than the working memory of sampling the
+    same image unpruned (``sampling``), so that the decode never sets a run's peak above the unpruned sampler's
+    (docs/architecture.md §6). None when neither is known (the family's fixed rule then applies)."""
+    known = [b for b in (free, sampling) if b is not None]
+    return min(known) if known else None
+
+
 def decode_tile(family: str | Family, vae, latent: torch.Tensor, tiling: str | int | None = "auto",
                 budget: int | None = None) -> int | tuple[int, int] | None:
     """The tile (latent cells, square or (rows, columns); None: whole) a decode with this ``tiling`` and

@@ -244,8 +244,11 @@ class FastVARSampler:
 
         parts = [model] + ([model.companion] if model.companion is not None else [])
         plan = families.resolve_pruning(family, pruning, schedule, model.module.config, cond)  # resolved once
+        scores = model.attention == "math"  # fused kernels hold no score matrices
         need = families.sampling_memory(family, model.module, cond, schedule, plan=plan, batch=batch_size,
-                                        score_matrices=model.attention == "math")  # fused kernels hold no scores
+                                        score_matrices=scores)
+        unpruned = families.sampling_memory(family, model.module, cond, schedule, batch=batch_size,
+                                            score_matrices=scores).total  # the decode stays below it
         weights = sum(tensor_bytes(p.module) for p in parts)
 
         def run(hooks, callback=None):
@@ -271,7 +274,8 @@ class FastVARSampler:
             info += f"\n{plan.note}"
         # A Token Map added after this run was cached gets a latent without records: it runs it again, recording.
         rerun = None if record else functools.partial(run, SamplingHooks(record_kept=True))
-        return {"ui": {"fastvar_info": [info]}, "result": (Latent(model.family, result, info, rerun, model.module), info)}
+        latent = Latent(model.family, result, info, rerun, model.module, sampling_bytes=unpruned)
+        return {"ui": {"fastvar_info": [info]}, "result": (latent, info)}
 
 
 class FastVARDecode:
@@ -286,7 +290,7 @@ class FastVARDecode:
         return {"required": {
             "vae": (VAE, {"tooltip": "From Load Infinity VAE or Load HART VAE."}),
             "latent": (LATENT, {"tooltip": "From FastVAR Sampler."}),
-            "tiling": (["auto", "on", "off"], {"default": "auto", "tooltip": "auto: decodes whole when it fits in free memory, else in the largest tiles that fit (a small cost in accuracy)."}),
+            "tiling": (["auto", "on", "off"], {"default": "auto", "tooltip": "auto: decodes whole when it fits in free memory and in what sampling this image unpruned needs (so the decode is never the run's memory peak), else in the largest tiles that fit (a small cost in accuracy)."}),
         }}
 
     def decode(self, vae, latent, tiling):
@@ -300,9 +304,10 @@ class FastVARDecode:
             compat.check_interrupt()
 
         compat.check_interrupt()
-        need = families.decode_memory(latent.family, vae.module, latent.result.latent, tiling)
+        # "auto": the largest tile that fits what is free now, and never more than unpruned sampling needed
+        need = families.decode_memory(latent.family, vae.module, latent.result.latent, tiling, latent.sampling_bytes)
         device = compat.load_models([vae.patcher], need)
-        budget = compat.free_memory(device)  # "auto": the largest tile that fits what is free now
+        budget = families.decode_budget(compat.free_memory(device), latent.sampling_bytes)
         image = families.decode(latent.family, vae.module, latent.result.latent.to(device), tiling, callback=callback,
                                 budget=budget)
         return (image.to(compat.intermediate_device()),)

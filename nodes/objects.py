@@ -49,6 +49,7 @@ class Latent:
     info: str = ""
     rerun: object = None  # () -> SampleResult recording kept tokens, when this run did not record them
     model: object = None  # the transformer that made it, for Decode's VAE check
+    sampling_bytes: int | None = None  # working memory of sampling this image unpruned: the decode's cap
 
 
 def check_inputs(node: str, inputs: dict[str, tuple[str, str]]) -> None:

@@ -147,7 +147,9 @@ def test_hart_nodes_load_each_part_through_compat_with_its_kind_and_estimate(cal
     generation.FastVARDecode().decode(vae, latent, "auto")
     patchers, memory, _ = loads[-1]
     assert patchers == [vae.patcher]
-    assert memory == families.decode_memory("hart", vae.module, latent.result.latent, "auto") > 0
+    # the decode is capped at what sampling the same image unpruned needs (carried on the latent)
+    assert latent.sampling_bytes == unpruned
+    assert memory == families.decode_memory("hart", vae.module, latent.result.latent, "auto", unpruned) > 0
 
 
 def test_the_hart_vae_is_loaded_once(hart_dirs):
@@ -418,11 +420,12 @@ def test_sampler_info_states_the_weights_and_the_predicted_peak(toy, monkeypatch
     measured, planned = [], []
     monkeypatch.setattr(generation, "tensor_bytes", lambda m: measured.append(type(m).__name__) or 3 * GIB // 2)
     monkeypatch.setattr(generation.families, "sampling_memory",
-                        lambda *a, **k: planned.append((k["batch"], k["score_matrices"]))
+                        lambda *a, **k: planned.append(("plan" in k, k["batch"], k["score_matrices"]))
                         or MemoryEstimate(2 * GIB, GIB // 4))
     latent = _toy_run({})
-    # The sampled parts' bytes; the estimate for the run, without score matrices for the default (fused) attention.
-    assert measured == ["ToyModel"] and planned == [(1, False)]
+    # The sampled parts' bytes; the estimate for the run, without score matrices for the default (fused) attention,
+    # then the unpruned one that caps the decode.
+    assert measured == ["ToyModel"] and planned == [(True, 1, False), (False, 1, False)]
     assert latent.info.splitlines()[-1] == "memory: weights 1.50 GiB resident + predicted peak 2.25 GiB"
 
 

@@ -315,7 +315,8 @@ def test_decode_reports_every_tile_and_cancel_stops_between_tiles(monkeypatch):
 
 
 def test_decode_auto_tiles_to_fit_comfyuis_free_memory(monkeypatch):
-    """FastVAR Decode "auto": ComfyUI's free memory on the VAE's device picks the tile; outside ComfyUI the rule."""
+    """FastVAR Decode "auto": ComfyUI's free memory on the VAE's device picks the tile, capped by the unpruned
+    sampler's working memory; outside ComfyUI the rule."""
     from pathlib import Path
 
     import torch
@@ -341,6 +342,12 @@ def test_decode_auto_tiles_to_fit_comfyuis_free_memory(monkeypatch):
         images.append(image)
     assert asked == [torch.device("cpu")] * 3
     assert torch.equal(images[0], images[1])
+    # the latent carries what sampling it unpruned needed: the decode never asks for more, however much is free
+    for free, sampling, tiles in ((10**12, 0, 4), (0, 10**12, 4), (10**12, 10**12, 1)):
+        seen.clear()
+        capped = objects.Latent("infinity", types.SimpleNamespace(latent=latent), sampling_bytes=sampling)
+        generation.FastVARDecode().decode(vae, capped, "auto")
+        assert seen[-1] == (tiles, tiles), (free, sampling)
     diff = (images[2] - images[0]).abs()  # the tiled decode within the tolerance docs/architecture.md states
     assert diff.max().item() <= TILED_MAX_DIFF and diff.mean().item() <= TILED_MEAN_DIFF
 

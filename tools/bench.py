@@ -38,7 +38,7 @@ from matplotlib.figure import Figure
 
 from fastvar_core.cost import estimate
 from fastvar_core.errors import ConfigError
-from fastvar_core.families import decode_tile, get_family, resolve_pruning
+from fastvar_core.families import decode_budget, decode_tile, get_family, resolve_pruning, sampling_memory
 from fastvar_core.linear import onednn_available, use_onednn
 from fastvar_core.pruning import ACCELERATED_PRESETS, PRESET_NAMES, PruningConfig
 from fastvar_core.pruning_request import PruningRequest
@@ -146,9 +146,11 @@ class Case:
             pass
 
     def decode_tile(self, latent: torch.Tensor) -> tuple[int, int] | None:
-        """The tile the Decode node picks: the fewest decoded cells that fit the memory free now (None: whole)."""
-        free = _free_bytes(self.device)
-        return decode_tile(self.family, self.vae, latent, "auto", free)
+        """The tile the Decode node picks (None: whole): the fewest decoded cells that fit the memory free now
+        and the working memory of sampling this image unpruned."""
+        unpruned = sampling_memory(self.family, self.model, self.cond, self.schedule, batch=self.batch,
+                                   score_matrices=False).total
+        return decode_tile(self.family, self.vae, latent, "auto", decode_budget(_free_bytes(self.device), unpruned))
 
     def decode(self, latent: torch.Tensor, tile) -> torch.Tensor:
         with torch.inference_mode():
@@ -265,7 +267,7 @@ def measure_case(case: Case, presets: list[str], repeats: int, warmup: int, seed
     release_memory(case.device)
     tile = case.decode_tile(latent)
     log(f"  decode: {'whole latent' if tile is None else f'tiles of {tile[0]} x {tile[1]} latent cells'} "
-        f"({tuple(latent.shape[-2:])} latent), as the Decode node picks for the memory free now")
+        f"({tuple(latent.shape[-2:])} latent), as the Decode node picks")
     with PeakMemory(case.device) as mem:
         _sync(case.device)
         t0 = time.perf_counter()
