@@ -159,9 +159,9 @@ def sampling_memory(arch: ArchSpec, scales: list[tuple[int, int]], config: Pruni
     (float32) over ``head_outputs`` and the last scale's extra work (HART's diffusion head) are counted;
     the largest scale gives the peak. From the cache scale on, FastVAR's restore cache is held too: every
     pruned layer's sub-layer outputs (self-attention, cross-attention when there is text, FFN) at that scale
-    (docs/fastvar.md §3.6). The KV term is :func:`estimate`'s ``kv_cache_bytes`` for every row; it also
-    counts the last scale's keys, which are not stored but copied next to one layer's held keys at a time, so
-    it bounds that copy at every depth above a few layers.
+    (docs/fastvar.md §3.6). The KV term is :func:`estimate`'s ``kv_cache_bytes`` for every row without the
+    last executed scale's keys, which are never stored: that scale attends to a copy of one layer's held keys
+    and values next to its own at a time, counted with its activations.
     ``score_matrices=False``: a fused kernel (flash, memory-efficient SDPA) that never holds the scores.
     """
     config = config or PruningConfig(name="off")
@@ -173,6 +173,8 @@ def sampling_memory(arch: ArchSpec, scales: list[tuple[int, int]], config: Pruni
     held = 0  # keys a layer holds before a scale runs (upper bound: of an unpruned layer)
     restore = 0  # the restore cache per row, once the cache scale has run
     peak = 0
+    final = max(s.scale for s in report.scales if not s.skipped)
+    final_keys = sum(config.kv_kept(final, k) for k in report.scales[final].forwarded)  # over all layers
     for cost in report.scales:
         n = arch.prefix_tokens if cost.scale == 0 and arch.prefix_tokens else cost.tokens
         if cost.skipped:
@@ -186,9 +188,11 @@ def sampling_memory(arch: ArchSpec, scales: list[tuple[int, int]], config: Pruni
         per_row += 4 * cost.tokens * arch.head_outputs
         if cost.scale == len(scales) - 1:
             per_row += 4 * cost.tokens * arch.last_scale_values_per_token
+        if cost.scale == final:
+            per_row += 2 * b * keys * c  # one layer's keys and values with this scale's (kvcache.KVBuffer.extend)
         peak = max(peak, rows * per_row)
         held += config.kv_kept(cost.scale, k)
-    return MemoryEstimate(report.kv_cache_bytes * rows, peak)
+    return MemoryEstimate((report.kv_cache_bytes - 2 * final_keys * c * b) * rows, peak)
 
 
 def decode_steps(widths: list[int], upscale: int) -> list[tuple[str, int]]:

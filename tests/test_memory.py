@@ -47,7 +47,10 @@ def test_sampling_memory_grows_with_batch_and_size_and_falls_with_pruning():
 @pytest.mark.parametrize("config", [None, PRUNED])
 @pytest.mark.parametrize("batch", [1, 3])
 def test_sampling_memory_kv_term_is_the_cost_model_kv_cache_of_every_row(config, batch):
-    kv = estimate(ARCH, SCALES, config).kv_cache_bytes
+    """The cost model's KV cache without the last scale's keys, which are never stored: 16x16 = 256 tokens
+    in each of the 4 layers, 64 with PRUNED (its 75 % drop), 64 wide, keys and values of 4 bytes."""
+    final = 2 * 4 * (256 if config is None else 64) * 64 * 4
+    kv = estimate(ARCH, SCALES, config).kv_cache_bytes - final
     assert sampling_memory(ARCH, SCALES, config, batch=batch).kv_cache_bytes == kv * 2 * batch
     assert sampling_memory(ARCH, SCALES, config, batch=batch, guided=False).kv_cache_bytes == kv * batch
 
@@ -60,6 +63,16 @@ def test_sampling_memory_holds_the_restore_cache_from_the_cache_scale_on():
     gap = sampling_memory(text, SCALES, PRUNED).activation_bytes - sampling_memory(ARCH, SCALES, PRUNED).activation_bytes
     assert gap == 2 * 4 * 16 * 64 * 4
     assert sampling_memory(text, SCALES).activation_bytes == sampling_memory(ARCH, SCALES).activation_bytes
+
+
+def test_sampling_memory_counts_the_last_scales_copy_of_one_layers_keys():
+    """Scale 3 keeping 32 of its 64 keys: every layer stores 32 fewer, and the last scale, which attends to a
+    copy of one layer's keys and values next to its own, copies 32 fewer per row (2 rows, 64 wide, 4 bytes)."""
+    fewer = PruningConfig(name="kv", kv_drop_ratios={3: 0.5})
+    full = sampling_memory(ARCH, SCALES, score_matrices=False)
+    dropped = sampling_memory(ARCH, SCALES, fewer, score_matrices=False)
+    assert full.activation_bytes - dropped.activation_bytes == 2 * 2 * 32 * 64 * 4
+    assert full.kv_cache_bytes - dropped.kv_cache_bytes == 2 * 2 * 4 * 32 * 64 * 4
 
 
 def test_sampling_memory_counts_the_last_scale_extra_work():
