@@ -11,21 +11,16 @@ import json
 import sys
 from pathlib import Path
 
-comfy_dir, shared = sys.argv[1], Path(sys.argv[2])
-sys.argv = [sys.argv[0], "--cpu"]
-sys.path.insert(0, comfy_dir)
 sys.path.insert(0, str(Path(__file__).parent))
+from comfy_host import start  # noqa: E402
 
-import comfy.options  # noqa: E402
-
-comfy.options.enable_args_parsing()
+comfy_dir, shared = sys.argv[1], Path(sys.argv[2])
+pack = start(comfy_dir)
 import comfy.model_management as mm  # noqa: E402
 import comfy.model_patcher  # noqa: E402
 import folder_paths  # noqa: E402
 import torch  # noqa: E402
-from pack import load_pack  # noqa: E402
 
-pack = load_pack()
 compat = sys.modules[f"{pack.__name__}.nodes.compat"]
 loaders = sys.modules[f"{pack.__name__}.nodes.loaders"]
 generation = sys.modules[f"{pack.__name__}.nodes.generation"]

@@ -10,20 +10,14 @@ import json
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-comfy_dir, checkpoint = sys.argv[1], sys.argv[2]
-sys.argv = [sys.argv[0], "--cpu"]
-sys.path.insert(0, comfy_dir)
 sys.path.insert(0, str(Path(__file__).parent))
+from comfy_host import start  # noqa: E402
 
-import comfy.options  # noqa: E402
-
-comfy.options.enable_args_parsing()
-import comfy.model_management as mm  # noqa: E402,F401
+comfy_dir, checkpoint = sys.argv[1], sys.argv[2]
+pack = start(comfy_dir)
+import comfy.model_management as mm  # noqa: E402
 import torch  # noqa: E402
-from pack import load_pack  # noqa: E402
 
-pack = load_pack()
 compat = sys.modules[f"{pack.__name__}.nodes.compat"]
 families = sys.modules[f"{pack.__name__}.fastvar_core.families"]
 assert compat.comfy_patcher is not None, "ComfyUI's modules were not found"
