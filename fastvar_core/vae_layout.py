@@ -28,6 +28,16 @@ from . import ops as nnops
 TileCallback = Callable[[int, int], None]
 
 
+BAND_BYTES = 64 * 2**20  # input rows per band (:func:`norm_silu_conv`, :func:`upsample_conv`); above glibc's largest
+# mmap threshold (32 MiB), so a freed band goes back to the system: 16 MiB bands raised the 1024 peak by ~0.05 GiB
+
+
+def _band_rows(x: torch.Tensor) -> int:
+    """Rows of ``x`` (B, C, H, W) in one band of about :data:`BAND_BYTES` (at least one)."""
+    B, C, H, W = x.shape
+    return max(1, BAND_BYTES // max(1, B * W * C * x.element_size()))
+
+
 def decoder_layout(x: torch.Tensor) -> torch.Tensor:
     """``x`` (B, C, H, W) in the decoders' layout for its device (channels-last on the CPU)."""
     if x.device.type == "cpu":
@@ -65,8 +75,7 @@ def banded_norm_silu_conv(norm_layer: nn.Module, conv: nn.Module, x: torch.Tenso
     if not (_exact_path(x) and not torch.is_grad_enabled() and tuple(conv.padding) == (1, 1)
             and tuple(conv.stride) == (1, 1) and tuple(conv.dilation) == (1, 1) and conv.groups == 1):
         return None
-    B, C, H, W = x.shape
-    if H <= max(1, BAND_BYTES // (B * W * C * x.element_size())):
+    if x.shape[2] <= _band_rows(x):
         return None  # one band: nothing to save, skip the weight casts
     nw, nb = (nnops.cast_bias_weight(norm_layer, x.dtype, x.device, operations) if norm_layer.affine
               else (None, None))
@@ -130,10 +139,6 @@ def _affine(rows: torch.Tensor, num_groups: int, weight: torch.Tensor | None, bi
     return scale.reshape(B, 1, C).float(), shift.reshape(B, 1, C).float(), work
 
 
-BAND_BYTES = 64 * 2**20  # input rows per band (:func:`norm_silu_conv`, :func:`upsample_conv`); above glibc's largest
-# mmap threshold (32 MiB), so a freed band goes back to the system: 16 MiB bands raised the 1024 peak by ~0.05 GiB
-
-
 def norm_silu_conv(x: torch.Tensor, num_groups: int, norm_weight: torch.Tensor | None,
                    norm_bias: torch.Tensor | None, eps: float, weight: torch.Tensor,
                    bias: torch.Tensor | None, inplace: bool = False) -> torch.Tensor | None:
@@ -148,7 +153,7 @@ def norm_silu_conv(x: torch.Tensor, num_groups: int, norm_weight: torch.Tensor |
     caller then runs the plain ops).
     """
     B, C, H, W = x.shape
-    band = max(1, BAND_BYTES // max(1, B * W * C * x.element_size()))
+    band = _band_rows(x)
     if not _exact_path(x) or torch.is_grad_enabled() or band >= H or weight.shape[-2:] != (3, 3):
         return None
     if inplace and weight.shape[0] != C:
@@ -182,12 +187,11 @@ def norm_silu_conv(x: torch.Tensor, num_groups: int, norm_weight: torch.Tensor |
 def add_shortcut(h: torch.Tensor, x: torch.Tensor, shortcut: nn.Module, operations=None) -> torch.Tensor:
     """``h += shortcut(x)`` for a 1x1 conv ``shortcut``, in row bands of a large channels-last map (no map-sized
     shortcut output); any other case adds the whole shortcut."""
-    B, C, H, W = x.shape
-    band = max(1, BAND_BYTES // max(1, B * W * C * x.element_size()))
-    if torch.is_grad_enabled() or band >= H or not (_exact_path(x) and _exact_path(h)):
+    band = _band_rows(x)
+    if torch.is_grad_enabled() or band >= x.shape[2] or not (_exact_path(x) and _exact_path(h)):
         return h.add_(shortcut(x))
     weight, bias = nnops.cast_bias_weight(shortcut, x.dtype, x.device, operations)
-    for a in range(0, H, band):
+    for a in range(0, x.shape[2], band):
         h[:, :, a : a + band].add_(F.conv2d(x[:, :, a : a + band], weight, bias))
     return h
 
@@ -247,7 +251,7 @@ def upsample_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     # The four phases interleave in the input's layout: (B, H, 2, W, 2, O) or (B, O, H, 2, W, 2) memory.
     out = x.new_empty(B, H, 2, W, 2, O) if channels_last else x.new_empty(B, O, H, 2, W, 2)
     # Input rows in bands (rows r0..r1 need r0-1..r1+1), so that only a band is padded at a time.
-    band = max(1, BAND_BYTES // max(1, B * W * C * x.element_size()))
+    band = _band_rows(x)
     for r0 in range(0, H, band):
         r1 = min(r0 + band, H)
         padded = F.pad(x[:, :, max(r0 - 1, 0) : min(r1 + 1, H)], (1, 1, int(r0 == 0), int(r1 == H)))  # (B, C, r1-r0+2, W+2)
