@@ -160,8 +160,10 @@ def sampling_memory(arch: ArchSpec, scales: list[tuple[int, int]], config: Pruni
     the largest scale gives the peak. From the cache scale on, FastVAR's restore cache is held too: every
     pruned layer's sub-layer outputs (self-attention, cross-attention when there is text, FFN) at that scale
     (docs/fastvar.md §3.6). The KV term is :func:`estimate`'s ``kv_cache_bytes`` for every row without the
-    last executed scale's keys, which are never stored: that scale attends to a copy of one layer's held keys
-    and values next to its own at a time, counted with its activations.
+    last executed scale's keys, which are never stored: the first layer has room for them, and every layer
+    releases its buffer after that scale's attention, so a later layer's copy of its keys next to the new
+    ones fits in what the layers before it released (kvcache.KVBuffer.extend); the room is counted with the
+    activations.
     ``score_matrices=False``: a fused kernel (flash, memory-efficient SDPA) that never holds the scores.
     """
     config = config or PruningConfig(name="off")
@@ -189,7 +191,7 @@ def sampling_memory(arch: ArchSpec, scales: list[tuple[int, int]], config: Pruni
         if cost.scale == len(scales) - 1:
             per_row += 4 * cost.tokens * arch.last_scale_values_per_token
         if cost.scale == final:
-            per_row += 2 * b * keys * c  # one layer's keys and values with this scale's (kvcache.KVBuffer.extend)
+            per_row += 2 * b * k * c  # the first layer's room for this scale's keys and values (PruningRun.kv_capacities)
         peak = max(peak, rows * per_row)
         held += config.kv_kept(cost.scale, k)
     return MemoryEstimate((report.kv_cache_bytes - 2 * final_keys * c * b) * rows, peak)

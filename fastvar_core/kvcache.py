@@ -44,12 +44,24 @@ class KVBuffer:
         ``keep`` of the L new tokens stay for later scales: all (``keep == L``), none (0: the final
         scale, whose keys nobody reads), or under a KV budget the ``keep`` whose keys lie farthest from
         the scale's mean key (the others are overwritten by the next scale).
+
+        ``keep == 0`` is the buffer's last use: the new keys go after the held ones in place if the buffer
+        has room (else into a copy), and the buffer lets go of its memory, which lives on only in the
+        returned tensors. Released layer by layer, one layer's copy at a time fits where the previous
+        layer's buffer was.
         """
         rows, n, new = k.shape[0], self.length, k.shape[2]
         if keep == 0:
             if self._k is None:
                 return k, v
-            return torch.cat((self._k[:rows, :, :n], k), dim=2), torch.cat((self._v[:rows, :, :n], v), dim=2)
+            if n + new <= self._k.shape[2]:
+                self._k[:rows, :, n: n + new] = k
+                self._v[:rows, :, n: n + new] = v
+                held = self._k[:rows, :, : n + new], self._v[:rows, :, : n + new]
+            else:
+                held = torch.cat((self._k[:rows, :, :n], k), dim=2), torch.cat((self._v[:rows, :, :n], v), dim=2)
+            self.clear()
+            return held
         self._reserve(k, n + new)
         if keep < new:
             order = distinct_keys_first(k, keep)  # (B, L): the kept tokens first

@@ -32,11 +32,11 @@ def _scaled_logits() -> None:
 
 def _neighbour_token() -> None:
     """In the first pruned sub-layer of every run, the most distinct kept token is replaced by its neighbour."""
-    original_sublayer = pruning_run.PruningRun.sublayer
+    original_sublayer = pruning_run.PruningRun.add_sublayer
     original_top = pruning_run.top_tokens
     armed = {"on": False}
 
-    def sublayer(self, layer, name, x, branch):
+    def add_sublayer(self, layer, name, x, branch):
         first = self.prunes(layer) and not getattr(self, "_mutated", False)
         if first:
             self._mutated = True
@@ -54,7 +54,7 @@ def _neighbour_token() -> None:
             idx[0, j] = (idx[0, j] + 1) % scores.shape[1]
         return idx
 
-    pruning_run.PruningRun.sublayer = sublayer
+    pruning_run.PruningRun.add_sublayer = add_sublayer
     pruning_run.top_tokens = top_tokens
 
 
@@ -80,14 +80,11 @@ def _cfg_offset() -> None:
 def _bilinear_restore() -> None:
     """Pruned tokens restored from the cache with bilinear instead of area interpolation."""
 
-    def resize(tokens, src_hw, dst_hw, out=None):
+    def resize(tokens, src_hw, dst_hw):
         b, _, c = tokens.shape
         grid = tokens.reshape(b, *src_hw, c).permute(0, 3, 1, 2)
         full = F.interpolate(grid, size=dst_hw, mode="bilinear", align_corners=False)
-        full = full.permute(0, 2, 3, 1).reshape(b, dst_hw[0] * dst_hw[1], c)
-        if out is None:
-            return full
-        return out.copy_(full)
+        return full.permute(0, 2, 3, 1).reshape(b, dst_hw[0] * dst_hw[1], c)
 
     pruning_tokens.resize_token_map = resize
 

@@ -189,10 +189,39 @@ def test_kv_cache_is_written_in_place_and_keeps_the_most_distinct_keys():
     assert cache.length == 3 and torch.equal(cache.k[:, :, :2], k1)
     assert torch.equal(cache.k[0, 0, 2], k2[0, 0, 1]) and torch.equal(cache.k[1, 0, 2], k2[1, 0, 2])
     assert torch.equal(cache.v[1, 0, 2], k2[1, 0, 2] + 1)  # values follow their keys
+    held = cache.k.clone()
     final, _ = cache.extend(torch.ones(2, 1, 4, 4), torch.ones(2, 1, 4, 4), keep=0)  # last scale: not stored
-    assert final.shape == (2, 1, 7, 4) and cache.length == 3
-    cache.clear()
-    assert cache.k is None and cache.v is None
+    assert final.shape == (2, 1, 7, 4) and torch.equal(final[:, :, :3], held)  # 7 > 6 slots: a copy
+    assert cache.k is None and cache.v is None and cache.length == 0  # the buffer is released
+
+
+def test_last_scale_keys_go_in_place_where_the_buffer_has_room():
+    import torch
+
+    from fastvar_core.kvcache import KVBuffer
+
+    cache = KVBuffer(capacity=5)
+    k1 = torch.randn(2, 1, 2, 4)
+    cache.extend(k1, k1 + 1, keep=2)
+    buffer = cache._k
+    k2 = torch.randn(1, 1, 3, 4)  # after a CFG cut-off: the leading row only
+    keys, values = cache.extend(k2, k2 + 1, keep=0)
+    assert keys.data_ptr() == buffer.data_ptr()  # no copy of the held keys
+    assert torch.equal(keys, torch.cat((k1[:1], k2), dim=2)) and torch.equal(values, keys + 1)
+    assert cache.k is None  # released: the memory lives on only in the returned keys
+
+
+def test_only_the_first_layer_has_room_for_the_last_scale():
+    from fastvar_core.pruning import PruningConfig, PruningRun
+
+    tokens = [1, 4, 16, 64]
+    cfg = PruningConfig(drop_ratios={3: 0.75}, cache_scale=2, layers=(1, 3))
+    run = PruningRun(cfg, [(1, 1), (2, 2), (4, 4), (8, 8)], depth=3)
+    # layers hold the 21 keys of scales 0-2; layer 0 also the last scale's 64 (unpruned), not layers 1-2
+    assert run.kv_capacities(tokens, [0, 1, 2, 3]) == [85, 21, 21]
+    pruned_first = PruningRun(PruningConfig(drop_ratios={3: 0.75}, cache_scale=2, layers=(0, 3)), [(1, 1), (2, 2), (4, 4), (8, 8)],
+                              depth=2)
+    assert pruned_first.kv_capacities(tokens, [0, 1, 2, 3]) == [21 + 16, 21]  # the 16 kept tokens
 
 
 def test_cfg_cutoff_equals_unguided_logits_from_that_scale_with_half_the_rows():

@@ -335,7 +335,7 @@ def test_hart_pruning_rules(model, cfg, words):
 
 
 def test_kv_cache_holds_only_kept_tokens(model, cond):
-    """Under pruning only the tokens that went through append K/V; a last scale stores nothing."""
+    """Under pruning only the tokens that went through append K/V; a last scale stores nothing and releases."""
     depth, pns = model.config.depth, model.config.patch_nums
     # prune scale 2 (3x3: keep 9 - floor(4.5) = 5) in layers 1 and 2 only, restoring from scale 1
     config = PruningConfig(drop_ratios={2: 0.5}, cache_scale=1, layers=(1, 3))
@@ -358,11 +358,11 @@ def test_kv_cache_holds_only_kept_tokens(model, cond):
         assert step(0, True).shape[1] == 300
         assert step(1, True).shape[1] == 4
         assert [k.shape[2] for k in cache.k] == [304] * depth
-        assert step(2, False).shape[1] == 9  # every position is restored after pruning
-        assert [k.shape[2] for k in cache.k] == [304] * depth  # the last scale is not stored
-        step(2, True)
-    assert [k.shape[2] for k in cache.k] == [313, 309, 309, 313]  # layers 1, 2 appended the 5 kept tokens
-    assert run.kept[(2, 1, "attn")].shape == (2, 5) and (2, 0, "attn") not in run.kept
+        assert step(2, True).shape[1] == 9  # every position is restored after pruning
+        assert [k.shape[2] for k in cache.k] == [313, 309, 309, 313]  # layers 1, 2 appended the 5 kept tokens
+        assert run.kept[(2, 1, "attn")].shape == (2, 5) and (2, 0, "attn") not in run.kept
+        assert step(2, False).shape[1] == 9  # as a last scale: attends to the cache, stores nothing ...
+    assert cache.k == [None] * depth  # ... and every layer released its buffer after its attention
     run.close()
 
 

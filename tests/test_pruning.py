@@ -16,8 +16,8 @@ from fastvar_core.pruning import (
     PruningRun,
     make_preset,
     pivotal_scores,
+    add_restored_,
     resize_token_map,
-    restore_tokens,
     select_pivotal,
 )
 from fastvar_core.schedules import hart_schedule, infinity_schedule
@@ -170,16 +170,30 @@ def test_pivotal_scores_in_cpu_blocks_equal_one_pass():
     torch.testing.assert_close(pivotal_scores(half), (half.float() - half.float().mean(1, keepdim=True)).square().sum(-1))
 
 
-def test_restore_into_a_workspace():
+def _restored_by_hand(x, cached, cached_hw, hw, kept_out, idx):
+    """x plus the full sub-layer output built the direct way: the resized cache, kept outputs at idx."""
+    full = resize_token_map(cached, cached_hw, hw).clone()
+    for row in range(x.shape[0]):
+        full[row, idx[row]] = kept_out[row]
+    return x + full
+
+
+@pytest.mark.parametrize("channels", [5, 192, 200])
+def test_restore_in_channel_blocks_equals_one_full_size_output(monkeypatch, channels):
+    # 64-channel blocks (forced) add exactly what x + one full-size restored output gives
+    from fastvar_core.pruning import tokens as tokens_mod
+
+    monkeypatch.setattr(tokens_mod, "RESTORE_BLOCK_VALUES", 2 * 91 * 91 * 64)
     gen = torch.Generator().manual_seed(1)
-    cached, kept_out = torch.randn(2, 9, 5, generator=gen), torch.randn(2, 4, 5, generator=gen)
-    idx = torch.stack([torch.randperm(20, generator=gen)[:4] for _ in range(2)])
-    fresh = restore_tokens(cached, (3, 3), (4, 5), kept_out, idx)
-    buffer = torch.full((2, 20, 5), float("nan"))
-    assert restore_tokens(cached, (3, 3), (4, 5), kept_out, idx, out=buffer) is buffer
-    assert torch.equal(buffer, fresh)
-    with pytest.raises(ValueError, match=r"out must be a contiguous \(2, 20, 5\) torch.float32 tensor"):
-        restore_tokens(cached, (3, 3), (4, 5), kept_out, idx, out=torch.empty(2, 21, 5))
+    x = torch.randn(2, 91 * 91, channels, generator=gen)
+    cached = torch.randn(2, 36 * 36, channels, generator=gen)
+    idx = torch.stack([torch.randperm(91 * 91, generator=gen)[:2000] for _ in range(2)])
+    kept_out = torch.randn(2, 2000, channels, generator=gen)
+    kept_x = torch.stack([x[row, idx[row]] for row in range(2)])
+    expected = _restored_by_hand(x, cached, (36, 36), (91, 91), kept_out, idx)
+    y = x.clone()
+    assert add_restored_(y, kept_x, cached, (36, 36), (91, 91), kept_out, idx) is y
+    assert torch.equal(y, expected)
 
 
 def test_area_resize_matches_adaptive_average_pooling():
@@ -189,29 +203,6 @@ def test_area_resize_matches_adaptive_average_pooling():
     out = resize_token_map(tokens, (2, 2), (3, 3)).reshape(3, 3)
     expected = torch.tensor([[1.0, 1.5, 2.0], [2.0, 2.5, 3.0], [3.0, 3.5, 4.0]])
     torch.testing.assert_close(out, expected)
-
-
-@pytest.mark.parametrize("src, dst", [((2, 2), (3, 3)), ((3, 5), (4, 7)), ((5, 4), (5, 4)), ((6, 6), (2, 3))])
-def test_resize_into_out_is_the_same_on_the_private_and_the_public_pool(monkeypatch, src, dst):
-    from fastvar_core.pruning import tokens as tokens_mod
-
-    tokens = torch.randn(2, src[0] * src[1], 6, generator=torch.Generator().manual_seed(1))
-    expected = resize_token_map(tokens, src, dst)  # out=None: the public pool only
-    paths = {tokens_mod.probe_pool_into(), tokens_mod.pool_into_public}
-    for pool_into in paths:  # the private op when this build has it, and the fallback
-        monkeypatch.setattr(tokens_mod, "_pool_into", lambda pool_into=pool_into: pool_into)
-        out = torch.full_like(expected, float("nan"))
-        assert resize_token_map(tokens, src, dst, out=out) is out
-        assert torch.equal(out, expected)
-
-
-def test_pool_probe_falls_back_to_the_public_pool(monkeypatch):
-    from fastvar_core.pruning import tokens as tokens_mod
-
-    monkeypatch.delattr(torch._C._nn, "adaptive_avg_pool2d")
-    assert tokens_mod.probe_pool_into() is tokens_mod.pool_into_public
-    monkeypatch.setattr(torch._C._nn, "adaptive_avg_pool2d", lambda *a, **k: None, raising=False)  # writes nothing
-    assert tokens_mod.probe_pool_into() is tokens_mod.pool_into_public
 
 
 @settings(max_examples=40, deadline=None)
@@ -224,20 +215,22 @@ def test_pool_probe_falls_back_to_the_public_pool(monkeypatch):
     cache_w=st.integers(1, 5),
     data=st.data(),
 )
-def test_restore_puts_kept_outputs_at_their_slots_and_cache_elsewhere(b, h, w, ch, cache_h, cache_w, data):
+def test_restore_adds_kept_outputs_at_their_slots_and_the_cache_elsewhere(b, h, w, ch, cache_h, cache_w, data):
     gen = torch.Generator().manual_seed(data.draw(st.integers(0, 2**16)))
     n = h * w
     keep = data.draw(st.integers(1, n))
     cached = torch.randn(b, cache_h * cache_w, ch, generator=gen)
     idx = torch.stack([torch.randperm(n, generator=gen)[:keep] for _ in range(b)])
     kept_out = torch.randn(b, keep, ch, generator=gen)
-    out = restore_tokens(cached, (cache_h, cache_w), (h, w), kept_out, idx)
+    x = torch.randn(b, n, ch, generator=gen)
+    kept_x = torch.stack([x[row, idx[row]] for row in range(b)])
+    out = add_restored_(x.clone(), kept_x, cached, (cache_h, cache_w), (h, w), kept_out, idx)
     interp = resize_token_map(cached, (cache_h, cache_w), (h, w))
     for row in range(b):
         mask = torch.zeros(n, dtype=torch.bool)
         mask[idx[row]] = True
-        torch.testing.assert_close(out[row, idx[row]], kept_out[row])
-        torch.testing.assert_close(out[row, ~mask], interp[row, ~mask])
+        assert torch.equal(out[row, idx[row]], x[row, idx[row]] + kept_out[row])
+        assert torch.equal(out[row, ~mask], x[row, ~mask] + interp[row, ~mask])
 
 
 # ---------------------------------------------------------------- the run: hook, cache, lifetime
@@ -256,7 +249,7 @@ def _run_scales(run, scales, x_per_scale, weight, calls, layers=(0, 1)):
     for si, x in x_per_scale.items():
         run.begin_scale(si)
         for layer in layers:
-            outs[(si, layer)] = run.sublayer(layer, "ffn", x, _linear_branch(weight, calls))
+            outs[(si, layer)] = run.add_sublayer(layer, "ffn", x.clone(), _linear_branch(weight, calls)) - x
     return outs
 
 
@@ -267,7 +260,7 @@ def test_ratio_zero_leaves_the_output_unchanged():
     x = torch.randn(2, 16, 5)
     run = PruningRun(cfg, scales, depth=2)
     run.begin_scale(2)
-    torch.testing.assert_close(run.sublayer(0, "sa", x, lambda t, i: t @ weight), x @ weight)
+    assert torch.equal(run.add_sublayer(0, "sa", x.clone(), lambda t, i: t @ weight), x + x @ weight)
 
 
 @settings(max_examples=30, deadline=None)
@@ -308,7 +301,7 @@ def test_cache_is_dropped_when_the_run_ends_or_fails():
     with pytest.raises(RuntimeError):
         with run:
             run.begin_scale(1)
-            run.sublayer(0, "sa", torch.randn(1, 4, 3), lambda t, i: t @ weight)
+            run.add_sublayer(0, "sa", torch.randn(1, 4, 3), lambda t, i: t @ weight)
             assert run._cache, "the cache scale must write the cache"
             raise RuntimeError("interrupted")
     assert not run._cache
@@ -316,7 +309,7 @@ def test_cache_is_dropped_when_the_run_ends_or_fails():
     fresh = PruningRun(cfg, scales, depth=1)
     fresh.begin_scale(2)
     with pytest.raises(InternalError, match="restore cache for layer 0 sa at scale 1 holds nothing"):
-        fresh.sublayer(0, "sa", torch.randn(1, 16, 3), lambda t, i: t)
+        fresh.add_sublayer(0, "sa", torch.randn(1, 16, 3), lambda t, i: t * 2)
 
 
 def test_skipped_scale_cannot_begin():
@@ -331,13 +324,13 @@ def test_kept_mask_marks_kept_tokens():
     cfg = PruningConfig(drop_ratios={2: 0.5}, cache_scale=1, layers=(0, 1))
     with PruningRun(cfg, scales, depth=1, record=True) as run:
         run.begin_scale(1)
-        run.sublayer(0, "ffn", torch.randn(2, 4, 3), lambda t, i: t)
+        run.add_sublayer(0, "ffn", torch.randn(2, 4, 3), lambda t, i: t * 2)
         run.begin_scale(2)
         x = torch.zeros(2, 6, 3)
         x[:, 0] = 4.0
         x[:, 5] = -4.0
         x[:, 3] = 9.0
-        run.sublayer(0, "ffn", x, lambda t, i: t)
+        run.add_sublayer(0, "ffn", x, lambda t, i: t * 2)
         mask = run.kept_mask(2)
     assert mask.shape == (2, 2, 3)
     assert mask.flatten(1).tolist()[0] == [1.0, 0.0, 0.0, 1.0, 0.0, 1.0]

@@ -62,7 +62,7 @@ class ToyModel(nn.Module):
     def logits(self, x: torch.Tensor, run) -> torch.Tensor:
         """(rows, L, width) -> (rows, L, vocab); every block's FFN goes through FastVAR's PruningRun."""
         for layer, block in enumerate(self.blocks):
-            x = x + run.sublayer(layer, "ffn", x, lambda t, idx, b=block: b(t))
+            x = run.add_sublayer(layer, "ffn", x, lambda t, idx, b=block: b(t))
         return self.head(x)
 
 

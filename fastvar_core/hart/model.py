@@ -5,7 +5,7 @@ a 1D RoPE on the text and HART's peculiar 2D RoPE on image tokens, an AdaLN head
 max-pooled text, and the residual diffusion head (docs/hart.md §2). Parameter names equal the checkpoint
 keys, so the official state dict loads strictly (after dropping two training buffers).
 
-Every attention and FFN branch goes through :meth:`PruningRun.sublayer`, which is where FastVAR drops
+Every attention and FFN branch goes through :meth:`PruningRun.add_sublayer`, which is where FastVAR drops
 and restores tokens; the attention then sees only the kept tokens, at their original RoPE positions,
 and appends only their keys/values to the cache (docs/fastvar.md §3.4).
 """
@@ -158,8 +158,8 @@ class Attention(nn.Module):
         B, L, C = x.shape
         bias = torch.cat([self.q_bias, self.zero_k_bias, self.v_bias])
         w, _ = nnops.cast_bias_weight(self.qkv_proj, x.dtype, x.device, self.ops)
-        qkv = F.linear(x, w, bias).view(B, L, 3, self.num_heads, self.head_dim)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, H, L, hd)
+        # 3 x (B, H, L, hd), views of one tensor that goes once v is in the cache
+        q, k, v = F.linear(x, w, bias).view(B, L, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         if self.scale_mul_1H11 is not None:
             # before RoPE (which is not norm-preserving here); q scale exp(min(s, ln 100)) (docs/hart.md §2.4)
             q = F.normalize(q, dim=-1) * self.scale_mul_1H11.clamp_max(math.log(100)).exp()
@@ -168,6 +168,7 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         k, v = cache.extend(layer, k, v, keep)
         out = attention(q, k, v, scale=self.scale)  # (B, H, L, hd)
+        del q, k, v  # at the last scale the keys are a released buffer or a copy: gone before the projection
         return self.proj(out.transpose(1, 2).reshape(B, L, C))
 
 
@@ -180,7 +181,8 @@ class SwiGLU(nn.Module):
         self.down_proj = ops.Linear(hidden, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        hidden = F.silu(self.gate_proj(x), inplace=True)  # (B, L, hidden), in place: two such tensors at a time
+        return self.down_proj(hidden.mul_(self.up_proj(x)))
 
 
 def _gather_rows(t: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
@@ -189,7 +191,10 @@ def _gather_rows(t: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
 
 
 class Block(nn.Module):
-    """x <- x + Attn(N(x)); x <- x + FFN(N(x)) with one RMSNorm ``ln_wo_grad`` used twice (docs/hart.md §2.2)."""
+    """x <- x + Attn(N(x)); x <- x + FFN(N(x)) with one RMSNorm ``ln_wo_grad`` used twice (docs/hart.md §2.2).
+
+    x is updated in place: at 2K one full-size copy of the hidden states less at the peak.
+    """
 
     def __init__(self, cfg: HARTConfig, index: int, operations=None):
         super().__init__()
@@ -207,8 +212,8 @@ class Block(nn.Module):
         def ffn_branch(xs: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
             return self.ffn(self.ln_wo_grad(xs))
 
-        x = x + run.sublayer(self.index, "attn", x, attn_branch)  # a new tensor: the caller's x is left alone
-        return x.add_(run.sublayer(self.index, "ffn", x, ffn_branch))
+        run.add_sublayer(self.index, "attn", x, attn_branch)  # in place: x is the residual stream
+        return run.add_sublayer(self.index, "ffn", x, ffn_branch)
 
 
 class HeadNorm(nn.Module):

@@ -202,7 +202,7 @@ def sample_hart(
 
     run = pruning_run_for(pruning, schedule.scales, cfg_model.depth, hooks)
     tokens_run = [cond.context.shape[1], *schedule.tokens_per_scale[1:]]  # scale 0 runs the text tokens
-    cache = KVCache(cfg_model.depth, [run.kv_capacity(layer, tokens_run, range(S - 1)) for layer in range(cfg_model.depth)])
+    cache = KVCache(cfg_model.depth, run.kv_capacities(tokens_run, range(S)))
     timer = ScaleTimer(device)
     tokens: dict[int, torch.Tensor] = {}
     try:

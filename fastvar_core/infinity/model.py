@@ -2,7 +2,7 @@
 
 Math per docs/infinity.md §3; module and parameter names are the official checkpoint keys
 (blocks live in one flat ``blocks`` list; the loader maps ``block_chunks.{c}.module.{j}`` onto it).
-Every residual branch (self-attention, cross-attention, FFN) goes through ``PruningRun.sublayer`` so
+Every residual branch (self-attention, cross-attention, FFN) goes through ``PruningRun.add_sublayer`` so
 FastVAR can run it on a subset of tokens. Run state (KV caches, pruning cache) lives outside the
 module, owned by the sampler, so nothing leaks between generations.
 
@@ -70,12 +70,14 @@ class SelfAttention(nn.Module):
         bias = torch.cat((self.q_bias, self.zero_k_bias, self.v_bias)).to(dtype)
         qkv = nnops.linear(self.mat_qkv, x.to(dtype), self.ops, bias).view(B, L, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, L, hd) each, views of qkv
+        del qkv  # its memory goes once v is in the cache
         q_scale = self.scale_mul_1H11.float().clamp_max(MAX_LOG_SCALE).exp()  # (1, H, 1, 1)
         q = F.normalize(q.float(), dim=-1, eps=1e-12).mul_(q_scale)
         k = F.normalize(k.float(), dim=-1, eps=1e-12)
         q, k = rotate_pairs(q, cos, sin), rotate_pairs(k, cos, sin)
         k, v = cache.extend(k.to(dtype), v, keep)
         out = attention(q.to(dtype), k, v, scale=1.0)  # (B, H, L, hd); the learned q scale is the temperature
+        del q, k, v  # at the last scale the keys are a released buffer or a copy: gone before the projection
         return self.proj(out.transpose(1, 2).reshape(B, L, C))
 
 
@@ -151,9 +153,9 @@ class Block(nn.Module):
         def ffn_branch(xs: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
             return self.ffn(ada_layer_norm(xs, scale2, shift2).to(self.sa.q_bias.dtype)).float().mul_(gamma2)
 
-        x = x + run.sublayer(layer, "sa", x, sa_branch)  # a new tensor: the caller's x is left alone
-        x.add_(run.sublayer(layer, "ca", x, ca_branch))
-        return x.add_(run.sublayer(layer, "ffn", x, ffn_branch))
+        run.add_sublayer(layer, "sa", x, sa_branch)  # in place: x is the residual stream
+        run.add_sublayer(layer, "ca", x, ca_branch)
+        return run.add_sublayer(layer, "ffn", x, ffn_branch)
 
 
 class RMSNorm(nn.Module):

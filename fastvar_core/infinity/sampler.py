@@ -139,7 +139,7 @@ def sample_infinity(
     run = pruning_run_for(pruning, schedule.scales, config.depth, hooks)
     executed = [si for si in range(S) if not run.is_skipped(si)]
     # one buffer per layer, sized for every stored scale; the final executed scale's keys are not kept
-    caches = [KVBuffer(run.kv_capacity(layer, schedule.tokens_per_scale, executed[:-1])) for layer in range(config.depth)]
+    caches = [KVBuffer(slots) for slots in run.kv_capacities(schedule.tokens_per_scale, executed)]
     generator = torch.Generator(device="cpu").manual_seed(int(seed))  # same bits on every device
     timer = ScaleTimer(device)
     vae_scales = [(2 * h, 2 * w) if config.patchify else (h, w) for h, w in schedule.scales]

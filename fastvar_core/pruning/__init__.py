@@ -3,7 +3,7 @@
 from .config import PruningConfig
 from .presets import ACCELERATED_PRESETS, PRESET_NAMES, PresetTable, accelerate, make_preset
 from .run import PruningRun
-from .tokens import gather_tokens, pivotal_scores, resize_token_map, restore_tokens, select_pivotal
+from .tokens import add_restored_, gather_tokens, pivotal_scores, resize_token_map, select_pivotal
 
 __all__ = [
     "ACCELERATED_PRESETS",
@@ -12,10 +12,10 @@ __all__ = [
     "PruningConfig",
     "PruningRun",
     "accelerate",
+    "add_restored_",
     "gather_tokens",
     "make_preset",
     "pivotal_scores",
     "resize_token_map",
-    "restore_tokens",
     "select_pivotal",
 ]

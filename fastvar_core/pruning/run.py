@@ -2,7 +2,7 @@
 
 A sampler creates one :class:`PruningRun` per generation, calls :meth:`PruningRun.begin_scale` at every
 executed scale, and every transformer sub-layer (attention, cross-attention, FFN) routes its residual
-branch through :meth:`PruningRun.sublayer`. The run owns the restore cache; it is dropped when the run
+branch through :meth:`PruningRun.add_sublayer`. The run owns the restore cache; it is dropped when the run
 is closed (end of sampling, error or interrupt), unlike the official code, which keeps it across
 generations and can silently reuse another image's features.
 """
@@ -16,7 +16,7 @@ import torch
 
 from ..errors import ConfigError, InternalError
 from .config import PruningConfig
-from .tokens import gather_tokens, pivotal_scores, restore_tokens, top_tokens
+from .tokens import add_restored_, gather_tokens, pivotal_scores, top_tokens
 
 # branch(x, idx) -> output: x is the branch input for the tokens that go through, idx their indices in
 # the scale's row-major token map (None when every token goes through, in order).
@@ -52,7 +52,6 @@ class PruningRun:
         self.timing = timing
         self.seconds = {"select": 0.0, "branch": 0.0, "restore": 0.0}
         self._cache: dict[tuple[int, str], torch.Tensor] = {}
-        self._workspace: torch.Tensor | None = None  # the restored output of the latest pruned sub-layer
         self._scale = -1
         self._keep = 0
 
@@ -100,18 +99,26 @@ class PruningRun:
             held += self.config.kv_kept(scale, n)
         return need
 
-    # ----- the hook every sub-layer goes through -----
-    def sublayer(self, layer: int, name: str, x: torch.Tensor, branch: Branch) -> torch.Tensor:
-        """Run a residual branch on x (B, L, C) with FastVAR and return its output for all L tokens.
+    def kv_capacities(self, tokens: Sequence[int], executed: Sequence[int]) -> list[int]:
+        """KV-cache slots per layer for a run of the ``executed`` scales: every layer holds the keys of all
+        but the last; the first layer also has room for the last scale's own keys, so it attends to them
+        without a copy (the next layers' copies fit where the released buffers were, KVBuffer.extend)."""
+        stored, final = list(executed[:-1]), list(executed)
+        return [self.kv_capacity(layer, tokens, final if layer == 0 else stored) for layer in range(self.depth)]
 
-        At a pruned scale the output is a workspace that the next pruned sub-layer overwrites: add it to
-        the residual stream before calling again (both families do so at once).
+    # ----- the hook every sub-layer goes through -----
+    def add_sublayer(self, layer: int, name: str, x: torch.Tensor, branch: Branch) -> torch.Tensor:
+        """Add a residual branch's output to x (B, L, C) in place, with FastVAR, and return x.
+
+        Unpruned, every token goes through ``branch``; at the cache scale its output is kept for later
+        scales. Pruned, only the pivotal tokens go through and the others get the cached output resized
+        to this scale, added straight into x (no full-size output tensor is made).
         """
         if not self.prunes(layer):
             out = branch(x, None)
             if self._scale == self.config.cache_scale and self.config.prunes_layer(layer):
                 self._cache[(layer, name)] = out
-            return out
+            return x.add_(out)
         t0 = self._clock(x)
         cached = self._cache.get((layer, name))
         if cached is not None and cached.shape[0] > x.shape[0] and not self.config.guides(self._scale):
@@ -135,21 +142,13 @@ class PruningRun:
         t1 = self._clock(x)
         out_kept = branch(kept, idx)  # (B, K, C)
         t2 = self._clock(x)
-        out = restore_tokens(cached, self.scales[self.config.cache_scale], self.scales[self._scale], out_kept, idx,
-                             out=self._restore_buffer(x.shape[0], x.shape[1], out_kept))
+        add_restored_(x, kept, cached, self.scales[self.config.cache_scale], self.scales[self._scale], out_kept, idx)
         if self.timing:
             t3 = self._clock(x)
             self.seconds["select"] += t1 - t0
             self.seconds["branch"] += t2 - t1
             self.seconds["restore"] += t3 - t2
-        return out
-
-    def _restore_buffer(self, rows: int, length: int, like: torch.Tensor) -> torch.Tensor:
-        shape = (rows, length, like.shape[-1])
-        ws = self._workspace
-        if ws is None or tuple(ws.shape) != shape or ws.dtype != like.dtype or ws.device != like.device:
-            self._workspace = ws = torch.empty(shape, dtype=like.dtype, device=like.device)
-        return ws
+        return x
 
     def _clock(self, x: torch.Tensor) -> float:
         if not self.timing:
@@ -168,7 +167,6 @@ class PruningRun:
     def close(self) -> None:
         """Release the restore cache (kept-index records stay for inspection)."""
         self._cache.clear()
-        self._workspace = None
         self._scale = -1
 
     def __enter__(self) -> PruningRun:

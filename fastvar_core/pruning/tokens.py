@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
 
@@ -54,68 +52,48 @@ def gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return x.reshape(b * length, c).index_select(0, _flat_rows(idx, length)).view(b, idx.shape[1], c)
 
 
-def pool_into_public(grid: torch.Tensor, dst_hw: tuple[int, int], *, out: torch.Tensor) -> torch.Tensor:
-    """``F.adaptive_avg_pool2d(grid, dst_hw)`` copied into ``out``."""
-    return out.copy_(F.adaptive_avg_pool2d(grid, dst_hw))
+# Channels of the cache resized at once when restoring: the resized block is (B, L, channels), at most this
+# many values, so restoring needs no full-size buffer beside the residual stream.
+RESTORE_BLOCK_VALUES = 1 << 22
 
 
-def probe_pool_into():
-    """``torch._C._nn.adaptive_avg_pool2d`` (a private API writing into ``out=``) if it exists and pools
-    like ``F.adaptive_avg_pool2d`` on a tiny probe, else the public pool plus a copy (one more temporary)."""
-    try:
-        private = torch._C._nn.adaptive_avg_pool2d
-        grid = torch.arange(12, dtype=torch.float32).view(1, 2, 2, 3).permute(0, 3, 1, 2)  # channels-last
-        out = torch.full((1, 3, 3, 3), float("nan")).permute(0, 3, 1, 2)
-        private(grid, (3, 3), out=out)
-        if torch.equal(out, F.adaptive_avg_pool2d(grid, (3, 3))):
-            return private
-    except (AttributeError, RuntimeError, TypeError):
-        pass
-    return pool_into_public
-
-
-@functools.cache
-def _pool_into():
-    """The probed pooling-into-``out`` function, found once per process."""
-    return probe_pool_into()
-
-
-def resize_token_map(tokens: torch.Tensor, src_hw: tuple[int, int], dst_hw: tuple[int, int],
-                     out: torch.Tensor | None = None) -> torch.Tensor:
+def resize_token_map(tokens: torch.Tensor, src_hw: tuple[int, int], dst_hw: tuple[int, int]) -> torch.Tensor:
     """Area-resize a row-major token map (B, h*w, C) from ``src_hw`` to ``dst_hw`` -> (B, H*W, C) contiguous.
 
     The map is viewed channels-last (B, h, w, C) -> NCHW strides, so the pooling kernel works on whole
     channel vectors and its output is already the token layout (also for B = 1, where a transposed
-    view would fall back to the slow planar kernel). ``out``: a contiguous (B, H*W, C) tensor to write into.
+    view would fall back to the slow planar kernel).
     """
     b, _, c = tokens.shape
     grid = tokens.reshape(b, *src_hw, c).permute(0, 3, 1, 2)  # (B, C, h, w), channels-last strides
-    if out is None:
-        grid = F.adaptive_avg_pool2d(grid, dst_hw)  # = interpolate(mode="area"); (B, C, H, W) channels-last
-        return grid.permute(0, 2, 3, 1).reshape(b, dst_hw[0] * dst_hw[1], c)
-    _pool_into()(grid, dst_hw, out=out.view(b, *dst_hw, c).permute(0, 3, 1, 2))
-    return out
+    grid = F.adaptive_avg_pool2d(grid, dst_hw)  # = interpolate(mode="area"); (B, C, H, W) channels-last
+    return grid.permute(0, 2, 3, 1).reshape(b, dst_hw[0] * dst_hw[1], c)
 
 
-def restore_tokens(
+def add_restored_(
+    x: torch.Tensor,
+    kept_x: torch.Tensor,
     cached: torch.Tensor,
     cached_hw: tuple[int, int],
     hw: tuple[int, int],
     kept_out: torch.Tensor,
     idx: torch.Tensor,
-    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Full (B, h*w, C) sub-layer output: the cache area-resized to ``hw``, with kept tokens' outputs at ``idx``.
+    """Add a pruned sub-layer's full output to the residual stream x (B, h*w, C) in place and return x.
 
-    ``out``: a contiguous (B, h*w, C) tensor of ``kept_out``'s dtype to fill and return (a reused
-    workspace saves a fresh full-size allocation per sub-layer).
+    The full output is the cache (B, ch*cw, C) area-resized to ``hw``, with the kept tokens' outputs
+    ``kept_out`` (B, K, C) at ``idx`` (B, K); ``kept_x`` is x at ``idx`` before the call (the branch input).
+    The cache is resized a block of channels at a time (pooling treats channels alike, so the values are
+    those of one full-size pass) and added to every token; the kept tokens are then overwritten with
+    ``kept_x + kept_out``. Each token thus gets x + its output, as with a full-size output tensor.
     """
-    b, c = kept_out.shape[0], kept_out.shape[-1]
-    length = hw[0] * hw[1]
-    if out is not None and (tuple(out.shape) != (b, length, c) or out.dtype != kept_out.dtype
-                            or out.device != kept_out.device or not out.is_contiguous()):
-        raise ValueError(f"restore_tokens: out must be a contiguous {(b, length, c)} {kept_out.dtype} tensor "
-                         f"on {kept_out.device}, found {tuple(out.shape)} {out.dtype} on {out.device}")
-    full = resize_token_map(cached.to(kept_out.dtype), cached_hw, hw, out).contiguous()
-    full.view(b * length, c).index_copy_(0, _flat_rows(idx, length), kept_out.reshape(-1, c))
-    return full
+    b, length, c = x.shape
+    cached = cached.to(kept_out.dtype)
+    step = max(64, RESTORE_BLOCK_VALUES // (b * length) // 64 * 64)
+    if step >= c:
+        x.add_(resize_token_map(cached, cached_hw, hw))
+    else:
+        for a in range(0, c, step):
+            x[..., a: a + step].add_(resize_token_map(cached[..., a: a + step].contiguous(), cached_hw, hw))
+    x.view(b * length, c).index_copy_(0, _flat_rows(idx, length), (kept_x + kept_out).to(x.dtype).reshape(-1, c))
+    return x
