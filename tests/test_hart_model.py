@@ -467,10 +467,15 @@ def test_head_and_diffusion_in_chunks_match_one_piece(model, vae, more_smooth, c
         return sample_hart(model, cond2, sched, vae=vae, seed=7, pruning=pruning, more_smooth=more_smooth, hooks=hooks)
 
     monkeypatch.setattr(diffusion, "DIFFUSION_CHUNK_ROWS", 1 << 20)
-    whole = run(SamplingHooks())  # with hooks the head runs in one piece (the parity tests' path)
+    # a logits observer sees whole scales, so the head runs in one piece (the parity tests' path)
+    whole = run(SamplingHooks(on_logits=lambda si, guided: None))
     monkeypatch.setattr(sampler, "HEAD_CHUNK_VALUES", 5 * 2 * model.config.vocab_size)  # 5 tokens a chunk
     monkeypatch.setattr(diffusion, "DIFFUSION_CHUNK_ROWS", 7)
-    chunked = run()
+    widest = []  # tokens per logits call
+    chunked_logits = model.logits
+    monkeypatch.setattr(model, "logits", lambda x, *args: widest.append(x.shape[1]) or chunked_logits(x, *args))
+    chunked = run(SamplingHooks(pruning_seconds={}))  # timing hooks (the bench's) do not need whole scales
+    assert max(widest[1:]) <= 10 < 6 * 6  # 5 tokens a chunk guided, 10 unguided; scale 0 is one piece by design
     for si in range(sched.num_scales):
         assert torch.equal(chunked.tokens[si], whole.tokens[si]), si
     assert not torch.equal(whole.tokens[4][0], whole.tokens[4][1])  # the two rows draw differently

@@ -82,13 +82,15 @@ def head_tokens(model: HARTTransformer, x: torch.Tensor, head_scale: torch.Tenso
     embedding) run in chunks of tokens, so the (B, l, V) logits never exist at once. The random numbers
     stay those of one pass: the draw (``torch.multinomial`` takes one exponential per logit on a CPU
     generator) and the smoothing each continue their own sequence, the smoothing's started where the whole
-    draw would end. Runs in one piece with hooks (they observe whole scales), at scale 0 and on a
-    non-CPU generator (whose sequence depends on how it is split).
+    draw would end. Runs in one piece when hooks observe or force logits, draws or tokens (they see whole
+    scales), at scale 0 and on a non-CPU generator (whose sequence depends on how it is split).
     """
     device = x.device
     length = 1 if si == 0 else x.shape[1]  # scale 0: the 1x1 token is predicted from the last text position
     V = model.config.vocab_size
-    whole = hooks is not None or si == 0 or generator.device.type != "cpu"
+    observed = hooks is not None and (hooks.on_logits is not None or hooks.on_draw is not None
+                                      or hooks.teacher is not None)
+    whole = observed or si == 0 or generator.device.type != "cpu"
     step = length if whole else max(1, HEAD_CHUNK_VALUES // (V * (2 if guided else 1)))
     parts = [(None, slice(None))] if whole else [(b, slice(a, a + step)) for b in range(B) for a in range(0, length, step)]
 
