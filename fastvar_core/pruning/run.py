@@ -19,7 +19,9 @@ from .config import PruningConfig
 from .tokens import add_restored_, gather_tokens, pivotal_scores, top_tokens
 
 # branch(x, idx) -> output: x is the branch input for the tokens that go through, idx their indices in
-# the scale's row-major token map (None when every token goes through, in order).
+# the scale's row-major token map (None when every token goes through, in order). The output is a new
+# tensor and x is left as it is: the residual stream is updated in place afterwards and the output may
+# be kept as the restore cache.
 Branch = Callable[[torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 
 # on_select(scale, layer, sublayer, scores, kept) -> kept or None: called at every pruned sub-layer with
