@@ -236,9 +236,8 @@ def sample_hart(
                     cos, sin = rope_image(image_positions((ph, pw), grid, offset[:rows]), cfg_model.head_dim)
                 x = model.forward_blocks(x, cos, sin, cache, run)  # (rows, l, C)
                 t = cfg * ratio
-                if last:  # nothing attends to the caches any more: free them before the head's peak
-                    cache.clear()
-                    run.close()
+                if last:  # nothing restores any more: free the restore cache before the head's peak (the KV
+                    run.close()  # buffers were released layer by layer, KVBuffer.extend)
                 idx, h = head_tokens(model, x, head_scale[:rows], head_shift[:rows], B=B, guided=guided, t=t, si=si,
                                      top_k=official_top_k(si) if top_k is None else top_k, top_p=top_p,
                                      smooth_ratio=ratio if more_smooth else None, codebook=codebook, vae=vae,
