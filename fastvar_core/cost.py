@@ -32,6 +32,7 @@ class ArchSpec:
     dtype_bytes: int = 4
     heads: int = 1  # attention heads (the math kernel holds one score matrix per head)
     last_scale_values_per_token: int = 0  # float32 activations per token of the last scale's extra work
+    last_scale_chunk: int = 0  # tokens of the last scale's extra work at once (0: all of them)
 
 
 @dataclass
@@ -131,10 +132,16 @@ def predicted_speedup(arch: ArchSpec, scales: list[tuple[int, int]], config: Pru
     return base / estimate(arch, scales, config, guided=guided).total_flops
 
 
-# Hidden-state copies alive at once inside a block: input, residual branch, normalised input, attention output.
+# Hidden-state copies alive at once inside a block: input, residual branch, normalised input, attention output
+# (the text encoders' working memory, hf_utils).
 LIVE_HIDDEN = 4
-# Transient buffers of the decoders' row bands (vae_layout.BAND_BYTES): one normalised input band and its conv output.
-DECODE_BANDS_BYTES = 2 * 64 * 2**20
+# Per forwarded token, hidden-state-sized tensors alive in a self-attention sub-layer beside the residual stream:
+# the normalised input, the fused q/k/v output (3), the normalised and rotated q and k (2) and one rotation
+# temporary (both families' Attention.forward).
+ATTENTION_HIDDEN = 7
+# Transient buffers of the decoders' row bands (vae_layout.BAND_BYTES): a normalised input band, its conv output
+# and one more band-sized temporary (measured: 0.19 GiB over the blocks' maps at HART's 1024 px level 0).
+DECODE_BANDS_BYTES = 3 * 64 * 2**20
 
 
 @dataclass(frozen=True)
@@ -154,16 +161,17 @@ def sampling_memory(arch: ArchSpec, scales: list[tuple[int, int]], config: Pruni
     """KV cache plus peak activations of sampling ``batch`` images over ``scales`` with ``config``.
 
     Rows are ``batch`` (x2 with ``guided``: the unconditional CFG rows, also after a ``cfg_cutoff``, so the
-    bound holds for every scale). Per scale, one block's hidden states, its FFN hidden layer and attention
-    over the keys held so far (one score matrix per head, as the math kernel materialises), the logits
-    (float32) over ``head_outputs`` and the last scale's extra work (HART's diffusion head) are counted;
-    the largest scale gives the peak. From the cache scale on, FastVAR's restore cache is held too: every
-    pruned layer's sub-layer outputs (self-attention, cross-attention when there is text, FFN) at that scale
-    (docs/fastvar.md §3.6). The KV term is :func:`estimate`'s ``kv_cache_bytes`` for every row without the
-    last executed scale's keys, which are never stored: the first layer has room for them, and every layer
-    releases its buffer after that scale's attention, so a later layer's copy of its keys next to the new
-    ones fits in what the layers before it released (kvcache.KVBuffer.extend); the room is counted with the
-    activations.
+    bound holds for every scale). A scale's activations are those of its largest step, one at a time: the
+    residual stream of all its tokens beside either a self-attention sub-layer (:data:`ATTENTION_HIDDEN` copies
+    of the forwarded tokens, and one score matrix per head over the keys held so far, as the math kernel
+    materialises), an FFN (normalised input, hidden layer(s), output) or the head (float32 logits over
+    ``head_outputs``, whole scale) and the last scale's extra work (HART's diffusion head, ``last_scale_chunk``
+    tokens at a time). From the cache scale on, FastVAR's restore cache is held too: every pruned layer's
+    sub-layer outputs (self-attention, cross-attention when there is text, FFN) at that scale (docs/fastvar.md
+    §3.6). The KV term is :func:`estimate`'s ``kv_cache_bytes`` for every row without the last executed
+    scale's keys, which are never stored: the first layer has room for them, and every layer releases its
+    buffer after that scale's attention, so a later layer's copy of its keys next to the new ones fits in
+    what the layers before it released (kvcache.KVBuffer.extend); the room is counted with the activations.
     ``score_matrices=False``: a fused kernel (flash, memory-efficient SDPA) that never holds the scores.
     """
     config = config or PruningConfig(name="off")
@@ -184,12 +192,14 @@ def sampling_memory(arch: ArchSpec, scales: list[tuple[int, int]], config: Pruni
         if cost.scale == config.cache_scale:
             restore = b * pruned_layers * sublayers * n * c
         k = max(cost.forwarded)
-        keys = held + k
-        scores = arch.heads * k * keys if score_matrices else 0
-        per_row = b * (LIVE_HIDDEN * n * c + (arch.ffn_matrices - 1) * k * arch.ffn_hidden + scores) + restore
-        per_row += 4 * cost.tokens * arch.head_outputs
+        scores = arch.heads * k * (held + k) if score_matrices else 0
+        attention = b * (ATTENTION_HIDDEN * k * c + scores)
+        ffn = b * k * (2 * c + (arch.ffn_matrices - 1) * arch.ffn_hidden)
+        head = 4 * cost.tokens * arch.head_outputs
         if cost.scale == len(scales) - 1:
-            per_row += 4 * cost.tokens * arch.last_scale_values_per_token
+            at_once = min(arch.last_scale_chunk or cost.tokens, cost.tokens)
+            head = max(head, 4 * at_once * arch.last_scale_values_per_token)
+        per_row = b * n * c + max(attention, ffn, head) + restore
         if cost.scale == final:
             per_row += 2 * b * k * c  # the first layer's room for this scale's keys and values (PruningRun.kv_capacities)
         peak = max(peak, rows * per_row)
@@ -209,15 +219,17 @@ def decode_steps(widths: list[int], upscale: int) -> list[tuple[str, int]]:
 
 
 def decode_memory(widths: list[int], upscale: int, latent_hw: tuple[int, int], *, batch: int = 1,
-                  dtype_bytes: int = 4, steps: slice = slice(None)) -> int:
+                  dtype_bytes: int = 4, steps: slice = slice(None), banded: bool = False) -> int:
     """Peak activation bytes of a VAE decoder's ``steps`` (a slice of :func:`decode_steps`; default all) on a
     ``latent_hw`` latent, or one tile of it.
 
     ``widths``: channel width of each decoder level, full resolution first; level i receives the width of
-    level i + 1 (the top level its own). Alive at once, per step (vae_layout's banded, in-place ResnetBlock):
-    a level's first block holds its input plus the larger of the GroupNorm statistics scratch (input-sized)
-    and conv1's output with conv2's (or the shortcut's); later blocks three maps of the level's width; an
-    up-sampling its input and its 4x output; the head the last map and its statistics scratch.
+    level i + 1 (the top level its own). Alive at once, per step of the ResnetBlocks both decoders share:
+    ``banded`` (vae_layout.takes_bands: float32 on the CPU), a block's input and its conv output (conv1 reads
+    its input normalised in row bands, conv2 and the shortcut write in place); else the plain ops, the input
+    beside its normalised copy and conv1's output, or beside conv1's output and conv2's. An up-sampling holds
+    its input and its 4x output; the head the last map and, unbanded, its normalised copy. The row bands'
+    buffers (:data:`DECODE_BANDS_BYTES`) come on top.
     """
     h, w = latent_hw
 
@@ -230,10 +242,10 @@ def decode_memory(widths: list[int], upscale: int, latent_hw: tuple[int, int], *
         if kind == "blocks":
             cin = widths[min(i + 1, len(widths) - 1)] * size(i)
             out = widths[i] * size(i)
-            values = max(cin + max(cin, 2 * out), 3 * out)
+            values = max(cin, out) + out if banded else cin + max(cin + out, 2 * out)
         elif kind == "upsample":
             values = widths[i] * (size(i) + size(i - 1))
         else:
-            values = 2 * widths[0] * size(0)
+            values = (widths[0] + (3 if banded else widths[0])) * size(0)
         peak = max(peak, values)
     return batch * peak * dtype_bytes + DECODE_BANDS_BYTES

@@ -28,11 +28,16 @@ from .pruning import PresetTable, PruningConfig
 from .pruning_request import PruningRequest
 from .sampling import ProgressCallback, SampleResult, SamplingHooks, check_finite, check_seed
 from .schedules import ScaleSchedule
+from .vae_layout import takes_bands
 
 NUMERIC_HINT = "the weights may be corrupt (download them again) or overflow in float16 (use bfloat16 or float32)"
 TILE = 64  # latent cells per decode tile; latents larger than one tile (2K) decode in tiles
 MIN_TILE = 32  # the smallest tile a memory budget can choose: below it per-tile GroupNorm statistics drift
 TILE_OVERLAP = 8  # latent cells neighbouring tiles share in both VAEs' tiled decodes
+# What a decode holds beyond the live tensors its estimate counts: freeing map after map leaves memory with the
+# allocator (on the CPU glibc keeps up to 64 MiB at the top of each thread's heap: 0.16-0.19 GiB retained after a
+# tile of HART's 1024 px decode with 2 threads, docs/architecture.md §6).
+DECODE_SLACK_BYTES = 256 * 2**20
 TILINGS = ("auto", "on", "off")
 
 
@@ -109,9 +114,10 @@ class Family(ABC):
         return model.dtype
 
     def decode_memory(self, vae: torch.nn.Module, latent_shape: tuple[int, ...],
-                      tile: int | tuple[int, int] | None) -> int:
+                      tile: int | tuple[int, int] | None, banded: bool = False) -> int:
         """Peak activation bytes of decoding a latent of ``latent_shape`` (B, C, h, w) with tiles of ``tile``
-        latent cells (square, or (rows, columns); None: whole); 0 when the family has no estimate."""
+        latent cells (square, or (rows, columns); None: whole), ``banded`` as vae_layout.takes_bands says for
+        the decode's device and dtype; 0 when the family has no estimate."""
         return 0
 
     @abstractmethod
@@ -359,7 +365,15 @@ def _tile_lengths(size: int) -> list[int]:
     return lengths
 
 
-def fit_tile(family: str | Family, vae, latent_shape: tuple[int, ...], budget: int) -> tuple[int, int] | None:
+def decodes_in_bands(vae, device: torch.device | str) -> bool:
+    """Whether ``vae`` decoding on ``device`` takes the banded CPU path (vae_layout.takes_bands; its compute
+    dtype is its ``compute_anchor``'s, float32 for a VAE without one)."""
+    anchor = getattr(vae, "compute_anchor", None)
+    return takes_bands(torch.device(device), anchor.dtype if anchor is not None else torch.float32)
+
+
+def fit_tile(family: str | Family, vae, latent_shape: tuple[int, ...], budget: int,
+             banded: bool = False) -> tuple[int, int] | None:
     """The tile (rows, columns in latent cells; None: whole) whose predicted decode memory fits ``budget`` bytes.
 
     The whole latent when it fits; else, of the layouts whose tile fits, the one that decodes the fewest
@@ -369,7 +383,7 @@ def fit_tile(family: str | Family, vae, latent_shape: tuple[int, ...], budget: i
     """
     fam = get_family(family)
     shape = tuple(latent_shape)
-    if fam.decode_memory(vae, shape, None) <= budget:
+    if fam.decode_memory(vae, shape, None, banded) <= budget:
         return None
     h, w = shape[-2:]
     if max(h, w) <= MIN_TILE:
@@ -377,7 +391,7 @@ def fit_tile(family: str | Family, vae, latent_shape: tuple[int, ...], budget: i
     best = None
     for th in _tile_lengths(h):
         for tw in _tile_lengths(w):
-            if (th, tw) == (h, w) or fam.decode_memory(vae, shape, (th, tw)) > budget:
+            if (th, tw) == (h, w) or fam.decode_memory(vae, shape, (th, tw), banded) > budget:
                 continue
             count = _tile_count(h, th) * _tile_count(w, tw)
             key = (count * th * tw, count, -tw)  # ties: the wider tile (whole rows are contiguous slices)
@@ -389,18 +403,20 @@ def fit_tile(family: str | Family, vae, latent_shape: tuple[int, ...], budget: i
 def decode_budget(free: int | None, sampling: int | None) -> int | None:
     """The bytes a decode's tile must fit: what is ``free``, and no more than the working memory of sampling the
     same image unpruned (``sampling``), so that the decode never sets a run's peak above the unpruned sampler's
-    (docs/architecture.md §6). None when neither is known (the family's fixed rule then applies)."""
+    (docs/architecture.md §6), less :data:`DECODE_SLACK_BYTES`. None when neither is known (the family's fixed
+    rule then applies)."""
     known = [b for b in (free, sampling) if b is not None]
-    return min(known) if known else None
+    return max(min(known) - DECODE_SLACK_BYTES, 0) if known else None
 
 
 def decode_tile(family: str | Family, vae, latent: torch.Tensor, tiling: str | int | None = "auto",
-                budget: int | None = None) -> int | tuple[int, int] | None:
+                budget: int | None = None, device: torch.device | str | None = None) -> int | tuple[int, int] | None:
     """The tile (latent cells, square or (rows, columns); None: whole) a decode with this ``tiling`` and
-    ``budget`` uses (see :func:`decode`)."""
+    ``budget`` uses on ``device`` (None: the latent's; see :func:`decode`)."""
     if tiling == "auto":
         if budget is not None:
-            return fit_tile(family, vae, tuple(latent.shape), budget)
+            banded = decodes_in_bands(vae, latent.device if device is None else device)
+            return fit_tile(family, vae, tuple(latent.shape), budget, banded)
         return get_family(family).decode_tile(vae, latent)
     if tiling == "on":
         return TILE
@@ -416,10 +432,12 @@ def decode_tile(family: str | Family, vae, latent: torch.Tensor, tiling: str | i
 
 
 def decode_memory(family: str | Family, vae, latent: torch.Tensor, tiling: str | int | None = "auto",
-                  budget: int | None = None) -> int:
-    """Activation bytes :func:`decode` needs beside the VAE's weights, at the tile size it will use."""
-    tile = decode_tile(family, vae, latent, tiling, budget)
-    return get_family(family).decode_memory(vae, tuple(latent.shape), tile)
+                  budget: int | None = None, device: torch.device | str | None = None) -> int:
+    """Activation bytes :func:`decode` needs beside the VAE's weights on ``device`` (None: the latent's), at the
+    tile size it will use."""
+    device = latent.device if device is None else device
+    tile = decode_tile(family, vae, latent, tiling, budget, device)
+    return get_family(family).decode_memory(vae, tuple(latent.shape), tile, decodes_in_bands(vae, device))
 
 
 def decode(family: str | Family, vae, latent: torch.Tensor, tiling: str | int | None = "auto",

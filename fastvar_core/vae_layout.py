@@ -53,9 +53,15 @@ def one_pass(decoder: nn.Module, z: torch.Tensor, callback: TileCallback | None)
     return out
 
 
+def takes_bands(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether a decoder computing in ``dtype`` on ``device`` runs this module's banded, in-place GroupNorm and
+    convolutions (float32 on the CPU) rather than the plain ops (cost.decode_memory counts both)."""
+    return torch.device(device).type == "cpu" and dtype == torch.float32
+
+
 def _exact_path(x: torch.Tensor) -> bool:
     """Whether ``x`` takes :func:`group_norm`'s own statistics (channels-last float32 on the CPU)."""
-    return (x.device.type == "cpu" and x.dtype == torch.float32 and x.shape[-2] * x.shape[-1] > 1
+    return (takes_bands(x.device, x.dtype) and x.shape[-2] * x.shape[-1] > 1
             and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous())
 
 

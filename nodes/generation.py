@@ -305,7 +305,8 @@ class FastVARDecode:
 
         compat.check_interrupt()
         # "auto": the largest tile that fits what is free now, and never more than unpruned sampling needed
-        need = families.decode_memory(latent.family, vae.module, latent.result.latent, tiling, latent.sampling_bytes)
+        need = families.decode_memory(latent.family, vae.module, latent.result.latent, tiling, latent.sampling_bytes,
+                                      vae.patcher.load_device)
         device = compat.load_models([vae.patcher], need)
         budget = families.decode_budget(compat.free_memory(device), latent.sampling_bytes)
         image = families.decode(latent.family, vae.module, latent.result.latent.to(device), tiling, callback=callback,

@@ -62,13 +62,13 @@ def test_decode_tiling_rule_is_written_once():
 
 
 def test_decode_tile_from_a_memory_budget():
-    # Infinity cost model, widths (8, 16, 32, 32), patch 8 (levels at 8x, 4x, 2x, 1x the latent). Per tile cell the
-    # fine levels peak in level 0's first block: its input (16 ch x 64 px) twice (the input and its GroupNorm
-    # statistics scratch, or conv1 + conv2 outputs of 8 ch): 2048 values, 8192 bytes. Beside the tiles: the
-    # coarse output (32 ch at 4x: 512 values a latent cell) and the float32 image (3 x 64), and the row bands.
+    # Infinity cost model, widths (8, 16, 32, 32), patch 8 (levels at 8x, 4x, 2x, 1x the latent), float32 on the
+    # CPU (banded). Per tile cell the fine levels peak in level 0's first block: its input (16 ch x 64 px) and
+    # conv1's output (8 ch x 64 px): 1536 values, 6144 bytes. Beside the tiles: the coarse output (32 ch at 4x:
+    # 512 values a latent cell) and the float32 image (3 x 64), and three row bands of 64 MiB.
     vae = SimpleNamespace(config=SimpleNamespace(base_ch=8, ch_mult=(1, 2, 4, 4), patch_size=8))
     latent = torch.zeros(1, 32, 128, 96)
-    per_cell, bands = 8192, 2 * 64 * 2**20
+    per_cell, bands = 6144, 3 * 64 * 2**20
     fixed = bands + (512 + 192) * 4 * 128 * 96
 
     def tile(budget):
@@ -92,26 +92,43 @@ def test_decode_tile_from_a_memory_budget():
     # the coarse levels on the whole latent (level 2's up-sampling: 32 ch x (4 + 16) values a cell) bound a small tile
     assert families.decode_memory("infinity", vae, latent, 1) == max(640 * 4 * 128 * 96, per_cell + fixed)
     assert families.decode_tile("infinity", vae, torch.zeros(1, 32, 30, 30), "auto", 0) is None  # below one tile
+    # Where the decoder runs the plain ops (a GPU, or not float32): level 0's first block holds its input, its
+    # normalised copy and conv1's output, 40 values x 64 px a cell; the tile follows the device the decode runs on.
+    plain = 40 * 64 * 4
+    assert families.decode_memory("infinity", vae, latent, None, device="meta") == plain * 128 * 96 + bands
+    assert families.decode_tile("infinity", vae, latent, "auto", plain * 68 * 96 + fixed, device="meta") == (68, 96)
+    assert families.decode_tile("infinity", vae, latent, "auto", plain * 68 * 96 + fixed - 1, device="meta") == (48, 96)
+    bf16 = SimpleNamespace(config=vae.config, compute_anchor=torch.empty(0, dtype=torch.bfloat16))
+    assert families.decode_memory("infinity", bf16, latent, None) == plain * 128 * 96 + bands  # bf16 on the CPU
     # no budget: the fixed rule; explicit tilings ignore the budget
     assert families.decode_tile("infinity", SimpleNamespace(config=SimpleNamespace(patch_size=16)), latent) == 64
     assert families.decode_tile("infinity", vae, latent, "off", 0) is None
     assert families.decode_tile("infinity", vae, latent, "on", 0) == families.TILE
     assert families.decode_tile("infinity", vae, latent, (40, 96), 0) == (40, 96)
     # HART, widths (8, 8, 16), downsample 4: the coarse part (top level, its up-sampling, level 1's blocks) runs
-    # on the whole latent, peaking in level 1's first block: 16 ch x 4 px in, twice: 128 values (512 bytes) a cell.
-    # Per tile: level 0's blocks, 3 maps of 8 ch x 16 px (1536 bytes a cell), beside the coarse output (8 ch at
-    # 2x: 32 values a cell) and the float32 image (3 x 16 a cell).
+    # on the whole latent, peaking in level 1's first block: 16 ch in and 8 out, x 4 px: 96 values (384 bytes) a
+    # cell. Per tile: level 0's blocks, 2 maps of 8 ch x 16 px (1024 bytes a cell), beside the coarse output (8 ch
+    # at 2x: 32 values a cell) and the float32 image (3 x 16 a cell).
     hart_vae = SimpleNamespace(config=SimpleNamespace(ch=8, ch_mult=(1, 1, 2), downsample=4))
     square = torch.zeros(1, 32, 128, 128)
-    per_cell = 1536
+    per_cell = 1024
     held = (32 + 3 * 16) * 4 * 128 * 128
     assert families.decode_memory("hart", hart_vae, square, 68) == per_cell * 68**2 + held + bands
     assert families.decode_memory("hart", hart_vae, square, (68, 128)) == per_cell * 68 * 128 + held + bands
     assert families.decode_memory("hart", hart_vae, square, None) == per_cell * 128**2 + bands
-    coarse = 512 * 128 * 128  # above a 16 x 16 tile's fine part and what is held beside it
+    coarse = 384 * 128 * 128  # above a 16 x 16 tile's fine part and what is held beside it
     assert families.decode_memory("hart", hart_vae, square, 16) == coarse + bands
     assert families.decode_tile("hart", hart_vae, square, "auto", per_cell * 68 * 128 + held + bands) == (68, 128)
     assert families.decode_tile("hart", hart_vae, square, "auto", per_cell * 68 * 128 + held + bands - 1) == (48, 128)
+
+
+def test_the_decode_budget_is_the_smaller_of_free_and_unpruned_sampling_less_the_allocators_slack():
+    slack = families.DECODE_SLACK_BYTES
+    assert families.decode_budget(None, None) is None
+    assert families.decode_budget(5 * 2**30, None) == 5 * 2**30 - slack
+    assert families.decode_budget(5 * 2**30, 2 * 2**30) == 2 * 2**30 - slack
+    assert families.decode_budget(None, 2 * 2**30) == 2 * 2**30 - slack
+    assert families.decode_budget(2**20, 2 * 2**30) == 0  # nothing fits: the smallest tile
 
 
 def test_a_third_family_runs_through_the_pipeline(toy):

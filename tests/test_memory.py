@@ -81,6 +81,19 @@ def test_sampling_memory_counts_the_last_scale_extra_work():
     assert head.activation_bytes > plain.activation_bytes and head.kv_cache_bytes == plain.kv_cache_bytes
 
 
+def test_sampling_memory_counts_the_largest_step_of_a_scale_not_the_sum_of_them():
+    """At the last scale (256 tokens, 64 wide, float32, 2 rows) beside the residual stream (65536 bytes a row)
+    and the first layer's room for its keys and values (131072): the self-attention's 7 hidden-sized tensors
+    (458752) outweigh the FFN (normalised input, output, 256 hidden: 393216) and the logits (32 a token: 32768).
+    HART's diffusion head (4096 values a token) outweighs them all, by the chunk it runs at once."""
+    stream, room = 4 * 256 * 64, 2 * 4 * 256 * 64
+    assert sampling_memory(ARCH, SCALES, score_matrices=False).activation_bytes == 2 * (stream + 458752 + room)
+    diffusion = dataclasses.replace(ARCH, last_scale_values_per_token=4096)
+    assert sampling_memory(diffusion, SCALES, score_matrices=False).activation_bytes == 2 * (stream + 4 * 256 * 4096 + room)
+    chunked = dataclasses.replace(diffusion, last_scale_chunk=64)
+    assert sampling_memory(chunked, SCALES, score_matrices=False).activation_bytes == 2 * (stream + 4 * 64 * 4096 + room)
+
+
 def test_decode_memory_follows_the_tile_and_batch():
     widths = [32, 64, 64]
     whole = decode_memory(widths, 16, (64, 64))

@@ -320,7 +320,8 @@ def main(argv: list[str] | None = None) -> int:
             vae = build_vae(shape)
             z = _latent(name, vae, side)
             tile = args.tile or families.fit_tile(shape.family, vae, tuple(z.shape),
-                                                  families.decode_memory(shape.family, vae, z, "off") - 1)
+                                                  families.decode_memory(shape.family, vae, z, "off") - 1,
+                                                  families.decodes_in_bands(vae, z.device))
             row, images = tiled_vs_untiled(name, vae, z, tile, args.rounds, print)
             row["vae_base"] = args.vae_base or "released"
             rows.append(row)

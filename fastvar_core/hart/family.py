@@ -14,7 +14,7 @@ from ..pruning import PresetTable
 from ..schedules import HART_BUDGETS, hart_schedule, hart_schedule_for_size
 from ..vae_layout import tile_sides
 from .config import HART_0_7B, llama_ffn_hidden
-from .diffusion import diffusion_flops_per_token, diffusion_values_per_token
+from .diffusion import DIFFUSION_CHUNK_ROWS, diffusion_flops_per_token, diffusion_values_per_token
 
 
 class HARTFamily(Family):
@@ -128,20 +128,22 @@ class HARTFamily(Family):
         return ArchSpec(depth=config.depth, width=config.embed_dim, ffn_hidden=config.ffn_hidden, ffn_matrices=3,
                         prefix_tokens=config.context_token, head_outputs=config.vocab_size,
                         token_channels=config.vae_channels, last_scale_flops_per_token=diffusion_flops_per_token(config),
-                        heads=config.num_heads, last_scale_values_per_token=diffusion_values_per_token(config))
+                        heads=config.num_heads, last_scale_values_per_token=diffusion_values_per_token(config),
+                        last_scale_chunk=DIFFUSION_CHUNK_ROWS)
 
-    def decode_memory(self, vae, latent_shape, tile):
+    def decode_memory(self, vae, latent_shape, tile, banded=False):
         c = vae.config
         b, (h, w) = latent_shape[0], latent_shape[-2:]
         widths = [c.ch * m for m in c.ch_mult]
         th, tw = tile_sides(tile) if tile else (h, w)
         if th >= h and tw >= w:
-            return decode_memory(widths, c.downsample, (h, w), batch=b)
+            return decode_memory(widths, c.downsample, (h, w), batch=b, banded=banded)
         # HARTVAE.decode_tiled: the coarse part (the top level, its up-sampling and the next level's blocks) runs on
         # the whole latent, the rest on one tile at a time, beside the coarse output and the float32 image.
         split = 3 if len(widths) > 1 else 1  # decode_steps: blocks top, upsample top, blocks top-1 | ...
-        coarse = decode_memory(widths, c.downsample, (h, w), batch=b, steps=slice(0, split))
-        fine = decode_memory(widths, c.downsample, (min(th, h), min(tw, w)), batch=b, steps=slice(split, None))
+        coarse = decode_memory(widths, c.downsample, (h, w), batch=b, steps=slice(0, split), banded=banded)
+        fine = decode_memory(widths, c.downsample, (min(th, h), min(tw, w)), batch=b, steps=slice(split, None),
+                             banded=banded)
         f = 2 if len(widths) > 1 else 1
         held = b * (widths[max(len(widths) - 2, 0)] * f * f + 3 * c.downsample**2) * h * w * 4
         return max(coarse, fine + held)

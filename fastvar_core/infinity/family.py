@@ -182,13 +182,13 @@ class InfinityFamily(Family):
         limit = 64 * (2 if vae.config.patch_size == 8 else 1)
         return 64 if max(latent.shape[-2:]) > limit else None
 
-    def decode_memory(self, vae, latent_shape, tile):
+    def decode_memory(self, vae, latent_shape, tile, banded=False):
         c = vae.config
         b, (h, w) = latent_shape[0], latent_shape[-2:]
         widths = [c.base_ch * m for m in c.ch_mult]
         th, tw = tile_sides(tile) if tile else (h, w)
         if th >= h and tw >= w:
-            return decode_memory(widths, c.patch_size, (h, w), batch=b)
+            return decode_memory(widths, c.patch_size, (h, w), batch=b, banded=banded)
         from .vae import COARSE_UPSAMPLINGS
 
         # InfinityVAE._decode_tiled: the levels up to COARSE_UPSAMPLINGS x2 steps run on the whole latent, the rest
@@ -197,8 +197,9 @@ class InfinityFamily(Family):
         ups = [k for k, (kind, _) in enumerate(steps) if kind == "upsample"][:COARSE_UPSAMPLINGS]
         split = ups[-1] + 1 if len(ups) == COARSE_UPSAMPLINGS else len(steps) - 1
         f = 2 ** len(ups)
-        coarse = decode_memory(widths, c.patch_size, (h, w), batch=b, steps=slice(0, split))
-        fine = decode_memory(widths, c.patch_size, (min(th, h), min(tw, w)), batch=b, steps=slice(split, None))
+        coarse = decode_memory(widths, c.patch_size, (h, w), batch=b, steps=slice(0, split), banded=banded)
+        fine = decode_memory(widths, c.patch_size, (min(th, h), min(tw, w)), batch=b, steps=slice(split, None),
+                             banded=banded)
         width = widths[steps[split - 1][1]] if split else widths[-1]  # the coarse output's channels
         held = b * (width * f * f + 3 * c.patch_size**2) * h * w * 4
         return max(coarse, fine + held)
