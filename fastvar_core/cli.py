@@ -89,7 +89,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     result = pipe.sample(cond, schedule, negative=neg, pruning=pruning, seed=args.seed, cfg=args.cfg,
                          tau=args.tau, top_k=args.top_k, top_p=args.top_p, callback=_progress_bar("sampling"))
     t1 = time.perf_counter()
-    images = pipe.decode(result)  # tiles at 2K (fastvar_core.families.decode)
+    images = pipe.decode(result)  # whole, or in tiles where memory or the unpruned sampler bounds it
     t2 = time.perf_counter()
     paths = save_images(images, Path(args.out))
     print(f"pruning {result.pruning.name}: sampling {t1 - t0:.2f}s, decode {t2 - t1:.2f}s -> "

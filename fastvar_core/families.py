@@ -400,6 +400,24 @@ def fit_tile(family: str | Family, vae, latent_shape: tuple[int, ...], budget: i
     return best[1] if best else (min(h, MIN_TILE), min(w, MIN_TILE))
 
 
+def free_memory(device: torch.device | str) -> int | None:
+    """Bytes free on ``device`` now: the driver's count on CUDA, the kernel's MemAvailable on the CPU (Linux);
+    None where unknown (a decode's budget then comes from the sampler's estimate alone)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type != "cpu":
+        return None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def decode_budget(free: int | None, sampling: int | None) -> int | None:
     """The bytes a decode's tile must fit: what is ``free``, and no more than the working memory of sampling the
     same image unpruned (``sampling``), so that the decode never sets a run's peak above the unpruned sampler's

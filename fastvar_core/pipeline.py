@@ -149,8 +149,15 @@ class Pipeline:
                                callback=callback, hooks=hooks)
 
     def decode(self, result: SampleResult, tile: str | int | None = "auto") -> torch.Tensor:
-        """(B, H, W, 3) float RGB in [0, 1] on the CPU; ``tile``: "auto" (tiles at 2K), "on", "off"/None or a size."""
-        return families.decode(self.family, self.vae, result.latent, tile).cpu()
+        """(B, H, W, 3) float RGB in [0, 1] on the CPU; ``tile``: "on", "off"/None, a size, or "auto": as the
+        Decode node, whole when it fits the memory free and what sampling this image unpruned needs (so the
+        decode does not set the run's peak), else in the fewest-cells tiles that fit (families.decode_budget)."""
+        budget = None
+        if tile == "auto":
+            unpruned = families.sampling_memory(self.family, self.model, None, result.schedule,
+                                                batch=result.latent.shape[0], score_matrices=False).total
+            budget = families.decode_budget(families.free_memory(result.latent.device), unpruned)
+        return families.decode(self.family, self.vae, result.latent, tile, budget=budget).cpu()
 
     def generate(self, prompt: str | list[str], negative: str | list[str] | None = None, *, width: int | None = None,
                  height: int | None = None, budget: str | None = None, batch: int = 1, **sample_kwargs):

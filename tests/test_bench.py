@@ -376,7 +376,7 @@ def test_a_text_encoder_too_big_for_free_memory_is_refused_with_the_flag_to_pass
     from fastvar_core.errors import ConfigError
     from tools import bench
 
-    monkeypatch.setattr(bench, "_available_bytes", lambda: 2**30)  # 1 GiB free; flan-t5-xl's 24 layers: ~4.5 GiB
+    monkeypatch.setattr(bench, "free_memory", lambda device: 2**30)  # 1 GiB free; flan-t5-xl's 24 layers: ~4.5 GiB
     with pytest.raises(ConfigError, match=r"random flan-t5-xl text encoder at 24 layers needs about 4\.\d GiB .* "
                                           r"only 1\.0 GiB are free on cpu: pass --text-depth N"):
         bench._check_text_fits(SHAPES["infinity-2b"], None, bench.torch.device("cpu"), bench.torch.float32)

@@ -143,6 +143,29 @@ def test_a_third_family_runs_through_the_pipeline(toy):
     assert torch.equal(images, again)
 
 
+def test_the_pipeline_decodes_within_the_budget_the_decode_node_uses(toy, monkeypatch):
+    """Pipeline.decode("auto") caps the decode at what sampling the image unpruned needs (also after a pruned
+    run) and at the memory free on the latent's device, each less the allocator's slack; explicit tilings have
+    no budget."""
+    budgets = []
+    decode = families.decode
+    monkeypatch.setattr(families, "decode", lambda *a, budget=None, **k: budgets.append(budget) or decode(*a, **k))
+    pipe = Pipeline.load("toy", "nowhere", "nowhere", "nowhere", device="cpu")
+    cond, _ = pipe.encode(["a toy"])
+    schedule = pipe.schedule(64, 48)
+    result = pipe.sample(cond, schedule, pruning="paper", seed=3)
+    unpruned = families.sampling_memory("toy", pipe.model, None, schedule, score_matrices=False).total
+    pruned = families.sampling_memory("toy", pipe.model, None, schedule, score_matrices=False, plan=result.pruning)
+    assert pruned.total < unpruned
+    monkeypatch.setattr(families, "DECODE_SLACK_BYTES", 0)  # the toy's estimates are far below the real slack
+    monkeypatch.setattr(families, "free_memory", lambda device: 1 << 40)  # plenty free: the sampler's bound
+    pipe.decode(result)
+    monkeypatch.setattr(families, "free_memory", lambda device: unpruned // 2)  # little free: the free memory
+    pipe.decode(result)
+    pipe.decode(result, "off")
+    assert budgets == [unpruned, unpruned // 2, None]
+
+
 def test_the_tools_build_random_weight_parts_of_a_third_family(toy):
     from tools.bench import bench_schedule
     from tools.randomized import build_transformer, build_vae, random_conditioning, released_shapes

@@ -38,7 +38,8 @@ from matplotlib.figure import Figure
 
 from fastvar_core.cost import estimate
 from fastvar_core.errors import ConfigError
-from fastvar_core.families import decode_budget, decode_tile, get_family, resolve_pruning, sampling_memory
+from fastvar_core.families import (decode_budget, decode_tile, free_memory, get_family, resolve_pruning,
+                                   sampling_memory)
 from fastvar_core.linear import onednn_available, use_onednn
 from fastvar_core.pruning import ACCELERATED_PRESETS, PRESET_NAMES, PruningConfig
 from fastvar_core.pruning_request import PruningRequest
@@ -150,7 +151,7 @@ class Case:
         and the working memory of sampling this image unpruned."""
         unpruned = sampling_memory(self.family, self.model, self.cond, self.schedule, batch=self.batch,
                                    score_matrices=False).total
-        return decode_tile(self.family, self.vae, latent, "auto", decode_budget(_free_bytes(self.device), unpruned))
+        return decode_tile(self.family, self.vae, latent, "auto", decode_budget(free_memory(self.device), unpruned))
 
     def decode(self, latent: torch.Tensor, tile) -> torch.Tensor:
         with torch.inference_mode():
@@ -376,31 +377,12 @@ def machine_info(device: torch.device, onednn: bool) -> dict:
     return info
 
 
-def _free_bytes(device: torch.device) -> int | None:
-    """Memory free on ``device`` now, as ComfyUI counts it for the Decode node (CUDA: the driver's free
-    bytes; CPU: MemAvailable); None when unknown (the family's fixed rule then applies)."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    return _available_bytes()
-
-
-def _available_bytes() -> int | None:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError):
-        pass
-    return None
-
-
 def _check_text_fits(shape: ModelShape, depth: int | None, device: torch.device, dtype: torch.dtype) -> None:
     """Refuse a text encoder whose weights alone would not fit in the memory left beside the transformer."""
     with torch.device("meta"):  # counts the parameters without allocating them
         encoder = get_family(shape.family).random_text_encoder(depth)
     need = sum(p.numel() for p in encoder.parameters()) * torch.finfo(dtype).bits // 8
-    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else _available_bytes()
+    free = free_memory(device)
     if free is not None and need > 0.8 * free:
         layers = encoder.model.config.num_hidden_layers
         raise ConfigError(
@@ -416,7 +398,7 @@ def _check_fits(shape: ModelShape, device: torch.device, dtype: torch.dtype) -> 
     with torch.device("meta"):  # counts the parameters without allocating them
         params = sum(p.numel() for p in get_family(shape.family).random_model(shape.config).parameters())
     need = params * torch.finfo(dtype).bits // 8
-    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else _available_bytes()
+    free = free_memory(device)
     if free is not None and need > 0.8 * free:
         raise ConfigError(
             f"{shape.name} at depth {d} (width {c}) needs about {need / 2**30:.1f} GiB of weights, but only "
