@@ -33,6 +33,7 @@ class ArchSpec:
     heads: int = 1  # attention heads (the math kernel holds one score matrix per head)
     last_scale_values_per_token: int = 0  # float32 activations per token of the last scale's extra work
     last_scale_chunk: int = 0  # tokens of the last scale's extra work at once (0: all of them)
+    head_chunk: int = 0  # logits the head holds at once where it runs in chunks (HART on the CPU); 0: whole scales
 
 
 @dataclass
@@ -139,6 +140,9 @@ LIVE_HIDDEN = 4
 # the normalised input, the fused q/k/v output (3), the normalised and rotated q and k (2) and one rotation
 # temporary (both families' Attention.forward).
 ATTENTION_HIDDEN = 7
+# Logit-sized float32 tensors of the head per row: every row's logits, and while CFG combines them two temporaries
+# of the conditional rows' size (then the draw's probabilities, fewer).
+HEAD_COPIES = 2
 # Transient buffers of the decoders' row bands (vae_layout.BAND_BYTES): a normalised input band, its conv output
 # and one more band-sized temporary (measured: 0.19 GiB over the blocks' maps at HART's 1024 px level 0).
 DECODE_BANDS_BYTES = 3 * 64 * 2**20
@@ -157,16 +161,17 @@ class MemoryEstimate:
 
 
 def sampling_memory(arch: ArchSpec, scales: list[tuple[int, int]], config: PruningConfig | None = None, *,
-                    batch: int = 1, guided: bool = True, score_matrices: bool = True) -> MemoryEstimate:
+                    batch: int = 1, guided: bool = True, score_matrices: bool = True,
+                    chunked_head: bool = False) -> MemoryEstimate:
     """KV cache plus peak activations of sampling ``batch`` images over ``scales`` with ``config``.
 
     Rows are ``batch`` (x2 with ``guided``: the unconditional CFG rows, also after a ``cfg_cutoff``, so the
     bound holds for every scale). A scale's activations are those of its largest step, one at a time: the
     residual stream of all its tokens beside either a self-attention sub-layer (:data:`ATTENTION_HIDDEN` copies
     of the forwarded tokens, and one score matrix per head over the keys held so far, as the math kernel
-    materialises), an FFN (normalised input, hidden layer(s), output) or the head (float32 logits over
-    ``head_outputs``, whole scale) and the last scale's extra work (HART's diffusion head, ``last_scale_chunk``
-    tokens at a time). From the cache scale on, FastVAR's restore cache is held too: every pruned layer's
+    materialises), an FFN (normalised input, hidden layer(s), output) or the head (:data:`HEAD_COPIES` float32
+    logits over ``head_outputs`` a token, for the whole scale or, with ``chunked_head``, ``head_chunk`` logits at
+    once) and the last scale's extra work (HART's diffusion head, ``last_scale_chunk`` tokens at a time). From the cache scale on, FastVAR's restore cache is held too: every pruned layer's
     sub-layer outputs (self-attention, cross-attention when there is text, FFN) at that scale (docs/fastvar.md
     §3.6). The KV term is :func:`estimate`'s ``kv_cache_bytes`` for every row without the last executed
     scale's keys, which are never stored: the first layer has room for them, and every layer releases its
@@ -195,14 +200,17 @@ def sampling_memory(arch: ArchSpec, scales: list[tuple[int, int]], config: Pruni
         scores = arch.heads * k * (held + k) if score_matrices else 0
         attention = b * (ATTENTION_HIDDEN * k * c + scores)
         ffn = b * k * (2 * c + (arch.ffn_matrices - 1) * arch.ffn_hidden)
-        head = 4 * cost.tokens * arch.head_outputs
+        logits = rows * cost.tokens * arch.head_outputs
+        if chunked_head and arch.head_chunk:
+            logits = min(logits, arch.head_chunk)
+        head = HEAD_COPIES * 4 * logits  # every row's
         if cost.scale == len(scales) - 1:
             at_once = min(arch.last_scale_chunk or cost.tokens, cost.tokens)
-            head = max(head, 4 * at_once * arch.last_scale_values_per_token)
-        per_row = b * n * c + max(attention, ffn, head) + restore
+            head = max(head, rows * 4 * at_once * arch.last_scale_values_per_token)
+        per_row = b * n * c + restore
         if cost.scale == final:
             per_row += 2 * b * k * c  # the first layer's room for this scale's keys and values (PruningRun.kv_capacities)
-        peak = max(peak, rows * per_row)
+        peak = max(peak, rows * (per_row + max(attention, ffn)), rows * per_row + head)
         held += config.kv_kept(cost.scale, k)
     return MemoryEstimate((report.kv_cache_bytes - 2 * final_keys * c * b) * rows, peak)
 

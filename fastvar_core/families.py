@@ -315,13 +315,18 @@ def _features(cond) -> torch.Tensor:
 
 
 def sampling_memory(family: str | Family, model, cond, schedule: ScaleSchedule, *, plan: PruningConfig | None = None,
-                    batch: int = 1, score_matrices: bool = True) -> MemoryEstimate:
+                    batch: int = 1, score_matrices: bool = True,
+                    device: torch.device | str | None = None) -> MemoryEstimate:
     """Working memory of :func:`sample` beside the weights: KV cache and peak activations of ``batch`` images
     (both CFG rows) running ``plan``, the pruning already resolved by :func:`resolve_pruning` (cost.sampling_memory;
-    ``score_matrices``: attention scores held, as the math kernel does)."""
+    ``score_matrices``: attention scores held, as the math kernel does), on ``device`` (None: the model's; a
+    head that runs in chunks does so on the CPU)."""
     fam = get_family(family)
     arch = replace(fam.arch_spec(model.config, cond), dtype_bytes=fam.compute_dtype(model).itemsize)
-    return cost.sampling_memory(arch, list(schedule.scales), plan, batch=batch, score_matrices=score_matrices)
+    if device is None:
+        device = next(iter(model.parameters()), torch.empty(0)).device
+    return cost.sampling_memory(arch, list(schedule.scales), plan, batch=batch, score_matrices=score_matrices,
+                                chunked_head=torch.device(device).type == "cpu")
 
 
 def sample(family: str | Family, model, cond, schedule: ScaleSchedule, *, vae=None, negative=None,

@@ -245,10 +245,11 @@ class FastVARSampler:
         parts = [model] + ([model.companion] if model.companion is not None else [])
         plan = families.resolve_pruning(family, pruning, schedule, model.module.config, cond)  # resolved once
         scores = model.attention == "math"  # fused kernels hold no score matrices
+        load_device = model.patcher.load_device  # where it will run (the module may sit on the offload device now)
         need = families.sampling_memory(family, model.module, cond, schedule, plan=plan, batch=batch_size,
-                                        score_matrices=scores)
+                                        score_matrices=scores, device=load_device)
         unpruned = families.sampling_memory(family, model.module, cond, schedule, batch=batch_size,
-                                            score_matrices=scores).total  # the decode stays below it
+                                            score_matrices=scores, device=load_device).total  # the decode stays below it
         weights = sum(tensor_bytes(p.module) for p in parts)
 
         def run(hooks, callback=None):

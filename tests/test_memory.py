@@ -94,6 +94,36 @@ def test_sampling_memory_counts_the_largest_step_of_a_scale_not_the_sum_of_them(
     assert sampling_memory(chunked, SCALES, score_matrices=False).activation_bytes == 2 * (stream + 4 * 64 * 4096 + room)
 
 
+def test_sampling_memory_counts_the_heads_logits_whole_or_a_chunk_at_a_time():
+    """4096 logits a token: the head (two logit-sized float32 tensors a row, 2 x 4 x 2 rows x 256 x 4096 bytes)
+    outweighs the attention at the last scale; where the head runs in chunks (HART on the CPU) it holds two
+    copies of a chunk (65536 logits) and the attention (2 x 458752) is the peak again."""
+    stream, room = 4 * 256 * 64, 2 * 4 * 256 * 64
+    wide = dataclasses.replace(ARCH, head_outputs=4096, head_chunk=1 << 16)
+    whole = 2 * 4 * 2 * 256 * 4096
+    assert sampling_memory(wide, SCALES, score_matrices=False).activation_bytes == 2 * (stream + room) + whole
+    chunked = sampling_memory(wide, SCALES, score_matrices=False, chunked_head=True).activation_bytes
+    assert chunked == 2 * (stream + room + 458752)
+    no_chunks = dataclasses.replace(wide, head_chunk=0)  # a head without chunks is whole on every device
+    assert sampling_memory(no_chunks, SCALES, score_matrices=False, chunked_head=True).activation_bytes == 2 * (stream + room) + whole
+
+
+def test_hart_sampling_memory_depends_on_the_device_its_head_runs_on():
+    """HART's head runs in chunks on the CPU only (a CUDA generator draws the whole scale): at 2K in bfloat16 the
+    whole-scale logits are the peak on a GPU; the estimate follows the device it is asked for."""
+    from fastvar_core.memory import find_model, meta_transformer
+
+    fam, _, config = find_model("hart-0.7b")
+    model = meta_transformer(fam, config, torch.bfloat16, "default")
+    schedule = fam.schedule_for_size(model, None, None, "2K")
+    cpu = lib_families.sampling_memory(fam, model, None, schedule, score_matrices=False, device="cpu")
+    gpu = lib_families.sampling_memory(fam, model, None, schedule, score_matrices=False, device="cuda")
+    assert cpu.kv_cache_bytes == gpu.kv_cache_bytes and cpu.activation_bytes < gpu.activation_bytes
+    logits = 2 * 128 * 128 * config.vocab_size  # the last scale's, both CFG rows
+    assert gpu.activation_bytes >= 2 * 4 * logits
+    assert lib_families.sampling_memory(fam, model, None, schedule, score_matrices=False) == gpu  # a meta model
+
+
 def test_decode_memory_follows_the_tile_and_batch():
     widths = [32, 64, 64]
     whole = decode_memory(widths, 16, (64, 64))

@@ -124,12 +124,14 @@ class HARTFamily(Family):
         return hart_schedule(tuple(model.config.patch_nums), aspect, budget)
 
     def arch_spec(self, config, cond=None):
+        from .sampler import HEAD_CHUNK_VALUES
+
         # Scale 0 runs the fixed-length text context, whatever the prompt.
         return ArchSpec(depth=config.depth, width=config.embed_dim, ffn_hidden=config.ffn_hidden, ffn_matrices=3,
                         prefix_tokens=config.context_token, head_outputs=config.vocab_size,
                         token_channels=config.vae_channels, last_scale_flops_per_token=diffusion_flops_per_token(config),
                         heads=config.num_heads, last_scale_values_per_token=diffusion_values_per_token(config),
-                        last_scale_chunk=DIFFUSION_CHUNK_ROWS)
+                        last_scale_chunk=DIFFUSION_CHUNK_ROWS, head_chunk=HEAD_CHUNK_VALUES)
 
     def decode_memory(self, vae, latent_shape, tile, banded=False):
         c = vae.config
