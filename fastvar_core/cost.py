@@ -171,12 +171,13 @@ def sampling_memory(arch: ArchSpec, scales: list[tuple[int, int]], config: Pruni
     of the forwarded tokens, and one score matrix per head over the keys held so far, as the math kernel
     materialises), an FFN (normalised input, hidden layer(s), output) or the head (:data:`HEAD_COPIES` float32
     logits over ``head_outputs`` a token, for the whole scale or, with ``chunked_head``, ``head_chunk`` logits at
-    once) and the last scale's extra work (HART's diffusion head, ``last_scale_chunk`` tokens at a time). From the cache scale on, FastVAR's restore cache is held too: every pruned layer's
-    sub-layer outputs (self-attention, cross-attention when there is text, FFN) at that scale (docs/fastvar.md
-    §3.6). The KV term is :func:`estimate`'s ``kv_cache_bytes`` for every row without the last executed
-    scale's keys, which are never stored: the first layer has room for them, and every layer releases its
-    buffer after that scale's attention, so a later layer's copy of its keys next to the new ones fits in
-    what the layers before it released (kvcache.KVBuffer.extend); the room is counted with the activations.
+    once) and the last scale's extra work (HART's diffusion head, ``last_scale_chunk`` tokens at a time). From
+    the cache scale on, FastVAR's restore cache is held too: every pruned layer's sub-layer outputs
+    (self-attention, cross-attention when there is text, FFN) at that scale (docs/fastvar.md §3.6). The KV
+    term is :func:`estimate`'s ``kv_cache_bytes`` for every row without the last executed scale's keys, which
+    are never stored: the first layer has room for them, and every layer releases its buffer after that
+    scale's attention, so a later layer's copy of its keys next to the new ones fits in what the layers before
+    it released (kvcache.KVBuffer.extend); the room is counted with the activations.
     ``score_matrices=False``: a fused kernel (flash, memory-efficient SDPA) that never holds the scores.
     """
     config = config or PruningConfig(name="off")
@@ -200,10 +201,10 @@ def sampling_memory(arch: ArchSpec, scales: list[tuple[int, int]], config: Pruni
         scores = arch.heads * k * (held + k) if score_matrices else 0
         attention = b * (ATTENTION_HIDDEN * k * c + scores)
         ffn = b * k * (2 * c + (arch.ffn_matrices - 1) * arch.ffn_hidden)
-        logits = rows * cost.tokens * arch.head_outputs
+        logits = rows * cost.tokens * arch.head_outputs  # of all rows, held at once unless chunked
         if chunked_head and arch.head_chunk:
             logits = min(logits, arch.head_chunk)
-        head = HEAD_COPIES * 4 * logits  # every row's
+        head = HEAD_COPIES * 4 * logits
         if cost.scale == len(scales) - 1:
             at_once = min(arch.last_scale_chunk or cost.tokens, cost.tokens)
             head = max(head, rows * 4 * at_once * arch.last_scale_values_per_token)
