@@ -140,8 +140,9 @@ LIVE_HIDDEN = 4
 # the normalised input, the fused q/k/v output (3), the normalised and rotated q and k (2) and one rotation
 # temporary (both families' Attention.forward).
 ATTENTION_HIDDEN = 7
-# Logit-sized float32 tensors of the head per row: every row's logits, and while CFG combines them two temporaries
-# of the conditional rows' size (then the draw's probabilities, fewer).
+# Logit-sized float32 tensors of the head: every row's logits (guided and smoothed in place), then the draw's
+# probabilities and cumulative sums for the conditional rows. Measured, HART at 1024 drawing a scale in one piece:
+# 2.08x its logits with the head's normalised input; 2.6x before the guidance and the smoothing worked in place.
 HEAD_COPIES = 2
 # Transient buffers of the decoders' row bands (vae_layout.BAND_BYTES): a normalised input band, its conv output
 # and one more band-sized temporary (measured: 0.19 GiB over the blocks' maps at HART's 1024 px level 0).

@@ -63,9 +63,14 @@ def filter_logits_(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tens
 
 
 def smooth_embedding(logits: torch.Tensor, ratio: float, codebook: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """more_smooth: Gumbel-softmax mixture of codebook vectors, (B, l, V) masked logits -> (B, l, Cvae)."""
-    gumbels = -torch.empty_like(logits).exponential_(generator=generator).log()
-    weights = ((logits * (1 + ratio) + gumbels) / gumbel_tau(ratio)).softmax(dim=-1)
+    """more_smooth: Gumbel-softmax mixture of codebook vectors, (B, l, V) masked logits -> (B, l, Cvae).
+
+    Overwrites ``logits`` (the head's last use of them): the official products and sums, in place.
+    """
+    gumbels = torch.empty_like(logits).exponential_(generator=generator).log_().neg_()
+    weights = logits.mul_(1 + ratio).add_(gumbels).div_(gumbel_tau(ratio))
+    del gumbels
+    weights = weights.softmax(dim=-1)
     return weights @ codebook.to(weights.dtype).unsqueeze(0)
 
 
@@ -111,9 +116,9 @@ def head_tokens(model: HARTTransformer, x: torch.Tensor, head_scale: torch.Tenso
             pick = [b, B + b] if guided else [b]
             rows, scale, shift = x[pick, span], head_scale[pick], head_shift[pick]
         logits = model.logits(rows, scale, shift)  # (rows, n, V) float32
-        if guided:
+        if guided:  # (1 + t) * conditional - t * unconditional, the same three products, in place
             n = logits.shape[0] // 2
-            logits = (1 + t) * logits[:n] - t * logits[n:]
+            logits = logits[:n].mul_(1 + t).sub_(logits[n:].mul_(t))
         if si == 0:
             logits = logits[:, -1:]
         out = slice(None) if b is None else slice(b, b + 1)
