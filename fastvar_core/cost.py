@@ -34,6 +34,11 @@ class ArchSpec:
     last_scale_values_per_token: int = 0  # float32 activations per token of the last scale's extra work
     last_scale_chunk: int = 0  # tokens of the last scale's extra work at once (0: all of them)
     head_chunk: int = 0  # logits the head holds at once where it runs in chunks (HART on the CPU); 0: whole scales
+    # Hidden-state-sized tensors per forwarded token alive in a self-attention sub-layer beside the residual stream,
+    # in the compute dtype and in float32. HART's Attention.forward: the normalised input, the fused q/k/v output
+    # (3), the normalised and rotated q and k (2) and one rotation temporary, all in the compute dtype.
+    attention_hidden: int = 7
+    attention_float32: int = 0
 
 
 @dataclass
@@ -136,10 +141,6 @@ def predicted_speedup(arch: ArchSpec, scales: list[tuple[int, int]], config: Pru
 # Hidden-state copies alive at once inside a block: input, residual branch, normalised input, attention output
 # (the text encoders' working memory, hf_utils).
 LIVE_HIDDEN = 4
-# Per forwarded token, hidden-state-sized tensors alive in a self-attention sub-layer beside the residual stream:
-# the normalised input, the fused q/k/v output (3), the normalised and rotated q and k (2) and one rotation
-# temporary (both families' Attention.forward).
-ATTENTION_HIDDEN = 7
 # Logit-sized float32 tensors of the head: every row's logits (guided and smoothed in place), then the draw's
 # probabilities and cumulative sums for the conditional rows. Measured, HART at 1024 drawing a scale in one piece:
 # 2.08x its logits with the head's normalised input; 2.6x before the guidance and the smoothing worked in place.
@@ -168,9 +169,9 @@ def sampling_memory(arch: ArchSpec, scales: list[tuple[int, int]], config: Pruni
 
     Rows are ``batch`` (x2 with ``guided``: the unconditional CFG rows, also after a ``cfg_cutoff``, so the
     bound holds for every scale). A scale's activations are those of its largest step, one at a time: the
-    residual stream of all its tokens beside either a self-attention sub-layer (:data:`ATTENTION_HIDDEN` copies
-    of the forwarded tokens, and one score matrix per head over the keys held so far, as the math kernel
-    materialises), an FFN (normalised input, hidden layer(s), output) or the head (:data:`HEAD_COPIES` float32
+    residual stream of all its tokens beside either a self-attention sub-layer (``attention_hidden`` and
+    ``attention_float32`` copies of the forwarded tokens, and one score matrix per head over the keys held so
+    far, as the math kernel materialises), an FFN (normalised input, hidden layer(s), output) or the head (:data:`HEAD_COPIES` float32
     logits over ``head_outputs`` a token, for the whole scale or, with ``chunked_head``, ``head_chunk`` logits at
     once) and the last scale's extra work (HART's diffusion head, ``last_scale_chunk`` tokens at a time). From
     the cache scale on, FastVAR's restore cache is held too: every pruned layer's sub-layer outputs
@@ -200,7 +201,7 @@ def sampling_memory(arch: ArchSpec, scales: list[tuple[int, int]], config: Pruni
             restore = b * pruned_layers * sublayers * n * c
         k = max(cost.forwarded)
         scores = arch.heads * k * (held + k) if score_matrices else 0
-        attention = b * (ATTENTION_HIDDEN * k * c + scores)
+        attention = (b * arch.attention_hidden + 4 * arch.attention_float32) * k * c + b * scores
         ffn = b * k * (2 * c + (arch.ffn_matrices - 1) * arch.ffn_hidden)
         logits = rows * cost.tokens * arch.head_outputs  # of all rows, held at once unless chunked
         if chunked_head and arch.head_chunk:

@@ -92,6 +92,10 @@ def test_sampling_memory_counts_the_largest_step_of_a_scale_not_the_sum_of_them(
     assert sampling_memory(diffusion, SCALES, score_matrices=False).activation_bytes == 2 * (stream + 4 * 256 * 4096 + room)
     chunked = dataclasses.replace(diffusion, last_scale_chunk=64)
     assert sampling_memory(chunked, SCALES, score_matrices=False).activation_bytes == 2 * (stream + 4 * 64 * 4096 + room)
+    # In bfloat16 with Infinity's attention (4 tensors in the compute dtype, 5 in float32 whatever it is): the
+    # stream and the room halve (32768, 65536), the attention is (2 x 4 + 4 x 5) bytes x 256 x 64 = 458752.
+    bf16 = dataclasses.replace(ARCH, dtype_bytes=2, attention_hidden=4, attention_float32=5)
+    assert sampling_memory(bf16, SCALES, score_matrices=False).activation_bytes == 2 * (32768 + 458752 + 65536)
 
 
 def test_sampling_memory_counts_the_heads_logits_whole_or_a_chunk_at_a_time():

@@ -85,10 +85,13 @@ class InfinityFamily(Family):
         return model.config.text_channels
 
     def arch_spec(self, config, cond=None):
-        # Cross-attention keys per row: the conditioning's longest prompt, else CHART_TEXT_TOKENS.
+        # Cross-attention keys per row: the conditioning's longest prompt, else CHART_TEXT_TOKENS. Self-attention
+        # (SelfAttention.forward): the normalised input and q/k/v in the compute dtype; q and k normalised and
+        # rotated in float32, both rotations made before the normalised ones go, and a half-size temporary.
         return ArchSpec(depth=config.depth, width=config.embed_dim, ffn_hidden=config.ffn_hidden, ffn_matrices=2,
                         text_tokens=cond.max_seqlen if cond is not None else CHART_TEXT_TOKENS,
-                        head_outputs=2 * config.bits, token_channels=config.bits, heads=config.num_heads)
+                        head_outputs=2 * config.bits, token_channels=config.bits, heads=config.num_heads,
+                        attention_hidden=4, attention_float32=5)
 
     def compute_dtype(self, model):
         return model.block_dtype
