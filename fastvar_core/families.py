@@ -432,6 +432,14 @@ def decode_budget(free: int | None, sampling: int | None) -> int | None:
     return max(min(known) - DECODE_SLACK_BYTES, 0) if known else None
 
 
+def sampled_decode_budget(family: str | Family, model, cond, schedule: ScaleSchedule, latent: torch.Tensor) -> int | None:
+    """:func:`decode_budget` for ``latent``, sampled by ``model`` over ``schedule``: the memory free on the latent's
+    device and the working memory of sampling it unpruned (fused attention; ``cond`` None: the family's
+    assumption). The Pipeline's and the bench's "auto" decode; the Decode node takes ComfyUI's free memory."""
+    unpruned = sampling_memory(family, model, cond, schedule, batch=latent.shape[0], score_matrices=False).total
+    return decode_budget(free_memory(latent.device), unpruned)
+
+
 def decode_tile(family: str | Family, vae, latent: torch.Tensor, tiling: str | int | None = "auto",
                 budget: int | None = None, device: torch.device | str | None = None) -> int | tuple[int, int] | None:
     """The tile (latent cells, square or (rows, columns); None: whole) a decode with this ``tiling`` and

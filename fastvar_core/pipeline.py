@@ -154,9 +154,7 @@ class Pipeline:
         decode does not set the run's peak), else in the fewest-cells tiles that fit (families.decode_budget)."""
         budget = None
         if tile == "auto":
-            unpruned = families.sampling_memory(self.family, self.model, None, result.schedule,
-                                                batch=result.latent.shape[0], score_matrices=False).total
-            budget = families.decode_budget(families.free_memory(result.latent.device), unpruned)
+            budget = families.sampled_decode_budget(self.family, self.model, None, result.schedule, result.latent)
         return families.decode(self.family, self.vae, result.latent, tile, budget=budget).cpu()
 
     def generate(self, prompt: str | list[str], negative: str | list[str] | None = None, *, width: int | None = None,

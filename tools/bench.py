@@ -38,8 +38,7 @@ from matplotlib.figure import Figure
 
 from fastvar_core.cost import estimate
 from fastvar_core.errors import ConfigError
-from fastvar_core.families import (decode_budget, decode_tile, free_memory, get_family, resolve_pruning,
-                                   sampling_memory)
+from fastvar_core.families import decode_tile, free_memory, get_family, resolve_pruning, sampled_decode_budget
 from fastvar_core.linear import onednn_available, use_onednn
 from fastvar_core.pruning import ACCELERATED_PRESETS, PRESET_NAMES, PruningConfig
 from fastvar_core.pruning_request import PruningRequest
@@ -149,9 +148,8 @@ class Case:
     def decode_tile(self, latent: torch.Tensor) -> tuple[int, int] | None:
         """The tile the Decode node picks (None: whole): the fewest decoded cells that fit the memory free now
         and the working memory of sampling this image unpruned."""
-        unpruned = sampling_memory(self.family, self.model, self.cond, self.schedule, batch=self.batch,
-                                   score_matrices=False).total
-        return decode_tile(self.family, self.vae, latent, "auto", decode_budget(free_memory(self.device), unpruned))
+        budget = sampled_decode_budget(self.family, self.model, self.cond, self.schedule, latent)
+        return decode_tile(self.family, self.vae, latent, "auto", budget)
 
     def decode(self, latent: torch.Tensor, tile) -> torch.Tensor:
         with torch.inference_mode():
