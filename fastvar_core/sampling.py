@@ -81,12 +81,13 @@ def forced_tokens(hooks: SamplingHooks | None, scale: int, shape: tuple[int, ...
 
 
 def pruning_run_for(config: PruningConfig | None, scales: Sequence[tuple[int, int]], depth: int,
-                    hooks: SamplingHooks | None) -> PruningRun:
-    """A sampler's PruningRun, observed, recording and timed as ``hooks`` asks (plain without hooks)."""
+                    sublayers: Sequence[str], hooks: SamplingHooks | None) -> PruningRun:
+    """A sampler's PruningRun for a model whose layers route ``sublayers``, observed, recording and timed as
+    ``hooks`` asks (plain without hooks)."""
     if hooks is None:
-        return PruningRun(config, scales, depth)
-    return PruningRun(config, scales, depth, record=hooks.record_kept, timing=hooks.pruning_seconds is not None,
-                      on_select=hooks.on_select)
+        return PruningRun(config, scales, depth, sublayers=sublayers)
+    return PruningRun(config, scales, depth, sublayers=sublayers, record=hooks.record_kept,
+                      timing=hooks.pruning_seconds is not None, on_select=hooks.on_select)
 
 
 def close_pruning_run(run: PruningRun, hooks: SamplingHooks | None) -> None:

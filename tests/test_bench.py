@@ -216,11 +216,11 @@ def test_only_the_first_layer_has_room_for_the_last_scale():
 
     tokens = [1, 4, 16, 64]
     cfg = PruningConfig(drop_ratios={3: 0.75}, cache_scale=2, layers=(1, 3))
-    run = PruningRun(cfg, [(1, 1), (2, 2), (4, 4), (8, 8)], depth=3)
+    run = PruningRun(cfg, [(1, 1), (2, 2), (4, 4), (8, 8)], depth=3, sublayers=("sa",))
     # layers hold the 21 keys of scales 0-2; layer 0 also the last scale's 64 (unpruned), not layers 1-2
     assert run.kv_capacities(tokens, [0, 1, 2, 3]) == [85, 21, 21]
     pruned_first = PruningRun(PruningConfig(drop_ratios={3: 0.75}, cache_scale=2, layers=(0, 3)), [(1, 1), (2, 2), (4, 4), (8, 8)],
-                              depth=2)
+                              depth=2, sublayers=("sa",))
     assert pruned_first.kv_capacities(tokens, [0, 1, 2, 3]) == [21 + 16, 21]  # the 16 kept tokens
 
 

@@ -29,7 +29,7 @@ from fastvar_core.hart import (
     sample_hart,
 )
 from fastvar_core.hart.diffusion import RespacedSchedule, timestep_features
-from fastvar_core.hart.model import KVCache, RMSNorm, apply_rope, image_positions, rope_context, rope_image
+from fastvar_core.hart.model import Block, KVCache, RMSNorm, apply_rope, image_positions, rope_context, rope_image
 from fastvar_core.pruning import PruningConfig, PruningRun, make_preset
 from fastvar_core.sampling import SamplingHooks
 from fastvar_core.schedules import hart_schedule
@@ -339,7 +339,7 @@ def test_kv_cache_holds_only_kept_tokens(model, cond):
     depth, pns = model.config.depth, model.config.patch_nums
     # prune scale 2 (3x3: keep 9 - floor(4.5) = 5) in layers 1 and 2 only, restoring from scale 1
     config = PruningConfig(drop_ratios={2: 0.5}, cache_scale=1, layers=(1, 3))
-    run = PruningRun(config, hart_schedule(pns).scales, depth, record=True)
+    run = PruningRun(config, hart_schedule(pns).scales, depth, sublayers=Block.SUBLAYERS, record=True)
     cache = KVCache(depth)
     hd, gen = model.config.head_dim, torch.Generator().manual_seed(0)
     with torch.inference_mode():

@@ -258,7 +258,7 @@ def test_ratio_zero_leaves_the_output_unchanged():
     cfg = PruningConfig(drop_ratios={2: 0.0}, cache_scale=1, layers=(0, 2))
     weight = torch.randn(5, 5)
     x = torch.randn(2, 16, 5)
-    run = PruningRun(cfg, scales, depth=2)
+    run = PruningRun(cfg, scales, depth=2, sublayers=("sa",))
     run.begin_scale(2)
     assert torch.equal(run.add_sublayer(0, "sa", x.clone(), lambda t, i: t @ weight), x + x @ weight)
 
@@ -272,7 +272,7 @@ def test_exactly_k_tokens_go_through_and_restoration_is_exact(ratio, b, seed):
     weight = torch.randn(4, 4, generator=gen)
     calls: list = []
     xs = {1: torch.randn(b, 9, 4, generator=gen), 2: torch.randn(b, 20, 4, generator=gen)}
-    with PruningRun(cfg, scales, depth=2, record=True) as run:
+    with PruningRun(cfg, scales, depth=2, sublayers=("ffn",), record=True) as run:
         outs = _run_scales(run, scales, xs, weight, calls)
         keep = 20 - int(20 * ratio)
         # layer 0 is outside the pruned range: all 20 tokens; layer 1: exactly K.
@@ -297,7 +297,7 @@ def test_cache_is_dropped_when_the_run_ends_or_fails():
     scales = [(1, 1), (2, 2), (4, 4)]
     cfg = PruningConfig(drop_ratios={2: 0.5}, cache_scale=1, layers=(0, 1))
     weight = torch.eye(3)
-    run = PruningRun(cfg, scales, depth=1)
+    run = PruningRun(cfg, scales, depth=1, sublayers=("sa",))
     with pytest.raises(RuntimeError):
         with run:
             run.begin_scale(1)
@@ -306,14 +306,44 @@ def test_cache_is_dropped_when_the_run_ends_or_fails():
             raise RuntimeError("interrupted")
     assert not run._cache
     # A new run never sees the old run's features: restoring without its own cache scale fails loudly.
-    fresh = PruningRun(cfg, scales, depth=1)
+    fresh = PruningRun(cfg, scales, depth=1, sublayers=("sa",))
     fresh.begin_scale(2)
     with pytest.raises(InternalError, match="restore cache for layer 0 sa at scale 1 holds nothing"):
         fresh.add_sublayer(0, "sa", torch.randn(1, 16, 3), lambda t, i: t * 2)
 
 
+def test_restore_cache_is_one_block_of_copies_and_unknown_sublayers_are_refused():
+    """The cache scale's outputs are copied into one allocation for the run (no branch output stays alive
+    among the step's temporaries); a sub-layer the sampler did not name stops the run."""
+    scales = [(1, 1), (2, 2), (4, 4)]
+    cfg = PruningConfig(drop_ratios={2: 0.5}, cache_scale=1, layers=(1, 3))
+    outputs = []
+
+    def branch(t, idx):
+        outputs.append(t * 3)
+        return outputs[-1]
+
+    with PruningRun(cfg, scales, depth=3, sublayers=("sa", "ffn")) as run:
+        run.begin_scale(1)
+        for layer in range(3):
+            for name in ("sa", "ffn"):
+                run.add_sublayer(layer, name, torch.randn(2, 4, 5), branch)
+        entries = {key: t for key, t in run._cache.items()}
+        assert sorted(entries) == [(1, "ffn"), (1, "sa"), (2, "ffn"), (2, "sa")]  # layer 0 is not pruned
+        assert len({t.untyped_storage().data_ptr() for t in entries.values()}) == 1
+        kept = entries[(2, "sa")].clone()
+        outputs[4].zero_()  # layer 2's "sa" output, changed after the call: the cache holds a copy
+        assert torch.equal(entries[(2, "sa")], kept) and kept.abs().sum() > 0
+
+    with PruningRun(cfg, scales, depth=3, sublayers=("ffn",)) as run:
+        run.begin_scale(1)
+        with pytest.raises(InternalError, match=r"sub-layer 'sa' of layer 1 is not one of this run's pruned "
+                                                r"sub-layers \('ffn',\)"):
+            run.add_sublayer(1, "sa", torch.randn(2, 4, 5), branch)
+
+
 def test_skipped_scale_cannot_begin():
-    run = PruningRun(PruningConfig(drop_ratios={2: 1.0}), [(1, 1), (2, 2), (4, 4)], depth=1)
+    run = PruningRun(PruningConfig(drop_ratios={2: 1.0}), [(1, 1), (2, 2), (4, 4)], depth=1, sublayers=("sa",))
     assert run.is_skipped(2)
     with pytest.raises(InternalError, match="skipped"):
         run.begin_scale(2)
@@ -322,7 +352,7 @@ def test_skipped_scale_cannot_begin():
 def test_kept_mask_marks_kept_tokens():
     scales = [(1, 1), (2, 2), (2, 3)]
     cfg = PruningConfig(drop_ratios={2: 0.5}, cache_scale=1, layers=(0, 1))
-    with PruningRun(cfg, scales, depth=1, record=True) as run:
+    with PruningRun(cfg, scales, depth=1, sublayers=("ffn",), record=True) as run:
         run.begin_scale(1)
         run.add_sublayer(0, "ffn", torch.randn(2, 4, 3), lambda t, i: t * 2)
         run.begin_scale(2)

@@ -88,7 +88,7 @@ def register_toy(families):
     def toy_sample(model, cond, schedule, *, vae=None, negative=None, cfg=2.0, top_k=None, top_p=None, seed=0,
                    pruning=None, callback=None, hooks=None):
         B, (H, W), S = cond.batch_size, schedule.final_size, schedule.num_scales
-        run = sampling.pruning_run_for(pruning, schedule.scales, model.config.depth, hooks)
+        run = sampling.pruning_run_for(pruning, schedule.scales, model.config.depth, ("ffn",), hooks)
         generator = torch.Generator().manual_seed(seed)
         text = model.text_proj(cond.context.mean(1))[:, None]  # (B, 1, width)
         uncond = model.text_proj(negative.context.mean(1))[:, None] if negative is not None else torch.zeros_like(text)

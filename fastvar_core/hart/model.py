@@ -196,6 +196,8 @@ class Block(nn.Module):
     x is updated in place: at 2K one full-size copy of the hidden states less at the peak.
     """
 
+    SUBLAYERS = ("attn", "ffn")  # the residual branches, in the order they go through PruningRun.add_sublayer
+
     def __init__(self, cfg: HARTConfig, index: int, operations=None):
         super().__init__()
         self.index = index

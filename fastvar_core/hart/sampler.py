@@ -33,7 +33,7 @@ from ..sampling import (
 )
 from ..schedules import ScaleSchedule
 from .loader import check_text_width, check_vae_matches
-from .model import HARTTransformer, KVCache, image_positions, rope_context, rope_image
+from .model import Block, HARTTransformer, KVCache, image_positions, rope_context, rope_image
 
 EARLY_SCALES = 7  # official rule: top-k 600 for scales 0..6, 300 after
 TOP_K_EARLY, TOP_K_LATE = 600, 300
@@ -207,7 +207,7 @@ def sample_hart(
     diff_gen = hooks.diffusion_generator if hooks is not None and hooks.diffusion_generator is not None else generator
     on_trace = hooks.on_trace if hooks is not None else None
 
-    run = pruning_run_for(pruning, schedule.scales, cfg_model.depth, hooks)
+    run = pruning_run_for(pruning, schedule.scales, cfg_model.depth, Block.SUBLAYERS, hooks)
     tokens_run = [cond.context.shape[1], *schedule.tokens_per_scale[1:]]  # scale 0 runs the text tokens
     cache = KVCache(cfg_model.depth, run.kv_capacities(tokens_run, range(S)))
     timer = ScaleTimer(device)

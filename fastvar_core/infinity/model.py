@@ -126,6 +126,8 @@ class FFN(nn.Module):
 class Block(nn.Module):
     """Pre-norm block with shared adaLN: x += g1*SA(...); x += CA(ca_norm(x)); x += g2*FFN(...) (docs/infinity.md §3.2)."""
 
+    SUBLAYERS = ("sa", "ca", "ffn")  # the residual branches, in the order they go through PruningRun.add_sublayer
+
     def __init__(self, config: InfinityConfig, operations=None):
         super().__init__()
         ops = nnops.resolve(operations)

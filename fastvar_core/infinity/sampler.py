@@ -34,7 +34,7 @@ from ..sampling import (
 )
 from ..schedules import ScaleSchedule
 from .config import TEXT_MAXLEN
-from .model import InfinityTransformer
+from .model import Block, InfinityTransformer
 from .rope import ScaleRope
 
 
@@ -136,7 +136,7 @@ def sample_infinity(
 
     device = model.pos_start.device
     pruning = pruning if pruning is not None else PruningConfig(name="off")
-    run = pruning_run_for(pruning, schedule.scales, config.depth, hooks)
+    run = pruning_run_for(pruning, schedule.scales, config.depth, Block.SUBLAYERS, hooks)
     executed = [si for si in range(S) if not run.is_skipped(si)]
     # one buffer per layer, sized for every stored scale; the final executed scale's keys are not kept
     caches = [KVBuffer(slots) for slots in run.kv_capacities(schedule.tokens_per_scale, executed)]
