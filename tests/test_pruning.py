@@ -328,7 +328,7 @@ def test_restore_cache_is_one_block_of_copies_and_unknown_sublayers_are_refused(
         for layer in range(3):
             for name in ("sa", "ffn"):
                 run.add_sublayer(layer, name, torch.randn(2, 4, 5), branch)
-        entries = {key: t for key, t in run._cache.items()}
+        entries = dict(run._cache)
         assert sorted(entries) == [(1, "ffn"), (1, "sa"), (2, "ffn"), (2, "sa")]  # layer 0 is not pruned
         assert len({t.untyped_storage().data_ptr() for t in entries.values()}) == 1
         kept = entries[(2, "sa")].clone()

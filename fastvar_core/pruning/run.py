@@ -161,8 +161,8 @@ class PruningRun:
         """Copy a cache-scale output into its slot of the restore cache, one block for the whole run.
 
         One allocation instead of an output tensor per sub-layer kept alive among the step's temporaries:
-        those pinned the allocator's freed memory around them (a CPU heap is not returned past a live block),
-        which kept up to 0.5 GiB more resident than the cache itself at HART's released depth.
+        those pinned the allocator's freed memory around them (a CPU heap is not returned past a live block;
+        measured in docs/fastvar.md §3.6).
         """
         slot = self._slots.get((layer, name))
         if slot is None:
